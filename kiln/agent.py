@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""kiln's device agent: the few things that must happen *on* the target.
+
+This file is copied to each device and run by the device's own python3, so it
+must stay a single file, import only the standard library at module level, and
+keep to Python 3.6 syntax (JetPack 4 ships Python 3.6). numpy and onnxruntime
+are imported only by the subcommands that need them. Every subcommand prints one
+JSON object on its last stdout line; progress goes to stderr.
+
+The controller imports it too (`compare_outputs`, `save_arrays`), so the
+comparison that verifies an engine on a device is the very one that checks ONNX
+Runtime against PyTorch at export.
+"""
+import argparse
+import hashlib
+import io
+import json
+import os
+import sys
+import time
+import zipfile
+
+FIXED_ZIP_TIME = (1980, 1, 1, 0, 0, 0)
+
+
+def sha256_of(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_arrays(path, arrays):
+    """Write named numpy arrays as an .npz whose bytes depend only on the arrays."""
+    import numpy as np
+    tmp = path + ".part"
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+        for name in sorted(arrays):
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.ascontiguousarray(arrays[name]), allow_pickle=False)
+            info = zipfile.ZipInfo(name + ".npy", date_time=FIXED_ZIP_TIME)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue())
+    os.replace(tmp, path)
+
+
+def load_arrays(path):
+    import numpy as np
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def _match_rows(ref, got, rtol, atol):
+    """Pair each reference row with an equal got row; returns the permutation or None."""
+    import numpy as np
+    free = np.ones(len(got), dtype=bool)
+    perm = []
+    for row in ref:
+        close = np.all(np.abs(got - row) <= atol + rtol * np.abs(row), axis=1) & free
+        hits = np.flatnonzero(close)
+        if not len(hits):
+            return None
+        perm.append(hits[0])
+        free[hits[0]] = False
+    return perm
+
+
+def compare_outputs(reference, actual, rtol, atol, rows_may_permute=True):
+    """Compare named outputs. Returns a report dict with "ok", "max_abs_diff", "permuted".
+
+    Detection heads select their top-k queries by score; where scores tie, two
+    correct runtimes may emit the same rows in another order. With
+    `rows_may_permute`, outputs sharing a leading (batch, rows) shape are
+    compared as a set of rows (each row's values across all those outputs
+    together), so a permutation passes but any changed value still fails.
+    """
+    import numpy as np
+    missing = sorted(set(reference) - set(actual))
+    if missing:
+        return {"ok": False, "reason": "missing outputs: " + ", ".join(missing)}
+    report = {"ok": True, "max_abs_diff": {}, "permuted": False}
+    bad = []
+    for name in sorted(reference):
+        ref, got = np.asarray(reference[name]), np.asarray(actual[name])
+        if ref.shape != got.shape:
+            return {"ok": False, "reason": "output %s has shape %s, expected %s" % (name, got.shape, ref.shape)}
+        diff = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
+        report["max_abs_diff"][name] = diff
+        if not np.allclose(got, ref, rtol=rtol, atol=atol):
+            bad.append(name)
+    if not bad:
+        return report
+    if rows_may_permute:
+        lead = reference[bad[0]].shape[:2]
+        group = [n for n in sorted(reference) if reference[n].ndim >= 2 and reference[n].shape[:2] == lead]
+        if set(bad) <= set(group):
+            ok = True
+            for b in range(lead[0]):
+                ref_rows = np.concatenate([np.asarray(reference[n][b], np.float64).reshape(lead[1], -1) for n in group], axis=1)
+                got_rows = np.concatenate([np.asarray(actual[n][b], np.float64).reshape(lead[1], -1) for n in group], axis=1)
+                if _match_rows(ref_rows, got_rows, rtol, atol) is None:
+                    ok = False
+                    break
+            if ok:
+                report["permuted"] = True
+                return report
+    report["ok"] = False
+    report["reason"] = "outputs differ from the reference beyond rtol=%g atol=%g: %s" % (
+        rtol, atol, ", ".join("%s (max abs diff %.3g)" % (n, report["max_abs_diff"][n]) for n in bad))
+    return report
+
+
+# -- ONNX Runtime engines ----------------------------------------------------------
+
+ORT_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
+
+
+def ort_build(onnx_path, out_path, level):
+    """Optimise the model for this CPU and save the result: that file is the engine."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
+    so.log_severity_level = 3  # the hardware-specific warning is the point, not news
+    tmp = out_path + ".part"
+    so.optimized_model_filepath = tmp
+    start = time.time()
+    ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
+    if not os.path.exists(tmp):
+        raise SystemExit("onnxruntime wrote no optimised model")
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    return {"seconds": time.time() - start, "onnxruntime": ort.__version__, "sha256": sha256_of(out_path),
+            "size": os.path.getsize(out_path)}
+
+
+def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5):
+    import numpy as np
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
+    so.log_severity_level = 3
+    session = ort.InferenceSession(engine_path, so, providers=["CPUExecutionProvider"])
+    ref = load_arrays(reference_path)
+    feeds = {k[len("input."):]: v for k, v in ref.items() if k.startswith("input.")}
+    expected = {k[len("output."):]: v for k, v in ref.items() if k.startswith("output.")}
+    names = [o.name for o in session.get_outputs()]
+    latencies = []
+    outputs = None
+    for _ in range(max(1, runs)):
+        t = time.perf_counter()
+        outputs = session.run(names, feeds)
+        latencies.append((time.perf_counter() - t) * 1000)
+    report = compare_outputs(expected, dict(zip(names, outputs)), rtol, atol, rows_may_permute)
+    lat = np.sort(np.array(latencies))
+    report["latency_ms"] = {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
+                            "p99": float(np.percentile(lat, 99))}
+    return report
+
+
+# -- releases -----------------------------------------------------------------------
+
+def activate(model_dir, release):
+    """Point `current` at releases/<release> atomically; remember the old one as `previous`."""
+    current = os.path.join(model_dir, "current")
+    target = os.path.join("releases", release)
+    if not os.path.isdir(os.path.join(model_dir, target)):
+        raise SystemExit("release %s is not staged in %s" % (release, model_dir))
+    old = os.readlink(current) if os.path.islink(current) else None
+    if old != target:
+        if old:
+            _swap_link(model_dir, "previous", old)
+        _swap_link(model_dir, "current", target)
+    return {"active": release, "previous": os.path.basename(old) if old else None}
+
+
+def _swap_link(model_dir, name, target):
+    tmp = os.path.join(model_dir, ".%s.%d.tmp" % (name, os.getpid()))
+    if os.path.lexists(tmp):
+        os.unlink(tmp)
+    os.symlink(target, tmp)
+    os.rename(tmp, os.path.join(model_dir, name))  # atomic replace of the link
+    fd = os.open(model_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rollback(model_dir):
+    """Make `previous` current again (or deactivate if there was none)."""
+    prev = os.path.join(model_dir, "previous")
+    if os.path.islink(prev):
+        target = os.readlink(prev)
+        _swap_link(model_dir, "current", target)
+        os.unlink(prev)
+        return {"active": os.path.basename(target)}
+    current = os.path.join(model_dir, "current")
+    if os.path.lexists(current):
+        os.unlink(current)
+    return {"active": None}
+
+
+def prune(model_dir, keep):
+    """Remove releases other than current, previous and `keep`; and stale staging folders."""
+    releases = os.path.join(model_dir, "releases")
+    wanted = set(keep)
+    for link in ("current", "previous"):
+        p = os.path.join(model_dir, link)
+        if os.path.islink(p):
+            wanted.add(os.path.basename(os.readlink(p)))
+    removed = []
+    for name in sorted(os.listdir(releases)) if os.path.isdir(releases) else []:
+        if name not in wanted:
+            _rmtree(os.path.join(releases, name))
+            removed.append(name)
+    return {"removed": removed}
+
+
+def _rmtree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def state(install_dir, models):
+    """Which release each model has active."""
+    out = {}
+    for m in models:
+        link = os.path.join(install_dir, m, "current")
+        out[m] = os.path.basename(os.readlink(link)) if os.path.islink(link) else None
+    return {"active": out}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="kiln-agent")
+    sub = p.add_subparsers(dest="cmd")
+    s = sub.add_parser("sha256"); s.add_argument("path")
+    s = sub.add_parser("ort-build"); s.add_argument("--onnx", required=True); s.add_argument("--out", required=True)
+    s.add_argument("--level", default="all", choices=sorted(ORT_LEVELS))
+    s = sub.add_parser("ort-verify"); s.add_argument("--engine", required=True); s.add_argument("--reference", required=True)
+    s.add_argument("--rtol", type=float, default=1e-3); s.add_argument("--atol", type=float, default=1e-4)
+    s.add_argument("--strict-order", action="store_true"); s.add_argument("--runs", type=int, default=5)
+    s = sub.add_parser("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
+    s = sub.add_parser("rollback"); s.add_argument("--model-dir", required=True)
+    s = sub.add_parser("prune"); s.add_argument("--model-dir", required=True); s.add_argument("--keep", action="append", default=[])
+    s = sub.add_parser("state"); s.add_argument("--install-dir", required=True); s.add_argument("models", nargs="*")
+    a = p.parse_args(argv)
+    if a.cmd == "sha256":
+        out = {"sha256": sha256_of(a.path)}
+    elif a.cmd == "ort-build":
+        out = ort_build(a.onnx, a.out, a.level)
+    elif a.cmd == "ort-verify":
+        out = ort_verify(a.engine, a.reference, a.rtol, a.atol, not a.strict_order, a.runs)
+    elif a.cmd == "activate":
+        out = activate(a.model_dir, a.release)
+    elif a.cmd == "rollback":
+        out = rollback(a.model_dir)
+    elif a.cmd == "prune":
+        out = prune(a.model_dir, a.keep)
+    elif a.cmd == "state":
+        out = state(a.install_dir, a.models)
+    else:
+        p.error("missing subcommand")
+    print(json.dumps(out, sort_keys=True))
+    return 0 if out.get("ok", True) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

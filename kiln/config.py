@@ -1,0 +1,333 @@
+"""The fleet file (`targets.toml`): schema, validation, and the objects the rest reads.
+
+Everything is checked before any work starts: unknown keys, wrong types, bad
+names, unknown model references, missing required fields. Every error names the
+file, the line when it can be found, the key, and how to fix it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+DEFAULT_TRTEXEC = "/usr/src/tensorrt/bin/trtexec"
+TRANSPORTS = ("local", "ssh")
+BACKENDS = ("onnxruntime", "tensorrt")
+EXPORTERS = ("torchscript", "dynamo")
+BUILDER_TOOLS = ("trtexec", "python-api")
+
+
+def fleet_path() -> Path:
+    return Path(os.environ.get("KILN_TARGETS", "targets.toml")).absolute()
+
+
+def artifacts_dir() -> Path:
+    return Path(os.environ.get("KILN_ARTIFACTS", "artifacts")).absolute()
+
+
+def check_name(name: object, what: str) -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise ConfigError(f"invalid {what} name {name!r}",
+                          hint="names are 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit")
+    return name
+
+
+# -- a tiny declarative schema ---------------------------------------------------
+
+@dataclass(frozen=True)
+class Key:
+    types: tuple[type, ...]
+    required: bool = False
+    default: Any = None
+    check: Callable[[Any], str | None] | None = None  # returns an error text, or None
+    doc: str = ""
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str | None]:
+    return lambda v: None if v in choices else f"must be one of {', '.join(choices)}"
+
+
+def _names_list(what: str) -> Callable[[Any], str | None]:
+    def check(v):
+        bad = [x for x in v if not isinstance(x, str) or not NAME_RE.match(x)]
+        return f"contains invalid {what} name(s) {bad}" if bad else None
+    return check
+
+
+def _positive(v) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _factory(v) -> str | None:
+    return None if re.match(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$", v) else "must look like 'package.module:function'"
+
+
+def _shape(v) -> str | None:
+    if not isinstance(v, dict) or not v:
+        return "must be a table of input name -> shape, e.g. { images = [1, 3, 640, 640] }"
+    for name, dims in v.items():
+        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and d > 0 for d in dims):
+            return f"input {name!r} must have a shape given as a list of positive integers"
+    return None
+
+
+EXPORT_KEYS = {
+    "opset": Key((int,), default=17, check=lambda v: None if 7 <= v <= 30 else "must be between 7 and 30",
+                 doc="ONNX opset to export; checked in the file (older TensorRT rejects newer opsets)"),
+    "exporter": Key((str,), default="torchscript", check=_one_of(EXPORTERS),
+                    doc="torch.onnx exporter: 'torchscript' (dynamo=False) or 'dynamo'"),
+}
+VERIFY_KEYS = {
+    "rtol": Key((float, int), default=1e-3, doc="relative tolerance against the PyTorch reference outputs"),
+    "atol": Key((float, int), default=1e-4, doc="absolute tolerance"),
+    "rows_may_permute": Key((bool,), default=True,
+                            doc="accept detection rows in another order where the model's top-k has ties"),
+}
+BUILD_KEYS = {
+    "precision": Key((str,), default="fp16", check=_one_of(("fp32", "fp16", "int8", "best")),
+                     doc="TensorRT precision (ignored by the ONNX Runtime backend)"),
+    "workspace_mib": Key((int,), check=_positive, doc="TensorRT workspace memory pool, MiB"),
+    "optimization_level": Key((int,), check=lambda v: None if 0 <= v <= 5 else "must be 0..5",
+                              doc="TensorRT builder optimisation level (8.6+)"),
+    "timing_cache": Key((bool,), default=True, doc="reuse a per-class timing cache from the store"),
+    "ort_optimization": Key((str,), default="all", check=_one_of(("basic", "extended", "all")),
+                            doc="ONNX Runtime graph optimisation level for the CPU engine"),
+}
+MODEL_KEYS = {
+    "factory": Key((str,), required=True, check=_factory, doc="'module:function' returning an nn.Module"),
+    "checkpoint": Key((str,), required=True, doc="state_dict file, relative to the fleet file"),
+    "seed": Key((int,), doc="if set and the checkpoint is missing, create it from the factory (demo/tests)"),
+    "inputs": Key((dict,), required=True, check=_shape, doc="input name -> static shape"),
+    "outputs": Key((list,), required=True, check=lambda v: None if v and all(isinstance(x, str) for x in v)
+                   else "must be a non-empty list of output names", doc="output names"),
+    "export": EXPORT_KEYS,
+    "verify": VERIFY_KEYS,
+    "build": BUILD_KEYS,
+}
+TARGET_KEYS = {
+    "transport": Key((str,), default="local", check=_one_of(TRANSPORTS)),
+    "backend": Key((str,), default="onnxruntime", check=_one_of(BACKENDS)),
+    "models": Key((list,), required=True, check=_names_list("model")),
+    "groups": Key((list,), default=[], check=_names_list("group")),
+    "install_dir": Key((str,), required=True, doc="where releases live on the device"),
+    "health_check": Key((str,), doc="shell command run on the device after activation; non-zero = roll back"),
+    "restart": Key((str,), doc="shell command run on the device after activation (e.g. restart a service)"),
+    "host": Key((str,), doc="ssh host or ~/.ssh/config alias (ssh transport)"),
+    "user": Key((str,)),
+    "port": Key((int,), check=lambda v: None if 0 < v < 65536 else "must be a TCP port"),
+    "identity_file": Key((str,)),
+    "proxy_jump": Key((str,), doc="bastion host (its key is verified too)"),
+    "ssh_config": Key((str,), doc="ssh config file (default ~/.ssh/config)"),
+    "known_hosts": Key((str,), doc="known_hosts file (default ~/.ssh/known_hosts)"),
+    "connect_timeout": Key((int, float), default=10, check=_positive),
+    "command_timeout": Key((int, float), default=3600, check=_positive),
+    "python": Key((str,), doc="python interpreter on the device (default: this one locally, python3 over ssh)"),
+    "builder": Key((bool,), default=False, doc="prefer this target for builds in its hardware class"),
+    "build_tool": Key((str,), default="trtexec", check=_one_of(BUILDER_TOOLS)),
+    "trtexec": Key((str,), default=DEFAULT_TRTEXEC),
+    "class_fields": Key((list,), default=[], doc="extra fingerprint fields that split hardware classes"),
+}
+STORE_KEYS = {"url": Key((str,), doc="file://<folder> or s3://<bucket>/<prefix>; default <artifacts>/store")}
+TOP_KEYS = {"store": STORE_KEYS, "defaults": {"export": EXPORT_KEYS, "verify": VERIFY_KEYS, "build": BUILD_KEYS},
+            "models": None, "targets": None}
+
+
+# -- the objects -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    factory: str
+    checkpoint: Path
+    seed: int | None
+    inputs: dict[str, tuple[int, ...]]
+    outputs: tuple[str, ...]
+    export: dict[str, Any]
+    verify: dict[str, Any]
+    build: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    transport: str
+    backend: str
+    models: tuple[str, ...]
+    groups: tuple[str, ...]
+    install_dir: str
+    settings: dict[str, Any] = field(default_factory=dict)  # ssh/builder details, see TARGET_KEYS
+
+    def __getattr__(self, key: str) -> Any:
+        try:
+            return self.__dict__["settings"][key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+
+@dataclass(frozen=True)
+class Fleet:
+    path: Path
+    artifacts: Path
+    store_url: str
+    models: dict[str, Model]
+    targets: dict[str, Target]
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for t in self.targets.values():
+            for g in t.groups:
+                out.setdefault(g, []).append(t.name)
+        return out
+
+
+# -- loading -----------------------------------------------------------------------
+
+class _Source:
+    """The fleet file's text, to point errors at a line."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.path, self.lines = path, text.splitlines()
+
+    def line_of(self, keys: list[str]) -> int | None:
+        header, leaf = keys, None
+        table_re = None
+        for cut in range(len(keys), 0, -1):
+            parts = [re.escape(k) + "|\"" + re.escape(k) + "\"" for k in keys[:cut]]
+            table_re = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(f"(?:{p})" for p in parts) + r"\s*\]")
+            leaf = keys[cut] if cut < len(keys) else None
+            for i, line in enumerate(self.lines):
+                if table_re.match(line):
+                    if leaf is None:
+                        return i + 1
+                    for j in range(i + 1, len(self.lines)):
+                        if self.lines[j].lstrip().startswith("["):
+                            break
+                        if re.match(rf"^\s*\"?{re.escape(leaf)}\"?\s*=", self.lines[j]):
+                            return j + 1
+                    return i + 1
+        return None
+
+    def error(self, keys: list[str], problem: str, fix: str) -> ConfigError:
+        line = self.line_of(keys)
+        where = f"{self.path}" + (f":{line}" if line else "")
+        return ConfigError(f"{where}: {'.'.join(keys)}: {problem}", hint=fix)
+
+
+def _validate(table: dict, schema: dict, src: _Source, where: list[str], fill: bool = True) -> dict:
+    """Check `table` against `schema`; with `fill`, absent keys get the schema's defaults."""
+    out = {}
+    for key, value in table.items():
+        spec = schema.get(key)
+        if spec is None and key not in schema:
+            known = ", ".join(sorted(schema))
+            raise src.error(where + [key], "unknown key", f"remove it or use one of: {known}")
+        if isinstance(spec, dict):
+            if not isinstance(value, dict):
+                raise src.error(where + [key], "must be a table", f"write it as [{'.'.join(where + [key])}]")
+            out[key] = _validate(value, spec, src, where + [key], fill)
+            continue
+        # bool is an int in Python: keep them apart
+        if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
+            wanted = " or ".join(t.__name__.replace("str", "string").replace("dict", "table")
+                                 .replace("list", "array") for t in spec.types)
+            raise src.error(where + [key], f"must be a {wanted}, got {type(value).__name__} {value!r}",
+                            f"write {key} as a {wanted}" + (f" ({spec.doc})" if spec.doc else ""))
+        if spec.check and (problem := spec.check(value)):
+            raise src.error(where + [key], problem, spec.doc or f"fix the value of {key}")
+        out[key] = value
+    for key, spec in schema.items():
+        if isinstance(spec, Key) and key not in out:
+            if spec.required:
+                raise src.error(where, f"missing required key '{key}'",
+                                f"add {key} = ... to [{'.'.join(where)}]" + (f" ({spec.doc})" if spec.doc else ""))
+            if fill:
+                out[key] = spec.default
+        elif isinstance(spec, dict) and key not in out:
+            out[key] = _validate({}, spec, src, where + [key], fill)
+    return out
+
+
+def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = None) -> Fleet:
+    path = Path(path).absolute() if path else fleet_path()
+    artifacts = Path(artifacts).absolute() if artifacts else artifacts_dir()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"fleet file {path} not found",
+                          hint="create targets.toml (see README) or point KILN_TARGETS at your fleet file") from None
+    src = _Source(path, text)
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}",
+                          hint="fix the syntax; a table declared twice (e.g. two [targets.x]) is a duplicate target") from exc
+
+    top = {k: v for k, v in raw.items() if k not in ("models", "targets")}
+    checked = _validate(top, {k: v for k, v in TOP_KEYS.items() if v is not None}, src, [])
+    for section in ("models", "targets"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise src.error([section], "must be a table of named entries", f"write entries as [{section}.<name>]")
+    if not raw.get("models"):
+        raise src.error(["models"], "no models defined", "add a [models.<name>] table")
+    if not raw.get("targets"):
+        raise src.error(["targets"], "no targets defined", "add a [targets.<name>] table")
+
+    defaults = checked["defaults"]
+    models = {}
+    for name, table in raw["models"].items():
+        _checked_name(src, ["models", name], name, "model")
+        m = _validate(table, MODEL_KEYS, src, ["models", name], fill=False)
+        models[name] = Model(
+            name=name, factory=m["factory"], checkpoint=(path.parent / m["checkpoint"]).resolve(),
+            seed=m.get("seed"), inputs={k: tuple(v) for k, v in m["inputs"].items()}, outputs=tuple(m["outputs"]),
+            # the model's own values win over [defaults], which win over the schema's defaults
+            export={**defaults["export"], **m["export"]},
+            verify={**defaults["verify"], **m["verify"]},
+            build={**defaults["build"], **m["build"]})
+
+    targets = {}
+    for name, table in raw["targets"].items():
+        _checked_name(src, ["targets", name], name, "target")
+        t = _validate(table, TARGET_KEYS, src, ["targets", name])
+        for model in t["models"]:
+            if model not in models:
+                raise src.error(["targets", name, "models"], f"unknown model {model!r}",
+                                f"define [models.{model}] or use one of: {', '.join(sorted(models))}")
+        install_dir = t["install_dir"]
+        if t["transport"] == "local":
+            install_dir = str((path.parent / install_dir).resolve())
+        else:
+            if not install_dir.startswith("/"):
+                raise src.error(["targets", name, "install_dir"], "must be an absolute path on the device",
+                                "e.g. install_dir = \"/opt/kiln\"")
+            t.setdefault("host", None)
+            t["host"] = t["host"] or name
+        if t["python"] is None:
+            t["python"] = None if t["transport"] == "local" else "python3"
+        settings = {k: v for k, v in t.items() if k not in ("transport", "backend", "models", "groups", "install_dir")}
+        targets[name] = Target(name=name, transport=t["transport"], backend=t["backend"],
+                               models=tuple(t["models"]), groups=tuple(t["groups"]),
+                               install_dir=install_dir, settings=settings)
+    clash = set(targets) & {g for t in targets.values() for g in t.groups}
+    if clash:
+        raise src.error(["targets", sorted(clash)[0]], "a group has the same name as a target",
+                        "rename the group or the target so `deploy:<name>` is unambiguous")
+
+    store_url = checked["store"]["url"] or f"file://{artifacts / 'store'}"
+    return Fleet(path=path, artifacts=artifacts, store_url=store_url, models=models, targets=targets)
+
+
+def _checked_name(src: _Source, keys: list[str], name: str, what: str) -> None:
+    if not NAME_RE.match(name):
+        raise src.error(keys, f"invalid {what} name {name!r}",
+                        "names are 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit")

@@ -20,8 +20,10 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 from .errors import CorruptEntry, StoreError
@@ -36,6 +38,11 @@ CHUNK = 1 << 20
 
 def onnx_entry(onnx_sha256: str) -> str:
     return f"onnx/{onnx_sha256[:2]}/{onnx_sha256}.onnx"
+
+
+def reference_entry(onnx_sha256: str) -> str:
+    """Fixed inputs and PyTorch outputs that every engine of this ONNX is checked against."""
+    return f"onnx/{onnx_sha256[:2]}/{onnx_sha256}.reference.npz"
 
 
 def onnx_record_entry(model: str) -> str:
@@ -132,6 +139,26 @@ class Store(abc.ABC):
             self.get_file(name, dest)
             return dest.read_bytes()
 
+    # -- uploads from devices -----------------------------------------------------
+    def promote(self, staging_name: str, final_name: str, sha256: str) -> bool:
+        """Verify a staged upload (see `staging_entry`) against `sha256` and publish exactly
+        the verified bytes as `final_name` (never overwriting); the staging entry is removed
+        either way. Returns True if written, False if `final_name` already existed.
+        Raises KeyError if nothing is staged, CorruptEntry if the staged bytes do not match."""
+        with tempfile.TemporaryDirectory(prefix="kiln-promote-") as tmp:
+            verified = Path(tmp) / "staged"
+            try:
+                self.get_file(staging_name, verified, sha256=sha256)
+            except CorruptEntry as exc:
+                raise CorruptEntry(
+                    f"refusing to promote {staging_name} to {final_name}: the uploaded bytes do "
+                    "not match the expected sha256 (the staging entry was removed)",
+                    hint="the device's upload was corrupt or incomplete; upload it again",
+                    store=self.url, expected=sha256) from exc
+            written = self.put_file(final_name, verified, sha256=sha256)
+        self.delete(staging_name)
+        return written
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
 
@@ -166,6 +193,7 @@ def atomic_copy(src: Path, dest: Path) -> tuple[str, int]:
         with open(src, "rb") as fin, os.fdopen(fd, "wb") as fout:
             sha, size = copy_hashing(fin, fout)
             fout.flush()
+            os.fchmod(fout.fileno(), 0o644)  # mkstemp makes 0600; artifacts are meant to be read
             os.fsync(fout.fileno())
         os.replace(tmp, dest)
     except BaseException:
@@ -180,9 +208,11 @@ class LocalStore(Store):
     together atomically (symlink creation fails if the entry exists: no overwrite,
     and a lost race is detected), and a flipped byte in a blob is caught on read."""
 
-    def __init__(self, root: Path | str) -> None:
+    def __init__(self, root: Path | str, *,
+                 progress: Callable[[str, int, int], None] | None = None) -> None:
         self.root = Path(root)
         self.url = f"file://{self.root}"
+        self.progress = progress  # progress(name, bytes_done, bytes_total), as in S3Store
 
     def _entry(self, name: str) -> Path:
         return self.root / "entries" / check_name(name)
@@ -200,20 +230,28 @@ class LocalStore(Store):
         try:
             sha = os.path.basename(os.readlink(entry))
             size = entry.stat().st_size
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # absent, a folder of entries (EINVAL), or a dangling link (blob removed)
             return None
         return EntryInfo(name, sha, size)
 
     def put_file(self, name, path, *, sha256=None, overwrite=False) -> bool:
         entry = self._entry(name)
-        if not overwrite and os.path.lexists(entry):
+        if not overwrite and os.path.lexists(entry) and not self._clear_dangling(entry):
             return False
         self.check()
         blobs = self.root / "blobs"
         fd, tmp = tempfile.mkstemp(prefix=".incoming-", dir=blobs)
         try:
             with open(path, "rb") as fin, os.fdopen(fd, "wb") as fout:
-                sha, _ = copy_hashing(fin, fout)
+                progress = None
+                if self.progress:
+                    total, done = os.fstat(fin.fileno()).st_size, 0
+
+                    def progress(n: int) -> None:
+                        nonlocal done
+                        done += n
+                        self.progress(name, done, total)
+                sha, _ = copy_hashing(fin, fout, progress)
                 fout.flush()
                 os.fsync(fout.fileno())
             if sha256 and sha != sha256:
@@ -228,16 +266,42 @@ class LocalStore(Store):
         entry.parent.mkdir(parents=True, exist_ok=True)
         link_target = os.path.relpath(blob, entry.parent)
         if overwrite:
-            tmp_link = entry.with_name(f".{entry.name}.{os.getpid()}.link")
-            tmp_link.unlink(missing_ok=True)
+            tmp_link = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.link")  # unique per writer
             os.symlink(link_target, tmp_link)
             os.replace(tmp_link, entry)
         else:
             try:
                 os.symlink(link_target, entry)
             except FileExistsError:
-                return False  # lost a race: the caller uses the winner's entry
+                if not self._clear_dangling(entry):
+                    return False  # lost a race: the caller uses the winner's entry
+                try:
+                    os.symlink(link_target, entry)
+                except FileExistsError:
+                    return False
         fsync_dir(entry.parent)
+        return True
+
+    @staticmethod
+    def _clear_dangling(entry: Path) -> bool:
+        """Remove `entry` if it is a link to a removed (corrupt) blob; True if it is now absent.
+        Safe against concurrent writers: the link is renamed aside (only one renamer wins) and
+        put back if it turns out to be live (a writer re-created it in between)."""
+        if os.path.exists(entry):
+            return False
+        aside = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.stale")
+        try:
+            os.rename(entry, aside)
+        except FileNotFoundError:
+            return True
+        if os.path.exists(aside):  # live after all: restore it unless someone else took the name
+            try:
+                os.link(aside, entry, follow_symlinks=False)
+            except FileExistsError:
+                pass
+            os.unlink(aside)
+            return False
+        os.unlink(aside)
         return True
 
     def get_file(self, name, dest, *, sha256=None) -> EntryInfo:
@@ -245,12 +309,20 @@ class LocalStore(Store):
         if info is None:
             raise KeyError(name)
         dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
         try:
-            actual, size = atomic_copy(self._entry(name), dest)
+            with open(self._entry(name), "rb") as fin, os.fdopen(fd, "wb") as fout:
+                actual, size = copy_hashing(fin, fout)
+                fout.flush()
+                os.fsync(fout.fileno())
+            if actual == info.sha256 and (not sha256 or actual == sha256):
+                os.replace(tmp, dest)  # verified: only now does dest appear
         except FileNotFoundError:
             raise KeyError(name) from None
+        finally:
+            Path(tmp).unlink(missing_ok=True)
         if actual != info.sha256 or (sha256 and actual != sha256):
-            dest.unlink(missing_ok=True)
             self.delete(name)
             (self.root / "blobs" / info.sha256).unlink(missing_ok=True)
             log.warning("store entry %s was corrupt (sha256 %s, recorded %s); removed it", name,
@@ -261,7 +333,10 @@ class LocalStore(Store):
         return EntryInfo(name, actual, size)
 
     def delete(self, name: str) -> None:
-        self._entry(name).unlink(missing_ok=True)
+        try:
+            self._entry(name).unlink(missing_ok=True)
+        except (IsADirectoryError, NotADirectoryError):
+            pass  # a folder of entries, or below an entry: not an entry, so absent
 
     def list(self, prefix: str = "") -> list[str]:
         base = self.root / "entries"

@@ -1,0 +1,77 @@
+"""One run's shared machinery: the fleet, the store, the hash cache, the event log,
+and one transport per target (opened on first use, reused by all its tasks).
+
+Constructing a Context does no I/O beyond reading the fleet file; the store and
+transports are created when first needed, so `doit list` stays instant.
+"""
+from __future__ import annotations
+
+import threading
+import uuid
+from functools import cached_property
+from pathlib import Path
+
+from .config import Fleet, Target, load_fleet
+from .events import EventLog
+from .keys import HashCache
+from .store import Store, open_store
+from .transport import LocalTransport, Transport
+
+
+class Context:
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+        self.artifacts = fleet.artifacts
+        self.run_id = uuid.uuid4().hex[:12]
+        self.events = EventLog(self.artifacts / "logs" / "events.jsonl")
+        self.hashes = HashCache(self.artifacts / "cache" / "hashes.json")
+        self._transports: dict[str, Transport] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def load(cls, fleet_file: Path | str | None = None, artifacts: Path | str | None = None) -> "Context":
+        return cls(load_fleet(fleet_file, artifacts))
+
+    # -- where things live in artifacts/ -------------------------------------------
+    def fingerprint_file(self, target: str) -> Path:
+        return self.artifacts / "fingerprints" / f"{target}.json"
+
+    def probe_error_file(self, target: str) -> Path:
+        return self.artifacts / "fingerprints" / f"{target}.error.json"
+
+    def engine_record(self, model: str, class_id: str) -> Path:
+        return self.artifacts / "engines" / f"{model}@{class_id}.json"
+
+    def deployment_record(self, target: str) -> Path:
+        return self.artifacts / "deployments" / f"{target}.json"
+
+    def build_log(self, key: str) -> Path:
+        return self.artifacts / "logs" / "builds" / f"{key}.log"
+
+    def engine_cache(self, key: str) -> Path:
+        return self.artifacts / "cache" / "engines" / key
+
+    # -- lazily opened resources ---------------------------------------------------
+    @cached_property
+    def store(self) -> Store:
+        store = open_store(self.fleet.store_url, base_dir=self.fleet.base_dir)
+        store.check()
+        return store
+
+    def transport(self, target: Target) -> Transport:
+        with self._lock:
+            if target.name not in self._transports:
+                self._transports[target.name] = self._open_transport(target)
+            return self._transports[target.name]
+
+    def _open_transport(self, target: Target) -> Transport:
+        if target.transport == "local":
+            return LocalTransport(target.name, python=target.python)
+        from .ssh import SSHTransport  # paramiko/fabric load only for fleets with ssh targets
+        return SSHTransport.for_target(target)
+
+    def close(self) -> None:
+        with self._lock:
+            for t in self._transports.values():
+                t.close()
+            self._transports.clear()

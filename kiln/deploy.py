@@ -1,0 +1,128 @@
+"""Deploy: stage, verify, activate atomically, health-check, roll back on failure.
+
+For each model of the target, the engine is fetched from the store (verified),
+uploaded into `releases/.staging-<key>` (verified on the device), moved to
+`releases/<key>`, and smoke-tested there (load + infer on the reference inputs).
+Only when every model passed are the `current` links switched (atomic renames);
+then the optional restart and health check run, and a failure switches the
+links back. At every moment each model has a complete release active, or none
+if it never had one.
+"""
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from .backends import get_backend
+from .config import Target
+from .context import Context
+from .device import Device
+from .errors import CommandFailed, DeployError, KilnError
+from .export import ExportPaths
+from .keys import read_json, write_json_if_changed
+from .store import engine_entry
+
+
+def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print) -> dict:
+    """Make `engines` (model -> engine record) the active releases on `target`."""
+    task = f"deploy:{target.name}"
+    device = Device(ctx.transport(target), target.install_dir)
+    start = time.time()
+    with device.lock(owner=f"{ctx.run_id}"):
+        active = device.active_releases(target.models)
+        todo = {m: rec for m, rec in engines.items() if active.get(m) != rec["key"]}
+        for model in sorted(set(engines) - set(todo)):
+            ctx.events.emit(task, "skip", key=engines[model]["key"], target=target.name,
+                            why=f"{model} release {engines[model]['key'][:12]} already active")
+        staged = {}
+        for model, record in todo.items():
+            staged[model] = _stage(ctx, device, target, model, record, say)
+        switched = {}
+        for model, record in todo.items():
+            result = device.agent("activate", "--model-dir", device.path(model), "--release", record["key"])
+            switched[model] = result.get("previous")
+        if switched:
+            _after_activation(ctx, device, target, switched, say)
+        for model, record in engines.items():
+            device.agent("prune", "--model-dir", device.path(model), "--keep", record["key"])
+    seconds = time.time() - start
+    for model, record in todo.items():
+        why = (f"{model}: {active.get(model)[:12]} → {record['key'][:12]}" if active.get(model)
+               else f"{model}: first release {record['key'][:12]}")
+        ctx.events.emit(task, "deploy", key=record["key"], target=target.name, why=why, seconds=seconds)
+        say(f"  {target.name}: activated {model} release {record['key'][:12]}"
+            f" (smoke test median {staged[model]['smoke'].get('latency_ms', {}).get('median', float('nan')):.1f} ms)")
+    deployment = {"target": target.name, "releases": {m: r["key"] for m, r in engines.items()},
+                  "sha256": {m: r["sha256"] for m, r in engines.items()}}
+    write_json_if_changed(ctx.deployment_record(target.name), deployment)
+    return {**deployment, "changed": sorted(todo), "seconds": seconds}
+
+
+def _stage(ctx: Context, device: Device, target: Target, model: str, record: dict, say) -> dict:
+    """Upload and smoke-test one release; nothing becomes active here."""
+    key, backend = record["key"], get_backend(record["backend"])
+    releases = device.path(model, "releases")
+    final = f"{releases}/{key}"
+    staging = f"{releases}/.staging-{key}"
+    local = ctx.engine_cache(key)
+    if not (local.exists() and ctx.hashes.sha256(local) == record["sha256"]):
+        ctx.store.get_file(engine_entry(key), local, sha256=record["sha256"])
+    paths = ExportPaths.for_model(ctx.artifacts, model)
+    onnx = read_json(paths.record) or {}
+    provenance = read_json(paths.provenance) or {}
+    ref_remote = device.ensure_input(paths.reference, onnx["reference_sha256"], ".npz")
+    say(f"  {target.name}: staging {model} release {key[:12]}")
+    t0 = time.time()
+    device.transport.run(["rm", "-rf", staging])
+    device.mkdir(staging)
+    engine_remote = f"{staging}/{record['engine_file']}"
+    device.transport.put(local, engine_remote, sha256=record["sha256"])
+    device.transport.run(["cp", ref_remote, f"{staging}/reference.npz"])
+    staged_s = time.time() - t0
+    t0 = time.time()
+    try:
+        smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", ctx.fleet.models[model].verify)
+    except KilnError as exc:
+        device.transport.run(["rm", "-rf", staging], check=False)
+        ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
+                        why=f"smoke test of {model} failed: {exc.message}")
+        raise DeployError(f"smoke test of {model} release {key[:12]} failed on {target.name}; "
+                          f"the previous release stays active: {exc.message}", target=target.name, model=model,
+                          hint="see the reason above; the engine in the store may be bad for this device") from exc
+    manifest = {"model": model, "target": target.name, "engine_key": key, "engine_sha256": record["sha256"],
+                "engine_file": record["engine_file"], "hardware_class": record["class"],
+                "onnx_sha256": onnx.get("onnx_sha256"),
+                "checkpoint_sha256": (provenance.get("inputs") or {}).get("checkpoint_sha256"),
+                "fingerprint": read_json(ctx.fingerprint_file(target.name)),
+                "timings": {"stage_seconds": round(staged_s, 3), "smoke_seconds": round(time.time() - t0, 3)},
+                "smoke_test": smoke, "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": ctx.run_id}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(manifest, f, indent=2, sort_keys=True)
+    try:
+        device.transport.put(f.name, f"{staging}/manifest.json")
+    finally:
+        Path(f.name).unlink()
+    # the release folder appears complete or not at all
+    device.transport.run(["sh", "-c", 'rm -rf "$1" && mv "$2" "$1"', "kiln-mv", final, staging])
+    return {"smoke": smoke, "manifest": manifest}
+
+
+def _after_activation(ctx: Context, device: Device, target: Target, switched: dict[str, str | None], say) -> None:
+    """Restart and health-check; on failure put every switched model back."""
+    try:
+        for what in ("restart", "health_check"):
+            command = getattr(target, what)
+            if command:
+                say(f"  {target.name}: {what.replace('_', ' ')}: {command}")
+                device.transport.run(["sh", "-c", command], env=None, timeout=target.command_timeout)
+    except CommandFailed as exc:
+        for model, previous in switched.items():
+            device.agent("rollback", "--model-dir", device.path(model))
+            ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name,
+                            key=previous, why=f"{what.replace('_', ' ')} failed (exit {exc.exit_code}); "
+                                              f"{model} back to {previous[:12] if previous else 'nothing'}")
+        raise DeployError(f"{what.replace('_', ' ')} failed on {target.name}; rolled back to the previous releases",
+                          target=target.name, hint=f"command: {exc.command}; exit code {exc.exit_code}; "
+                                                   f"output: {exc.output_tail[-500:]}") from exc

@@ -1,0 +1,111 @@
+"""A target's working area, reached through its transport.
+
+Layout under the target's install_dir:
+    .kiln/agent-<sha12>.py        the device agent (content-addressed: re-sent only when it changes)
+    .kiln/inputs/<sha256>         ONNX files and reference data, by content
+    .kiln/build/<engine key>/     build output before it is fetched and published
+    .kiln/lock/                   the deploy lock (mkdir is atomic)
+    <model>/releases/<key>/       one release: engine, reference.npz, manifest.json
+    <model>/current, previous     symlinks; `current` is switched by an atomic rename
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Sequence
+
+from . import agent as agent_module
+from .errors import DeployError, TransportError
+from .keys import sha256_file
+from .transport import Stream, Transport
+
+AGENT_SOURCE = Path(agent_module.__file__)
+
+
+class Device:
+    def __init__(self, transport: Transport, install_dir: str) -> None:
+        self.transport = transport
+        self.target = transport.target
+        self.root = install_dir
+        self._agent_path: str | None = None
+        self._agent_sha = sha256_file(AGENT_SOURCE)
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def mkdir(self, *paths: str) -> None:
+        self.transport.run(["mkdir", "-p", *paths])
+
+    def agent(self, *args: str, timeout: float | None = None, stream: Stream | None = None,
+              check: bool = True) -> dict:
+        """Run an agent subcommand; returns its JSON answer."""
+        if self._agent_path is None:
+            remote = self.path(".kiln", f"agent-{self._agent_sha[:12]}.py")
+            probe = self.transport.run(["test", "-f", remote], check=False)
+            if not probe.ok:
+                self.mkdir(self.path(".kiln"))
+                self.transport.put(AGENT_SOURCE, remote, sha256=self._agent_sha)
+            self._agent_path = remote
+        def progress(line: str) -> None:
+            if stream and not line.startswith("{"):  # the JSON answer is data, not progress
+                stream(line)
+        result = self.transport.run([self.transport.python, self._agent_path, *args], timeout=timeout,
+                                    stream=progress if stream else None, check=False)
+        last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
+        try:
+            answer = json.loads(last)
+        except ValueError:
+            answer = None
+        if answer is None or (check and result.exit_code not in (0, 3)):
+            raise self.transport._fail(result, f"kiln agent `{args[0]}`",
+                                       hint="see the output above; the device needs python3 (and numpy/onnxruntime for CPU engines)")
+        return answer
+
+    def ensure_input(self, local: Path, sha256: str, suffix: str = "") -> str:
+        """Upload a content-addressed input once; returns its path on the device."""
+        remote = self.path(".kiln", "inputs", sha256 + suffix)
+        if not self.transport.run(["test", "-f", remote], check=False).ok:
+            self.mkdir(self.path(".kiln", "inputs"))
+            self.transport.put(local, remote, sha256=sha256)
+        return remote
+
+    @contextmanager
+    def lock(self, owner: str, stale_after: float = 6 * 3600):
+        """Per-device lock so two deploys never interleave (mkdir is atomic everywhere)."""
+        lock = self.path(".kiln", "lock")
+        self.mkdir(self.path(".kiln"))
+        info = json.dumps({"owner": owner, "since": time.time()})
+        script = ('mkdir "$1" 2>/dev/null && printf %s "$2" > "$1/owner" && exit 0; '
+                  'cat "$1/owner" 2>/dev/null; exit 75')
+        result = self.transport.run(["sh", "-c", script, "kiln-lock", lock, info], check=False)
+        if result.exit_code == 75:
+            try:
+                held = json.loads(result.stdout or "{}")
+            except ValueError:
+                held = {}
+            age = time.time() - float(held.get("since", time.time()))
+            if age < stale_after:
+                raise DeployError(f"target {self.target} is locked by another deploy ({held.get('owner', '?')}, "
+                                  f"{age:.0f} s ago)", target=self.target,
+                                  hint=f"wait for it to finish, or remove {lock} on the device if it died")
+            self.transport.run(["rm", "-rf", lock])
+            result = self.transport.run(["sh", "-c", script, "kiln-lock", lock, info], check=False)
+        if not result.ok:
+            raise TransportError(f"cannot take the deploy lock on {self.target}", target=self.target)
+        try:
+            yield
+        finally:
+            self.transport.run(["rm", "-rf", lock], check=False)
+
+    def active_releases(self, models: Sequence[str]) -> dict[str, str | None]:
+        """Which release each model has active on the device (one round trip, no agent)."""
+        script = 'for m in "$@"; do printf "%s=%s\\n" "$m" "$(readlink "$0/$m/current" 2>/dev/null)"; done'
+        out = self.transport.run(["sh", "-c", script, self.root, *models]).stdout
+        active = {}
+        for line in out.splitlines():
+            model, _, link = line.partition("=")
+            active[model] = posixpath.basename(link) if link else None
+        return active

@@ -1,0 +1,230 @@
+"""Engines: one per (ONNX, hardware class, build settings, builder version).
+
+`engine_key` is computed from inputs only (engine bytes may differ between two
+builds: optimisers are not deterministic). `ensure_engine` is the cache-first
+path: a store hit means no build; a miss is built on one reachable member of the
+class, verified there against the reference outputs, and only then published.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .backends import Backend, get_backend
+from .config import Model, Target
+from .context import Context
+from .device import Device
+from .errors import BuildError, CorruptEntry, KilnError
+from .export import ExportPaths
+from .hwclass import HardwareClass
+from .keys import digest, read_json, write_json_if_changed
+from .store import engine_entry, engine_manifest_entry, onnx_entry, reference_entry, timing_cache_entry
+
+log = logging.getLogger(__name__)
+ENGINE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    model: Model
+    hwclass: HardwareClass
+    members: tuple[Target, ...]  # targets of this class that want this model, reachable this run
+
+    @property
+    def task_name(self) -> str:
+        return f"{self.model.name}@{self.hwclass.id}"
+
+    @property
+    def backend(self) -> Backend:
+        return get_backend(self.hwclass.backend)
+
+
+def engine_key_inputs(spec: EngineSpec, onnx_record: dict, fingerprint: dict) -> dict:
+    backend = spec.backend
+    return {"format": ENGINE_FORMAT, "onnx_sha256": onnx_record["onnx_sha256"],
+            "class": spec.hwclass.digest, "build": backend.build_settings(spec.model.build),
+            "builder": backend.builder_version(fingerprint)}
+
+
+def current_engine_key(ctx: Context, spec: EngineSpec) -> str | None:
+    """The key the engine should have now, or None if the ONNX was never exported."""
+    record = read_json(ExportPaths.for_model(ctx.artifacts, spec.model.name).record)
+    if record is None:
+        return None
+    fingerprint = read_json(ctx.fingerprint_file(spec.members[0].name))
+    return digest(engine_key_inputs(spec, record, fingerprint))
+
+
+def choose_builder(spec: EngineSpec) -> list[Target]:
+    """Designated builders first, then the others in fleet-file order."""
+    return sorted(spec.members, key=lambda t: not t.builder)
+
+
+def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
+    """Make sure the store holds a verified engine for `spec`; returns its record."""
+    model, task = spec.model, f"engine:{spec.task_name}"
+    paths = ExportPaths.for_model(ctx.artifacts, model.name)
+    onnx_record = read_json(paths.record)
+    if onnx_record is None:
+        raise BuildError(f"model {model.name} has not been exported", model=model.name,
+                         hint=f"run `doit export:{model.name}` first")
+    fingerprint = read_json(ctx.fingerprint_file(spec.members[0].name))
+    inputs = engine_key_inputs(spec, onnx_record, fingerprint)
+    key = digest(inputs)
+    store = ctx.store
+
+    manifest = _stored_manifest(ctx, key)
+    if manifest is not None:
+        ctx.events.emit(task, "cache-hit", key=key, why=f"engine for {spec.hwclass.id} already in {store.url}")
+        say(f"  cache hit: engine {key[:12]} for {spec.hwclass.id} is in the store")
+        return _write_record(ctx, spec, key, manifest)
+
+    errors = []
+    for target in choose_builder(spec):
+        try:
+            manifest = _build_on(ctx, spec, target, key, inputs, onnx_record, paths, say)
+        except KilnError as exc:
+            if not _is_unreachable(exc):
+                raise
+            errors.append(f"{target.name}: {exc.message}")
+            log.warning("builder %s unreachable, trying the next member of %s", target.name, spec.hwclass.id)
+            continue
+        return _write_record(ctx, spec, key, manifest)
+    raise BuildError(f"no member of hardware class {spec.hwclass.id} could build {model.name}: " + "; ".join(errors),
+                     model=model.name, hint="bring one of the class's devices online, then run again")
+
+
+def _is_unreachable(exc: KilnError) -> bool:
+    return type(exc).__name__ == "UnreachableError"
+
+
+def _stored_manifest(ctx: Context, key: str) -> dict | None:
+    store = ctx.store
+    if store.info(engine_entry(key)) is None:
+        return None
+    try:
+        manifest = json.loads(store.get_bytes(engine_manifest_entry(key)))
+    except (KeyError, CorruptEntry, ValueError):
+        return None  # a half-published or damaged entry is a miss
+    info = store.info(engine_entry(key))
+    if info is None or info.sha256 != manifest.get("sha256"):
+        log.warning("engine %s in the store does not match its manifest; rebuilding", key[:12])
+        store.delete(engine_entry(key))
+        return None
+    return manifest
+
+
+def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> dict:
+    record = {"model": spec.model.name, "class": spec.hwclass.id, "class_digest": spec.hwclass.digest,
+              "key": key, "sha256": manifest["sha256"], "size": manifest.get("size"),
+              "backend": spec.hwclass.backend, "engine_file": spec.backend.engine_file}
+    write_json_if_changed(ctx.engine_record(spec.model.name, spec.hwclass.id), record)
+    return record
+
+
+def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: dict, onnx_record: dict,
+              paths: ExportPaths, say) -> dict:
+    task = f"engine:{spec.task_name}"
+    store, backend = ctx.store, spec.backend
+    device = Device(ctx.transport(target), target.install_dir)
+    say(f"  building engine {key[:12]} for {spec.hwclass.id} on {target.name} ({backend.name})")
+    why = f"no engine in the store for ONNX {onnx_record['onnx_sha256'][:12]} on class {spec.hwclass.id}"
+    ctx.events.emit(task, "build", key=key, target=target.name, why=why)
+    start = time.time()
+
+    # ONNX and reference come from the store, verified, so any controller can build
+    onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, paths)
+    onnx_remote = device.ensure_input(onnx_local, onnx_record["onnx_sha256"], ".onnx")
+    ref_remote = device.ensure_input(ref_local, onnx_record["reference_sha256"], ".npz")
+    out_dir = device.path(".kiln", "build", key)
+
+    timing_remote = None
+    if spec.model.build.get("timing_cache") and backend.name == "tensorrt":
+        timing_remote = _fetch_timing_cache(ctx, device, spec, out_dir)
+
+    log_path = ctx.build_log(key)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as build_log:
+        def stream(line: str) -> None:
+            build_log.write(line + "\n")
+            build_log.flush()
+            if line.strip():
+                say(f"    [{target.name}] {line}")
+        try:
+            facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
+                                  read_json(ctx.fingerprint_file(target.name)), stream=stream,
+                                  timing_cache=timing_remote)
+            report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
+        except KilnError as exc:
+            build_log.write(f"\nFAILED: {exc}\n")
+            raise BuildError(f"building {spec.model.name} for {spec.hwclass.id} on {target.name} failed: {exc.message}",
+                             model=spec.model.name, target=target.name, key=key[:12],
+                             hint=f"full build output: {log_path}") from exc
+    seconds = time.time() - start
+
+    local = ctx.engine_cache(key)
+    sha = device.transport.get(facts["engine"], local)
+    if sha != facts["sha256"]:
+        local.unlink(missing_ok=True)
+        raise BuildError(f"the engine fetched from {target.name} does not match the sha256 it reported",
+                         target=target.name, key=key[:12], hint="retry; if it persists check the device's storage")
+    manifest = {"key": key, "key_inputs": inputs, "model": spec.model.name, "class": spec.hwclass.id,
+                "class_fields": spec.hwclass.fields, "backend": backend.name, "built_on": target.name,
+                "sha256": sha, "size": facts["size"], "tool": facts.get("tool"),
+                "build_seconds": round(facts.get("build_seconds", seconds), 3),
+                "verification": {k: v for k, v in report.items() if k != "ok"},
+                "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    won = store.put_file(engine_entry(key), local, sha256=sha)
+    if not won:
+        # another controller published first: use its engine (verified on read)
+        winner = _stored_manifest(ctx, key)
+        if winner is not None:
+            say(f"  another run published engine {key[:12]} first; using it")
+            return winner
+        store.put_file(engine_entry(key), local, sha256=sha, overwrite=True)
+    store.put_bytes(engine_manifest_entry(key), json.dumps(manifest, indent=2, sort_keys=True).encode(),
+                    overwrite=True)
+    if timing_remote:
+        _publish_timing_cache(ctx, device, spec, timing_remote)
+    device.transport.run(["rm", "-rf", out_dir], check=False)
+    ctx.events.emit(task, "publish", key=key, target=target.name, seconds=seconds,
+                    why=f"built and verified on {target.name}")
+    say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, built in {seconds:.1f} s on {target.name})")
+    return manifest
+
+
+def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) -> tuple[Path, Path]:
+    """The ONNX and reference data, from the local export if it matches, else from the store."""
+    onnx_sha = onnx_record["onnx_sha256"]
+    out = []
+    for local, sha, name in ((paths.onnx, onnx_sha, onnx_entry(onnx_sha)),
+                             (paths.reference, onnx_record["reference_sha256"], reference_entry(onnx_sha))):
+        if not (local.exists() and ctx.hashes.sha256(local) == sha):
+            ctx.store.get_file(name, local, sha256=sha)
+        out.append(local)
+    return out[0], out[1]
+
+
+def _fetch_timing_cache(ctx: Context, device: Device, spec: EngineSpec, out_dir: str) -> str:
+    remote = posixpath.join(out_dir, "timing.cache")
+    device.mkdir(out_dir)
+    local = ctx.artifacts / "cache" / "timing" / f"{spec.hwclass.digest}.cache"
+    try:
+        ctx.store.get_file(timing_cache_entry(spec.hwclass.digest), local)
+    except (KeyError, CorruptEntry):
+        return remote  # trtexec creates it
+    device.transport.put(local, remote)
+    return remote
+
+
+def _publish_timing_cache(ctx: Context, device: Device, spec: EngineSpec, remote: str) -> None:
+    local = ctx.artifacts / "cache" / "timing" / f"{spec.hwclass.digest}.cache"
+    try:
+        device.transport.get(remote, local)
+    except KilnError:
+        return
+    ctx.store.put_file(timing_cache_entry(spec.hwclass.digest), local, overwrite=True)

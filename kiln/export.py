@@ -1,0 +1,257 @@
+"""PyTorch checkpoint -> ONNX, with the checks that make the ONNX trustworthy.
+
+`export_key` says whether an export is needed without importing torch: it hashes
+the checkpoint (stat-cached), the factory's source file, the export options and
+the torch/onnx versions. `export_model` does the work: load the checkpoint safely,
+export a single deterministic ONNX file, run onnx.checker, check the opset is the
+one asked for, save fixed reference inputs with PyTorch's outputs, and check ONNX
+Runtime against them.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import agent
+from .config import Model
+from .errors import ExportError
+from .keys import HashCache, digest, sha256_file
+from .probe import package_version
+
+log = logging.getLogger(__name__)
+EXPORT_FORMAT = 1  # bump when this module changes what it writes
+REFERENCE_SEED = 20240229
+
+
+@dataclass(frozen=True)
+class ExportPaths:
+    onnx: Path
+    reference: Path
+    record: Path       # what downstream depends on: rewritten only when the ONNX changes
+    provenance: Path   # what produced it: checkpoint hash, export key, timings
+
+    @classmethod
+    def for_model(cls, artifacts: Path, model: str) -> "ExportPaths":
+        base = artifacts / "onnx"
+        return cls(base / f"{model}.onnx", base / f"{model}.reference.npz", base / f"{model}.json",
+                   base / f"{model}.provenance.json")
+
+
+def factory_source(factory: str) -> Path:
+    """The source file of a factory's module, found without importing the module itself."""
+    module = factory.split(":")[0]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as exc:
+        raise ExportError(f"cannot find the factory module {module!r}: {exc}", factory=factory,
+                          hint="check `factory` in the fleet file and that the module is importable") from exc
+    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
+        raise ExportError(f"cannot find the factory module {module!r}", factory=factory,
+                          hint="check `factory` in the fleet file and that the module is importable")
+    return Path(spec.origin)
+
+
+def export_inputs(model: Model, hashes: HashCache) -> dict:
+    """Everything that determines the exported ONNX. Its digest is the export key."""
+    if not model.checkpoint.exists():
+        raise ExportError(f"checkpoint {model.checkpoint} does not exist", model=model.name,
+                          hint="train/copy the checkpoint there, or fix `checkpoint` in the fleet file")
+    return {
+        "format": EXPORT_FORMAT,
+        "checkpoint_sha256": hashes.sha256(model.checkpoint),
+        "factory": model.factory,
+        "factory_source_sha256": hashes.sha256(factory_source(model.factory)),
+        "inputs": {k: list(v) for k, v in model.inputs.items()},
+        "outputs": list(model.outputs),
+        "export": model.export,
+        "verify": model.verify,
+        "torch": package_version("torch"),
+        "onnx": package_version("onnx"),
+        "onnxruntime": package_version("onnxruntime"),
+    }
+
+
+def export_key(model: Model, hashes: HashCache) -> str:
+    return digest(export_inputs(model, hashes))
+
+
+def build_module(model: Model):
+    """Call the model's factory (imports torch and the factory's module)."""
+    module_name, func_name = model.factory.split(":")
+    try:
+        module = importlib.import_module(module_name)
+        factory = getattr(module, func_name)
+    except Exception as exc:  # noqa: BLE001 - any import failure of user code is reported the same way
+        raise ExportError(f"cannot import factory {model.factory}: {type(exc).__name__}: {exc}",
+                          model=model.name, hint="fix the factory module or `factory` in the fleet file") from exc
+    try:
+        return factory()
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"factory {model.factory} raised {type(exc).__name__}: {exc}", model=model.name,
+                          hint="fix the factory; it must return a torch.nn.Module") from exc
+
+
+def create_checkpoint(model: Model) -> Path:
+    """Demo/test models: make the checkpoint from the factory under a fixed seed."""
+    import torch
+    torch.manual_seed(model.seed or 0)
+    module = build_module(model)
+    model.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{model.checkpoint.name}.", dir=model.checkpoint.parent)
+    os.close(fd)
+    torch.save(module.state_dict(), tmp)
+    os.replace(tmp, model.checkpoint)
+    return model.checkpoint
+
+
+def load_module(model: Model):
+    import torch
+    module = build_module(model)
+    if not isinstance(module, torch.nn.Module):
+        raise ExportError(f"factory {model.factory} returned {type(module).__name__}, not a torch.nn.Module",
+                          model=model.name, hint="return the model instance from the factory")
+    try:
+        state = torch.load(model.checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise ExportError(f"cannot load checkpoint {model.checkpoint}: {type(exc).__name__}: {exc}",
+                          model=model.name,
+                          hint="the file is corrupt or not a plain state_dict (weights_only=True refuses pickled code)") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    try:
+        module.load_state_dict(state, strict=True)
+    except Exception as exc:  # noqa: BLE001
+        raise ExportError(f"checkpoint {model.checkpoint.name} does not fit the factory's model: {exc}",
+                          model=model.name, hint="the checkpoint and the factory must describe the same architecture") from exc
+    return module.eval()
+
+
+def reference_inputs(model: Model) -> dict:
+    """Fixed inputs: the same for every export of this model, independent of global RNG state."""
+    import numpy as np
+    rng = np.random.default_rng(REFERENCE_SEED)
+    return {name: rng.random(shape, dtype=np.float32) for name, shape in model.inputs.items()}
+
+
+def _torch_export(module, feeds: dict, model: Model, path: Path) -> None:
+    import torch
+    args = tuple(torch.from_numpy(feeds[name]) for name in model.inputs)
+    opts = model.export
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter; real problems raise
+        if opts["exporter"] == "dynamo":
+            torch.onnx.export(module, args, str(path), input_names=list(model.inputs),
+                              output_names=list(model.outputs), opset_version=opts["opset"], dynamo=True,
+                              external_data=False, verbose=False)
+        else:
+            torch.onnx.export(module, args, str(path), input_names=list(model.inputs),
+                              output_names=list(model.outputs), opset_version=opts["opset"], dynamo=False,
+                              do_constant_folding=True)
+
+
+def check_onnx(path: Path, model: Model) -> int:
+    """onnx.checker plus the opset check; returns the default-domain opset."""
+    import onnx
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as exc:  # noqa: BLE001 - onnx raises ValidationError and others
+        raise ExportError(f"the exported ONNX fails onnx.checker: {exc}", model=model.name,
+                          hint="the model uses something ONNX cannot express at this opset; try another opset/exporter") from exc
+    proto = onnx.load(str(path), load_external_data=False)
+    opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    got = opsets.get("ai.onnx")
+    if got != model.export["opset"]:
+        raise ExportError(f"the exported ONNX has opset {got}, but opset {model.export['opset']} was asked for",
+                          model=model.name,
+                          hint="the dynamo exporter may raise the opset silently; set export.opset to one it supports "
+                               "(and that the devices' TensorRT accepts) or use exporter = \"torchscript\"")
+    names = [o.name for o in proto.graph.output]
+    if names != list(model.outputs):
+        raise ExportError(f"the ONNX outputs are {names}, expected {list(model.outputs)}", model=model.name,
+                          hint="make `outputs` in the fleet file match the model's forward() outputs")
+    return got
+
+
+def run_onnxruntime(path: Path, feeds: dict) -> dict:
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds)))
+
+
+def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
+    """Export, check, write reference data; returns the record (written only if changed)."""
+    import numpy as np
+    import torch
+
+    from .keys import write_json_if_changed
+
+    start = time.time()
+    torch.manual_seed(0)
+    module = load_module(model)
+    feeds = reference_inputs(model)
+    with torch.no_grad():
+        try:
+            outputs = module(*[torch.from_numpy(feeds[n]) for n in model.inputs])
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"the model fails on its declared inputs: {type(exc).__name__}: {exc}",
+                              model=model.name, hint="check `inputs` shapes in the fleet file") from exc
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    if isinstance(outputs, dict):
+        outputs = tuple(outputs.values())
+    if len(outputs) != len(model.outputs):
+        raise ExportError(f"the model returns {len(outputs)} outputs, the fleet file names {len(model.outputs)}",
+                          model=model.name, hint="make `outputs` match the model's forward() outputs")
+    expected = {n: o.detach().numpy() for n, o in zip(model.outputs, outputs)}
+
+    paths.onnx.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=paths.onnx.parent, prefix=f".{model.name}.export-") as tmp:
+        onnx_tmp = Path(tmp) / "model.onnx"
+        try:
+            _torch_export(module, feeds, model, onnx_tmp)
+        except ExportError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - exporter errors come in many types
+            raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:2000]}",
+                              model=model.name, hint="see the exporter message; try the other exporter or opset") from exc
+        if not onnx_tmp.exists() or any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
+            raise ExportError("the exporter did not produce a single self-contained ONNX file", model=model.name,
+                              hint="models over 2 GB need external data, which enginekiln does not handle yet")
+        opset = check_onnx(onnx_tmp, model)
+        try:
+            actual = run_onnxruntime(onnx_tmp, feeds)
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"ONNX Runtime cannot run the exported model: {exc}", model=model.name,
+                              hint="the export is not usable; try another opset/exporter") from exc
+        report = agent.compare_outputs(expected, actual, model.verify["rtol"], model.verify["atol"],
+                                       model.verify["rows_may_permute"])
+        if not report["ok"]:
+            raise ExportError(f"ONNX Runtime disagrees with PyTorch: {report['reason']}", model=model.name,
+                              hint="the export changed the model's numerics; check unsupported ops or loosen verify.rtol/atol")
+        ref_tmp = Path(tmp) / "reference.npz"
+        agent.save_arrays(str(ref_tmp), {**{f"input.{k}": v for k, v in feeds.items()},
+                                         **{f"output.{k}": v for k, v in expected.items()}})
+        onnx_sha, ref_sha = sha256_file(onnx_tmp), sha256_file(ref_tmp)
+        os.replace(onnx_tmp, paths.onnx)
+        os.replace(ref_tmp, paths.reference)
+
+    record = {"model": model.name, "onnx_sha256": onnx_sha, "onnx_size": paths.onnx.stat().st_size,
+              "reference_sha256": ref_sha, "opset": opset, "inputs": {k: list(v) for k, v in model.inputs.items()},
+              "outputs": list(model.outputs)}
+    seconds = time.time() - start
+    changed = write_json_if_changed(paths.record, record)
+    write_json_if_changed(paths.provenance, {"export_key": digest(key_inputs), "inputs": key_inputs,
+                                             "onnx_sha256": onnx_sha, "seconds": round(seconds, 3),
+                                             "ort_max_abs_diff": report["max_abs_diff"],
+                                             "ort_rows_permuted": report["permuted"]})
+    return {**record, "changed": changed, "seconds": seconds, "max_abs_diff": report["max_abs_diff"]}

@@ -1,0 +1,153 @@
+"""cache-check and status: what the store holds and what the fleet runs, without touching a device.
+
+Fingerprints and ONNX records are read from artifacts/ when present, else from
+the store, so a CI worker with an empty checkout can ask "is every engine built?".
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from xml.sax.saxutils import quoteattr
+
+from .context import Context
+from .engines import EngineSpec, engine_key_inputs
+from .errors import CorruptEntry, ExportError
+from .export import ExportPaths, export_inputs
+from .hwclass import describe_change, hardware_class
+from .keys import digest, read_json
+from .store import engine_entry, fingerprint_entry, onnx_record_entry
+
+
+@dataclass
+class CacheRow:
+    model: str
+    hardware_class: str | None
+    status: str            # hit | miss | unknown
+    key: str | None
+    targets: list[str] = field(default_factory=list)
+    why: str = ""
+
+
+def _from_store(ctx: Context, name: str) -> dict | None:
+    try:
+        return json.loads(ctx.store.get_bytes(name))
+    except (KeyError, CorruptEntry, ValueError):
+        return None
+
+
+def recorded_fingerprint(ctx: Context, target: str) -> dict | None:
+    return read_json(ctx.fingerprint_file(target)) or _from_store(ctx, fingerprint_entry(target))
+
+
+def recorded_onnx(ctx: Context, model: str) -> dict | None:
+    return read_json(ExportPaths.for_model(ctx.artifacts, model).record) or _from_store(ctx, onnx_record_entry(model))
+
+
+def cache_report(ctx: Context) -> list[CacheRow]:
+    rows: dict[tuple[str, str], CacheRow] = {}
+    unknown: list[CacheRow] = []
+    onnx_records: dict[str, dict | None] = {}
+    for target in ctx.fleet.targets.values():
+        fingerprint = recorded_fingerprint(ctx, target.name)
+        for model_name in target.models:
+            if model_name not in onnx_records:
+                onnx_records[model_name] = recorded_onnx(ctx, model_name)
+            onnx = onnx_records[model_name]
+            if fingerprint is None or onnx is None:
+                missing = "no recorded fingerprint" if fingerprint is None else "model never exported"
+                unknown.append(CacheRow(model_name, None, "unknown", None, [target.name], missing))
+                continue
+            hw = hardware_class(target.backend, fingerprint, tuple(target.class_fields))
+            row = rows.get((model_name, hw.id))
+            if row is None:
+                spec = EngineSpec(ctx.fleet.models[model_name], hw, (target,))
+                key = digest(engine_key_inputs(spec, onnx, fingerprint))
+                hit = ctx.store.info(engine_entry(key)) is not None
+                row = rows[(model_name, hw.id)] = CacheRow(
+                    model_name, hw.id, "hit" if hit else "miss", key, [],
+                    "engine in the store" if hit else f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class")
+            row.targets.append(target.name)
+    return sorted(rows.values(), key=lambda r: (r.model, r.hardware_class)) + unknown
+
+
+def cache_ok(rows: list[CacheRow]) -> bool:
+    return bool(rows) and all(r.status == "hit" for r in rows)
+
+
+def format_cache_table(rows: list[CacheRow]) -> str:
+    lines = [f"{'status':7} {'model':20} {'hardware class':42} {'engine key':14} targets"]
+    for r in rows:
+        lines.append(f"{r.status:7} {r.model:20} {(r.hardware_class or '-'):42} {(r.key or '-')[:12]:14} "
+                     f"{', '.join(r.targets)}" + (f"  ({r.why})" if r.status != "hit" else ""))
+    hits = sum(r.status == "hit" for r in rows)
+    lines.append(f"{hits}/{len(rows)} engines present" + ("" if cache_ok(rows) else " — cache-check FAILS"))
+    return "\n".join(lines)
+
+
+def cache_json(rows: list[CacheRow], store_url: str) -> str:
+    return json.dumps({"ok": cache_ok(rows), "store": store_url, "engines": [asdict(r) for r in rows]},
+                      indent=2, sort_keys=True)
+
+
+def cache_junit(rows: list[CacheRow]) -> str:
+    """One testcase per (model, hardware class): Jenkins and GitHub Actions read this."""
+    failures = sum(r.status != "hit" for r in rows)
+    out = ['<?xml version="1.0" encoding="UTF-8"?>',
+           f'<testsuite name="enginekiln.cache-check" tests="{len(rows)}" failures="{failures}" errors="0">']
+    for r in rows:
+        name = quoteattr(f"{r.model}@{r.hardware_class or 'unknown'}")
+        out.append(f'  <testcase classname="enginekiln.cache" name={name}>')
+        if r.status != "hit":
+            msg = quoteattr(f"{r.status}: {r.why}; targets: {', '.join(r.targets)}")
+            out.append(f"    <failure message={msg}/>")
+        out.append("  </testcase>")
+    out.append("</testsuite>")
+    return "\n".join(out) + "\n"
+
+
+def fleet_status(ctx: Context) -> list[dict]:
+    """Per (target, model): class, wanted engine key, deployed release, drift, why a rebuild would happen."""
+    rows = []
+    for target in ctx.fleet.targets.values():
+        fingerprint = read_json(ctx.fingerprint_file(target.name))
+        previous = read_json(ctx.artifacts / "fingerprints" / f"{target.name}.previous.json")
+        probe_error = read_json(ctx.probe_error_file(target.name))
+        deployed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})
+        hw = hardware_class(target.backend, fingerprint, tuple(target.class_fields)) if fingerprint else None
+        drift = describe_change(previous, fingerprint, target.backend, tuple(target.class_fields)) \
+            if previous and fingerprint else []
+        for model_name in target.models:
+            model = ctx.fleet.models[model_name]
+            onnx = read_json(ExportPaths.for_model(ctx.artifacts, model_name).record)
+            why = []
+            if probe_error:
+                why.append(f"probe failed: {probe_error.get('error')}")
+            provenance = read_json(ExportPaths.for_model(ctx.artifacts, model_name).provenance)
+            try:
+                if provenance is None or digest(export_inputs(model, ctx.hashes)) != provenance["export_key"]:
+                    why.append("export is stale (checkpoint, factory or options changed)")
+            except ExportError as exc:
+                why.append(exc.message)
+            key = None
+            if hw and onnx:
+                spec = EngineSpec(model, hw, (target,))
+                key = digest(engine_key_inputs(spec, onnx, fingerprint))
+                record = read_json(ctx.engine_record(model_name, hw.id))
+                if record is None or record["key"] != key:
+                    why.append(f"engine for class {hw.id} not built yet")
+            if key and deployed.get(model_name) != key:
+                why.append("a newer engine is waiting to be deployed" if deployed.get(model_name) else "never deployed")
+            rows.append({"target": target.name, "model": model_name, "class": hw.id if hw else None,
+                         "engine_key": key, "deployed": deployed.get(model_name), "drift": drift,
+                         "why": why or ["up to date"]})
+    return rows
+
+
+def format_status(rows: list[dict]) -> str:
+    lines = [f"{'target':16} {'model':18} {'hardware class':42} {'wanted':13} {'deployed':13} state"]
+    for r in rows:
+        lines.append(f"{r['target']:16} {r['model']:18} {(r['class'] or '-'):42} {(r['engine_key'] or '-')[:12]:13} "
+                     f"{(r['deployed'] or '-')[:12]:13} {'; '.join(r['why'])}")
+        if r["drift"]:
+            lines.append(f"{'':16} drift: {'; '.join(r['drift'])}")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""doit's console output, plus a closing summary: what ran, what was up to date, who failed and why."""
+from __future__ import annotations
+
+import time
+
+from doit.reporter import ConsoleReporter
+
+
+class SummaryReporter(ConsoleReporter):
+    def __init__(self, outstream, options):
+        super().__init__(outstream, options)
+        self.ran: list[str] = []
+        self.uptodate: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.started = time.time()
+
+    def add_success(self, task):
+        if task.actions and task.name[0] != "_":
+            self.ran.append(task.name)
+
+    def skip_uptodate(self, task):
+        super().skip_uptodate(task)
+        if task.name[0] != "_":
+            self.uptodate.append(task.name)
+
+    def add_failure(self, task, fail):
+        super().add_failure(task, fail)
+        first = (fail.get_msg() or "").strip().splitlines()
+        self.failed[task.name] = first[0] if first else fail.get_name()
+
+    def complete_run(self):
+        super().complete_run()
+        interesting = [n for n in self.ran + list(self.failed) if n.split(":")[0] in ("engine", "deploy", "export")]
+        if not interesting and not self.failed:
+            if self.uptodate:
+                self.write(f"enginekiln: nothing to do, {len(self.uptodate)} tasks up to date "
+                           f"({time.time() - self.started:.1f} s)\n")
+            return
+        self.write("\n== enginekiln summary " + "=" * 40 + "\n")
+        self.write(f"ran {len(self.ran)}, up to date {len(self.uptodate)}, failed {len(self.failed)} "
+                   f"in {time.time() - self.started:.1f} s\n")
+        for name in self.ran:
+            if name.split(":")[0] in ("engine", "deploy", "export"):
+                self.write(f"  ok      {name}\n")
+        for name, why in self.failed.items():
+            self.write(f"  FAILED  {name}: {why}\n")
+        self.write("details: artifacts/logs/events.jsonl (why each decision was taken)\n")

@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""A stand-in for TensorRT's trtexec, for simulated devices in tests (no GPU, no TensorRT).
+
+It follows the real CLI contract (/work/shared/reference/tensorrt-jetson-facts.md §4-§6):
+`--name=value` flags checked per simulated TensorRT version (unknown ->
+`[E] Unknown option: --foo <value>` + help + `&&&& FAILED`, exit 1; `--workspace`
+and `--buildOnly` are unknown from 10.0), the `&&&& RUNNING TensorRT.trtexec
+[TensorRT vNNNN] # <argv>` banner (`[bNN]` from 10.4), `[MM/DD/YYYY-HH:MM:SS] [I] `
+prefixes with INFO on stdout and W/E on stderr, exit 0 = PASSED or --help.
+
+Identity (environment wins over the JSON config file; config keys are the
+lower-case names without the KILN_SIM_ prefix, e.g. {"trt_version": "10.3.0"}):
+  KILN_SIM_CONFIG          JSON config file (default: trtexec-sim.json next to argv[0], if present)
+  KILN_SIM_TRT_VERSION     simulated TensorRT, "8.5.2" or "10.3.0.30"   (default 8.5.2)
+  KILN_SIM_TRT_BUILD       build number if the version has 3 parts      (default 0; shown as [bNN] >= 10.4)
+  KILN_SIM_COMPUTE         compute capability of the GPU, "8.7"         (default 8.7)
+  KILN_SIM_GPU             GPU name for "Selected Device:"              (default Orin)
+  KILN_SIM_BUILD_SECONDS   sleep modelling the build (halved with a loaded timing cache; default 0.2)
+  KILN_SIM_LATENCY_MS      base latency of the fp32 model (default 10.8)
+  KILN_SIM_STATE           directory for builds.log / loads.log (one JSON line per build / load)
+  KILN_SIM_UNSUPPORTED_OPS comma-separated op types the ONNX "importer" rejects (plugin not found)
+  KILN_SIM_FAIL            "oom": every build fails with Error Code 2: OutOfMemory
+
+Engine file ("plan"): bytes 0-3 `ftrt` (uint32 0x74727466), bytes 24-27 TensorRT
+major.minor.patch.build (as real 8.6+ plans), then b"KILNSIM1\\n" + one JSON line
+{trt, compute, gpu, onnx_sha256, precision} + filler. `--loadEngine` refuses
+a bad magic tag, another TensorRT version, or another compute capability with
+the real error texts; another GPU name with the same capability only warns.
+ONNX "validity": non-empty and starting with the protobuf tag of ModelProto.ir_version (0x08).
+Python 3.6+, stdlib only.
+"""
+import hashlib
+import json
+import os
+import re
+import sys
+import time
+
+MAGIC = b"ftrt"
+SIM_TAG = b"KILNSIM1\n"
+
+# option -> (takes a value, first version with it, first version without it)
+_ALWAYS = (0, 0)
+OPTIONS = {
+    "--onnx": (True, _ALWAYS, None), "--saveEngine": (True, _ALWAYS, None),
+    "--loadEngine": (True, _ALWAYS, None), "--fp16": (False, _ALWAYS, None),
+    "--int8": (False, _ALWAYS, None), "--best": (False, _ALWAYS, None),
+    "--noTF32": (False, _ALWAYS, None), "--refit": (False, _ALWAYS, None),
+    "--timingCacheFile": (True, _ALWAYS, None), "--minShapes": (True, _ALWAYS, None),
+    "--optShapes": (True, _ALWAYS, None), "--maxShapes": (True, _ALWAYS, None),
+    "--shapes": (True, _ALWAYS, None), "--calib": (True, _ALWAYS, None),
+    "--useDLACore": (True, _ALWAYS, None), "--allowGPUFallback": (False, _ALWAYS, None),
+    "--sparsity": (True, _ALWAYS, None), "--verbose": (False, _ALWAYS, None),
+    "--warmUp": (True, _ALWAYS, None), "--iterations": (True, _ALWAYS, None),
+    "--duration": (True, _ALWAYS, None), "--percentile": (True, _ALWAYS, None),
+    "--avgRuns": (True, _ALWAYS, None), "--separateProfileRun": (False, _ALWAYS, None),
+    "--dumpProfile": (False, _ALWAYS, None), "--exportTimes": (True, _ALWAYS, None),
+    "--exportProfile": (True, _ALWAYS, None), "--exportOutput": (True, _ALWAYS, None),
+    "--useCudaGraph": (False, _ALWAYS, None), "--noDataTransfers": (False, _ALWAYS, None),
+    "--useSpinWait": (False, _ALWAYS, None), "--threads": (False, _ALWAYS, None),
+    "--streams": (True, _ALWAYS, None), "--device": (True, _ALWAYS, None),
+    "--memPoolSize": (True, (8, 4), None),
+    "--workspace": (True, _ALWAYS, (10, 0)), "--buildOnly": (False, _ALWAYS, (10, 0)),
+    "--explicitBatch": (False, _ALWAYS, (10, 0)), "--maxBatch": (True, _ALWAYS, (10, 0)),
+    "--batch": (True, _ALWAYS, (10, 0)), "--minTiming": (True, _ALWAYS, (10, 0)),
+    "--skipInference": (False, (8, 6), None), "--builderOptimizationLevel": (True, (8, 6), None),
+    "--hardwareCompatibilityLevel": (True, (8, 6), None), "--versionCompatible": (False, (8, 6), None),
+    "--vc": (False, (8, 6), None), "--excludeLeanRuntime": (False, (8, 6), None),
+    "--stronglyTyped": (False, (10, 0), None), "--stripWeights": (False, (10, 0), None),
+    "--bf16": (False, (10, 0), None), "--getPlanVersionOnly": (False, (10, 0), None),
+    "--stripAllWeights": (False, (10, 1), None),
+}
+
+
+# ------------------------------------------------------------------ identity
+
+def load_identity():
+    conf = {}
+    path = os.environ.get("KILN_SIM_CONFIG") or os.path.join(
+        os.path.dirname(os.path.abspath(sys.argv[0])), "trtexec-sim.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            conf = json.load(f)
+
+    def get(key, default):
+        value = os.environ.get("KILN_SIM_" + key.upper())
+        if value in (None, ""):
+            value = conf.get(key)
+        return default if value in (None, "") else str(value)
+
+    parts = [int(p) for p in get("trt_version", "8.5.2").split(".")]
+    while len(parts) < 3:
+        parts.append(0)
+    if len(parts) == 3:
+        parts.append(int(get("trt_build", "0")))
+    return {
+        "trt": parts[:4], "compute": get("compute", "8.7"), "gpu": get("gpu", "Orin"),
+        "build_seconds": float(get("build_seconds", "0.2")),
+        "latency_ms": float(get("latency_ms", "10.8")), "state": get("state", ""),
+        "unsupported_ops": [o for o in get("unsupported_ops", "").split(",") if o],
+        "fail": get("fail", ""),
+    }
+
+
+def trt_str(v, parts=4):
+    return ".".join(str(p) for p in v[:parts])
+
+
+def banner_tag(v):
+    major, minor, patch, build = v
+    number = major * 10000 + minor * 100 + patch if major >= 10 else major * 1000 + minor * 100 + patch
+    tag = "[TensorRT v%d]" % number
+    if tuple(v[:2]) >= (10, 4):
+        tag += " [b%d]" % build
+    return tag
+
+
+# ------------------------------------------------------------------ logging
+
+def _ts():
+    return time.strftime("[%m/%d/%Y-%H:%M:%S]")
+
+
+def info(msg):
+    sys.stdout.write("%s [I] %s\n" % (_ts(), msg))
+    sys.stdout.flush()
+
+
+def warn(msg):
+    sys.stderr.write("%s [W] %s\n" % (_ts(), msg))
+    sys.stderr.flush()
+
+
+def error(msg):
+    sys.stderr.write("%s [E] %s\n" % (_ts(), msg))
+    sys.stderr.flush()
+
+
+class Run:
+    def __init__(self, ident, argv):
+        self.ident = ident
+        self.argv = argv
+        self.tag = banner_tag(ident["trt"])
+        self.cmd = " ".join([argv[0]] + argv[1:])
+
+    def result(self, word):
+        sys.stdout.write("&&&& %s TensorRT.trtexec %s # %s\n" % (word, self.tag, self.cmd))
+        sys.stdout.flush()
+
+    def passed(self):
+        self.result("PASSED")
+        return 0
+
+    def failed(self):
+        self.result("FAILED")
+        return 1
+
+    def setup_failed(self):
+        error("Failed to create engine from model or file.")
+        error("Engine set up failed")
+        return self.failed()
+
+
+def help_text(ver):
+    lines = ["=== Model Options ===", "  --onnx=<file>               ONNX model", "",
+             "=== Build Options ===",
+             "  --minShapes=spec            Build with dynamic shapes using a profile with the min shapes provided",
+             "  --optShapes=spec            Build with dynamic shapes using a profile with the opt shapes provided",
+             "  --maxShapes=spec            Build with dynamic shapes using a profile with the max shapes provided"]
+    if ver < (10, 0):
+        lines.append("  --workspace=N               Set workspace size in MiB.")
+    lines += ["  --memPoolSize=poolspec      Specify the size constraints of the designated memory pool(s)",
+              "  --fp16                      Enable fp16 precision, in addition to fp32 (default = disabled)",
+              "  --int8                      Enable int8 precision, in addition to fp32 (default = disabled)",
+              "  --best                      Enable all precisions to achieve the best performance (default = disabled)",
+              "  --saveEngine=<file>         Save the serialized engine",
+              "  --loadEngine=<file>         Load a serialized engine",
+              "  --timingCacheFile=<file>    Save/load the serialized global timing cache"]
+    if ver >= (8, 6):
+        lines += ["  --builderOptimizationLevel  Set the builder optimization level. (default is 3)",
+                  "  --skipInference             Exit after the engine has been built and skip inference perf measurement"]
+    if ver < (10, 0):
+        lines.append("  --buildOnly                 Exit after the engine has been built and skip inference perf measurement")
+    lines += ["", "=== Inference Options ===",
+              "  --shapes=spec               Set input shapes for dynamic shapes inference inputs.",
+              "  --iterations=N              Run at least N inference iterations (default = 10)",
+              "  --warmUp=N                  Run for N milliseconds to warmup before measuring performance (default = 200)",
+              "  --duration=N                Run performance measurements for at least N seconds wallclock time (default = 3)",
+              "", "=== Reporting Options ===",
+              "  --verbose                   Use verbose logging (default = false)",
+              "  --percentile=P1,P2,P3,...   Report performance for the P1,P2,P3,... percentages (default = 90,95,99%)",
+              "", "=== System Options ===", "  --device=N                  Select cuda device N (default = 0)",
+              "", "  --help, -h                  Print this message"]
+    return "\n".join(lines) + "\n"
+
+
+def parse_options(argv, ver):
+    """-> (options dict, None) or (None, message) for the first unknown option."""
+    opts = {}
+    for arg in argv:
+        if arg in ("--help", "-h"):
+            opts["--help"] = ""
+            continue
+        name, eq, value = arg.partition("=")
+        spec = OPTIONS.get(name)
+        if spec is None or ver < spec[1] or (spec[2] is not None and ver >= spec[2]):
+            return None, "Unknown option: %s %s" % (name, value)
+        opts[name] = value if eq else ""
+    return opts, None
+
+
+# ------------------------------------------------------------------ engines
+
+def engine_bytes(ident, onnx_sha, precision, onnx_size):
+    v = ident["trt"]
+    head = MAGIC + bytes(20) + bytes([v[0] & 0xFF, v[1] & 0xFF, v[2] & 0xFF, v[3] & 0xFF]) + bytes(4)
+    meta = {"trt": trt_str(v), "compute": ident["compute"], "gpu": ident["gpu"],
+            "onnx_sha256": onnx_sha, "precision": precision}
+    body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n"
+    size = max(4096, onnx_size // (2 if precision != "fp32" else 1))
+    filler, block = bytearray(), hashlib.sha256(onnx_sha.encode()).digest()
+    while len(filler) < size:
+        block = hashlib.sha256(block).digest()
+        filler += block
+    return head + body + bytes(filler[:size])
+
+
+def read_engine_meta(data):
+    """-> (meta, None) or (None, reason) where reason is 'magic'."""
+    if len(data) < 32 or data[:4] != MAGIC:
+        return None, "magic"
+    meta = {"trt": ".".join(str(b) for b in data[24:28])}
+    rest = data[32:]
+    if rest.startswith(SIM_TAG):
+        line = rest[len(SIM_TAG):].split(b"\n", 1)[0]
+        try:
+            meta.update(json.loads(line.decode()))
+        except ValueError:
+            return None, "magic"
+    return meta, None
+
+
+def atomic_write(path, data):
+    tmp = "%s.sim-tmp-%d" % (path, os.getpid())
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+
+
+def log_state(ident, name, record):
+    if not ident["state"]:
+        return
+    os.makedirs(ident["state"], exist_ok=True)
+    record["ts"] = round(time.time(), 3)
+    with open(os.path.join(ident["state"], name), "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def precision_of(opts):
+    for p in ("best", "int8", "fp16"):
+        if "--" + p in opts:
+            return p
+    return "fp32"
+
+
+def trt_error(ver, code, kind, message, where):
+    """Library error line as 8.x (`6: msg`) or 10.x (`IRuntime::...: Error Code 6: API Usage Error (msg)`)."""
+    if ver >= (10, 0):
+        error("IRuntime::deserializeCudaEngine: Error Code %d: %s (%s)" % (code, kind, message))
+    else:
+        error("%d: %s" % (code, message) if code == 6 else "%d: [%s] Error Code %d: %s (%s)" % (code, where, code, kind, message))
+
+
+# ------------------------------------------------------------------ actions
+
+def do_build(run, opts, ver):
+    ident = run.ident
+    onnx = opts["--onnx"]
+    info("=== Model Options ===")
+    info("Format: ONNX")
+    info("Model: %s" % onnx)
+    info("=== Build Options ===")
+    pools = "default"
+    if "--memPoolSize" in opts:
+        m = re.match(r"workspace:([\d.]+)([BKMG]?)$", opts["--memPoolSize"])
+        if not m:
+            error("Invalid memPoolSize: %s" % opts["--memPoolSize"])
+            return run.failed()
+        value, suffix = float(m.group(1)), m.group(2)
+        if ver < (10, 0) or not suffix:      # 8.4-8.6 std::stod drops the suffix
+            mib = value
+        else:
+            mib = value * {"B": 1.0 / 2 ** 20, "K": 1.0 / 1024, "M": 1, "G": 1024}[suffix]
+        pools = "workspace: %g MiB" % mib
+    elif "--workspace" in opts:
+        warn("--workspace flag has been deprecated by --memPoolSize flag.")
+        pools = "workspace: %s MiB" % opts["--workspace"]
+    info("Memory Pools: %s, dlaSRAM: default, dlaLocalDRAM: default, dlaGlobalDRAM: default" % pools)
+    precision = precision_of(opts)
+    info("Precision: FP32" + {"fp32": "", "fp16": "+FP16", "int8": "+INT8", "best": "+FP16+INT8"}[precision])
+    info("TensorRT version: %s" % trt_str(ident["trt"], 3))
+    info("Selected Device: %s" % ident["gpu"])
+    info("Compute Capability: %s" % ident["compute"])
+
+    try:
+        with open(onnx, "rb") as f:
+            model = f.read()
+    except OSError:
+        error("Could not open file %s" % onnx)
+        error("Failed to parse onnx file")
+        error("Parsing model failed")
+        return run.setup_failed()
+    if not model or model[:1] != b"\x08":
+        error("[TRT] ModelImporter.cpp:735: Failed to parse ONNX model from file: %s" % onnx)
+        error("Failed to parse onnx file")
+        error("Parsing model failed")
+        return run.setup_failed()
+    for op in ident["unsupported_ops"]:
+        if op.encode() in model:
+            info("[TRT] No importer registered for op: %s. Attempting to import as plugin." % op)
+            info("[TRT] Searching for plugin: %s, plugin_version: 1, plugin_namespace: " % op)
+            if ver >= (10, 0):
+                error('[TRT] ModelImporter.cpp:949: ERROR: onnxOpCheckers.cpp:780 In function '
+                      'checkFallbackPluginImporter: [6] INVALID_NODE: creator && "Plugin not found, are the '
+                      'plugin name, version, and namespace correct?"')
+            else:
+                error('[TRT] ModelImporter.cpp:773: ERROR: builtin_op_importers.cpp:5404 In function '
+                      'importFallbackPluginImporter: [8] UNSUPPORTED_NODE: Assertion failed: creator && '
+                      '"Plugin not found, are the plugin name, version, and namespace correct?"')
+            error("Failed to parse onnx file")
+            error("Parsing model failed")
+            return run.setup_failed()
+    onnx_sha = hashlib.sha256(model).hexdigest()
+
+    cache_path = opts.get("--timingCacheFile")
+    cache_loaded = False
+    if cache_path and os.path.isfile(cache_path):
+        with open(cache_path, "rb") as f:
+            blob = f.read()
+        info("Loaded %d bytes of timing cache from %s" % (len(blob), cache_path))
+        cache_loaded = True
+    if ident["fail"] == "oom":
+        time.sleep(ident["build_seconds"] / 4)
+        error("[TRT] 2: [virtualMemoryBuffer.cpp::resizePhysical::140] Error Code 2: OutOfMemory "
+              "(Requested size was 4294967296 bytes.)")
+        error("Engine could not be created from network")
+        error("Building engine failed")
+        return run.setup_failed()
+    seconds = ident["build_seconds"] / (2 if cache_loaded else 1)
+    start = time.time()
+    time.sleep(seconds)
+    elapsed = time.time() - start
+    data = engine_bytes(ident, onnx_sha, precision, len(model))
+    info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
+    if cache_path:
+        cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
+        atomic_write(cache_path, cache)
+        info("Saved %d bytes of timing cache to %s" % (len(cache), cache_path))
+    if ver >= (9, 0):
+        info("Engine built in %.4f sec." % elapsed)
+    if ver >= (10, 0):
+        info("Created engine with size: %.4f MiB" % (len(data) / 2.0 ** 20))
+    engine_out = opts.get("--saveEngine")
+    if engine_out:
+        try:
+            atomic_write(engine_out, data)
+        except OSError as exc:
+            error("Cannot write engine to %s: %s" % (engine_out, exc.strerror))
+            return run.setup_failed()
+        if ver >= (10, 0):
+            info("Engine saved to %s" % engine_out)
+    log_state(ident, "builds.log", {"onnx": onnx, "onnx_sha256": onnx_sha, "engine": engine_out,
+                                    "trt": trt_str(ident["trt"]), "compute": ident["compute"],
+                                    "gpu": ident["gpu"], "precision": precision, "argv": run.argv[1:],
+                                    "timing_cache_loaded": cache_loaded})
+    if "--skipInference" in opts or "--buildOnly" in opts:
+        info("Skipped inference phase since --%s is added." % ("skipInference" if "--skipInference" in opts else "buildOnly"))
+        return run.passed()
+    return do_inference(run, opts, data)
+
+
+def do_load(run, opts, ver):
+    ident = run.ident
+    path = opts["--loadEngine"]
+    info("=== Model Options ===")
+    info("Format: *")
+    info("Model: ")
+    info("TensorRT version: %s" % trt_str(ident["trt"], 3))
+    info("Selected Device: %s" % ident["gpu"])
+    info("Compute Capability: %s" % ident["compute"])
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        error("Error opening engine file: %s" % path)
+        return run.setup_failed()
+    info("Engine loaded in 0.0123 sec.")
+    meta, problem = read_engine_meta(data)
+    running = trt_str(ident["trt"])
+    if problem == "magic":
+        trt_error(ver, 1, "Serialization", "Serialization assertion magicTagRead == kMAGIC_TAG failed."
+                  "Magic tag does not match", "stdArchiveReader.cpp::StdArchiveReader::40")
+        trt_error(ver, 4, "Internal Error", "Engine deserialization failed.", "runtime.cpp::deserializeCudaEngine::50")
+        return run.setup_failed()
+    if meta["trt"] != running:
+        trt_error(ver, 6, "API Usage Error", "The engine plan file is not compatible with this version of TensorRT, "
+                  "expecting library version %s got %s, please rebuild." % (running, meta["trt"]), "")
+        return run.setup_failed()
+    if meta.get("compute") and meta["compute"] != ident["compute"]:
+        trt_error(ver, 6, "API Usage Error", "The engine plan file is generated on an incompatible device, "
+                  "expecting compute %s got compute %s, please rebuild." % (meta["compute"], ident["compute"]), "")
+        return run.setup_failed()
+    if meta.get("gpu") and meta["gpu"] != ident["gpu"]:
+        warn("[TRT] Using an engine plan file across different models of devices is not recommended and is "
+             "likely to affect performance or even cause errors.")
+    log_state(ident, "loads.log", {"engine": path, "sha256": hashlib.sha256(data).hexdigest(),
+                                   "trt": running, "argv": run.argv[1:]})
+    return do_inference(run, opts, data)
+
+
+def do_inference(run, opts, data):
+    ident = run.ident
+    meta, _ = read_engine_meta(data)
+    precision = (meta or {}).get("precision", "fp32")
+    jitter = 1 + (int(hashlib.sha256(data[:4096]).hexdigest()[:4], 16) % 50) / 1000.0
+    base = ident["latency_ms"] * {"fp32": 1.0, "fp16": 0.55, "int8": 0.4, "best": 0.38}.get(precision, 1.0) * jitter
+    info("Starting inference")
+    time.sleep(0.01)
+    if "--dumpProfile" in opts and "--separateProfileRun" not in opts:
+        info("=== Profile (309 iterations ) ===")
+        return run.passed()
+    pcts = [90.0, 95.0, 99.0]
+    if opts.get("--percentile"):
+        try:
+            pcts = [float(p) for p in opts["--percentile"].split(",")]
+        except ValueError:
+            error("Invalid percentile: %s" % opts["--percentile"])
+            return run.failed()
+
+    def stats(scale):
+        b = base * scale
+        pct = ", ".join("percentile(%g%%) = %.6g ms" % (p, b * (1 + p / 6000.0)) for p in pcts)
+        return ("min = %.6g ms, max = %.6g ms, mean = %.6g ms, median = %.6g ms, %s"
+                % (b * 0.985, b * 1.02, b, b * 0.9995, pct))
+
+    iterations = int(3000 / base)
+    info("Timing trace has %d queries over 3.0001 s" % iterations)
+    info("")
+    info("=== Trace details ===")
+    info("=== Performance summary ===")
+    info("Throughput: %.6g qps" % (1000.0 / base))
+    info("Latency: " + stats(1.0))
+    info("Enqueue Time: " + stats(0.12))
+    info("H2D Latency: " + stats(0.03))
+    info("GPU Compute Time: " + stats(0.95))
+    info("D2H Latency: " + stats(0.02))
+    info("Total Host Walltime: 3.0001 s")
+    info("Total GPU Compute Time: %.6g s" % (iterations * base * 0.95 / 1000.0))
+    info("Explanations of the performance metrics are printed in the verbose logs.")
+    info("")
+    return run.passed()
+
+
+def main(argv):
+    ident = load_identity()
+    ver = tuple(ident["trt"][:2])
+    run = Run(ident, argv)
+    run.result("RUNNING")
+    opts, problem = parse_options(argv[1:], ver)
+    if problem:
+        error(problem)
+        sys.stdout.write(help_text(ver))
+        return run.failed()
+    if "--help" in opts:
+        sys.stdout.write(help_text(ver))
+        return 0
+    if "--onnx" in opts:
+        return do_build(run, opts, ver)
+    if "--loadEngine" in opts:
+        return do_load(run, opts, ver)
+    error("Model missing or format not recognized")
+    sys.stdout.write(help_text(ver))
+    return run.failed()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -26,7 +26,10 @@ class SummaryReporter(ConsoleReporter):
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
         first = (fail.get_msg() or "").strip().splitlines()
-        self.failed[task.name] = first[0] if first else fail.get_name()
+        if fail.get_name() == "UnmetDependency":
+            self.failed[task.name] = f"not run: depends on failed {', '.join(first) or 'tasks'}"
+        else:
+            self.failed[task.name] = first[0] if first else fail.get_name()
 
     def complete_run(self):
         super().complete_run()

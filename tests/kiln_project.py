@@ -1,0 +1,94 @@
+"""A throwaway enginekiln project for integration tests: a fleet file in a temp
+folder, its own artifacts, and `doit` run for real in a subprocess."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = """
+[models.{name}]
+factory = "examples.tiny_detector:build_model"
+checkpoint = "ckpt/{name}.pt"
+seed = {seed}
+inputs = {{ pixel_values = [1, 3, 32, 32] }}
+outputs = ["logits", "pred_boxes"]
+"""
+
+
+@dataclass
+class Run:
+    returncode: int
+    out: str
+
+    def ran(self) -> set[str]:
+        return set(re.findall(r"^\.  (\S+)$", self.out, re.M))
+
+    def uptodate(self) -> set[str]:
+        return set(re.findall(r"^-- (\S+)$", self.out, re.M))
+
+    def ran_group(self, group: str) -> set[str]:
+        return {t for t in self.ran() if t.split(":")[0] == group}
+
+
+class Project:
+    def __init__(self, root: Path, models: dict[str, int] | None = None, extra: str = "",
+                 target_models: list[str] | None = None) -> None:
+        self.root = root
+        self.artifacts = root / "artifacts"
+        models = models or {"tiny": 1}
+        target_models = target_models or list(models)
+        text = "".join(TINY.format(name=n, seed=s) for n, s in models.items()) + extra
+        text += textwrap.dedent(f"""
+            [targets.local]
+            models = {json.dumps(target_models)}
+            install_dir = "deploy"
+            """)
+        self.fleet = root / "targets.toml"
+        self.fleet.write_text(text)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "KILN_TARGETS": str(self.fleet), "KILN_ARTIFACTS": str(self.artifacts)}
+
+    def doit(self, *args: str, check: bool = True, timeout: float = 300) -> Run:
+        proc = subprocess.run([sys.executable, "-m", "doit", *args], cwd=REPO, env=self.env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        run = Run(proc.returncode, proc.stdout)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}")
+        return run
+
+    def checkpoint(self, model: str = "tiny") -> Path:
+        return self.root / "ckpt" / f"{model}.pt"
+
+    def active(self, model: str = "tiny") -> str | None:
+        link = self.root / "deploy" / model / "current"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def previous(self, model: str = "tiny") -> str | None:
+        link = self.root / "deploy" / model / "previous"
+        return os.path.basename(os.readlink(link)) if link.is_symlink() else None
+
+    def events(self) -> list[dict]:
+        path = self.artifacts / "logs" / "events.jsonl"
+        return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
+
+    def store_engines(self) -> list[str]:
+        base = self.artifacts / "store" / "entries" / "engines"
+        return sorted(p.name for p in base.glob("*/*") if (p / "engine").exists()) if base.exists() else []
+
+
+def python(code: str, env: dict | None = None) -> str:
+    """Run code in a fresh interpreter (for torch work that must not leak into the test process)."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        raise AssertionError(proc.stderr)
+    return proc.stdout

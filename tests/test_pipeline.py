@@ -1,0 +1,197 @@
+"""The whole chain on the embedded default, for real: doit, torch export, ONNX Runtime, local deploy."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kiln_project import REPO, Project, python
+
+
+@pytest.fixture
+def project(tmp_path):
+    p = Project(tmp_path)
+    first = p.doit("deploy:local")
+    assert {"export:tiny", "deploy:local", "fingerprint:local", "checkpoint:tiny"} <= first.ran()
+    assert len(first.ran_group("engine")) == 1
+    return p
+
+
+def save_weights(p: Project, code: str) -> None:
+    """Change the checkpoint with torch in a subprocess (`sd` is the state_dict)."""
+    python(f"import torch; sd = torch.load({str(p.checkpoint())!r}, weights_only=True); {code}")
+
+
+def test_second_run_is_a_noop_and_imports_neither_torch_nor_onnxruntime(project):
+    first_release = project.active()
+    assert first_release and (project.root / "deploy/tiny/releases" / first_release / "manifest.json").exists()
+    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
+            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']);"
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules];"
+            "print('HEAVY=' + ','.join(heavy)); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=project.env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "HEAVY=\n" in proc.stdout, proc.stdout
+    lines = [l for l in proc.stdout.splitlines() if l.startswith(("-- ", ".  "))]
+    assert lines and all(l.startswith("-- ") for l in lines), proc.stdout
+    assert project.active() == first_release
+
+
+def test_touching_the_checkpoint_rebuilds_nothing(project):
+    os.utime(project.checkpoint(), (time.time() + 5, time.time() + 5))
+    run = project.doit("deploy:local")
+    assert run.ran() == set(), run.out
+    assert {"export:tiny", "deploy:local"} <= run.uptodate()
+
+
+def test_changed_weights_rebuild_export_engine_and_switch_release(project):
+    before = project.active()
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.01;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    run = project.doit("deploy:local")
+    assert "export:tiny" in run.ran() and "deploy:local" in run.ran()
+    assert len(run.ran_group("engine")) == 1
+    after = project.active()
+    assert after and after != before
+    assert project.previous() == before  # kept for rollback
+    assert len(project.store_engines()) == 2
+    deploys = [e for e in project.events() if e["event"] == "deploy"]
+    assert deploys[-1]["key"] == after and before[:12] in deploys[-1]["why"]
+
+
+def test_resaved_identical_weights_reexport_but_nothing_downstream(project):
+    before = project.active()
+    old_bytes = project.checkpoint().read_bytes()
+    # same weights, different file bytes: wrapped in {"state_dict": ...}
+    save_weights(project, f"torch.save({{'state_dict': sd}}, {str(project.checkpoint())!r})")
+    assert project.checkpoint().read_bytes() != old_bytes
+    run = project.doit("deploy:local")
+    assert "export:tiny" in run.ran(), run.out
+    assert not run.ran_group("engine") and "deploy:local" not in run.ran(), run.out
+    assert "same ONNX bytes" in run.out
+    assert project.active() == before
+
+
+def test_build_option_of_one_model_rebuilds_only_its_engine(tmp_path):
+    p = Project(tmp_path, models={"tiny": 1, "other": 2})
+    p.doit("deploy:local")
+    text = p.fleet.read_text().replace('[models.other]\n', '[models.other]\nbuild = { ort_optimization = "extended" }\n')
+    p.fleet.write_text(text)
+    run = p.doit("deploy:local")
+    assert {t.split("@")[0] for t in run.ran_group("engine")} == {"engine:other"}, run.out
+    assert "export:other" not in run.ran() and "export:tiny" not in run.ran()
+    assert "deploy:local" in run.ran()
+
+
+def test_corrupt_checkpoint_fails_clearly_and_keeps_the_release(project):
+    before = project.active()
+    project.checkpoint().write_bytes(b"this is not a checkpoint")
+    run = project.doit("deploy:local", check=False)
+    assert run.returncode != 0
+    assert "cannot load checkpoint" in run.out and "model=tiny" in run.out
+    assert project.active() == before
+    assert len(project.store_engines()) == 1
+
+
+def test_factory_that_raises_is_named(tmp_path):
+    p = Project(tmp_path)
+    (tmp_path / "broken_factory.py").write_text("def build():\n    raise RuntimeError('no GPU weights here')\n")
+    p.fleet.write_text(p.fleet.read_text().replace("examples.tiny_detector:build_model", "broken_factory:build"))
+    env = {**p.env, "PYTHONPATH": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "doit", "deploy:local"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "factory broken_factory:build raised RuntimeError: no GPU weights here" in out
+    assert "model=tiny" in out
+    assert p.active() is None and p.store_engines() == []
+
+
+def test_engine_that_disagrees_with_the_reference_is_not_published(project):
+    before = project.active()
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] * 2;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    project.doit("export:tiny")
+    # falsify the reference outputs behind the pipeline's back
+    python("import sys; sys.path.insert(0, '.'); from kiln import agent;"
+           f"p = {str(project.artifacts / 'onnx/tiny.reference.npz')!r}; a = agent.load_arrays(p);"
+           "a['output.pred_boxes'] = a['output.pred_boxes'] + 0.5; agent.save_arrays(p, a)")
+    # make the store serve the falsified reference as well (its sha is re-recorded like a real publish)
+    record = json.loads((project.artifacts / "onnx/tiny.json").read_text())
+    python("import sys, hashlib; sys.path.insert(0, '.'); from kiln.store import LocalStore, reference_entry;"
+           f"s = LocalStore({str(project.artifacts / 'store')!r}); n = reference_entry({record['onnx_sha256']!r});"
+           f"p = {str(project.artifacts / 'onnx/tiny.reference.npz')!r}; s.put_file(n, p, overwrite=True)")
+    record["reference_sha256"] = python(
+        f"import hashlib; print(hashlib.sha256(open({str(project.artifacts / 'onnx/tiny.reference.npz')!r}, 'rb').read()).hexdigest())").strip()
+    (project.artifacts / "onnx/tiny.json").write_text(json.dumps(record))
+    run = project.doit("deploy:local", check=False)
+    assert run.returncode != 0
+    assert "engine outputs differ from the reference" in run.out and "pred_boxes" in run.out
+    assert len(project.store_engines()) == 1
+    assert project.active() == before
+
+
+def test_failing_smoke_test_keeps_the_previous_release(project):
+    """A bad engine in the store (here: another model's engine) is caught on the device before activation."""
+    before = project.active()
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.05;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    project.doit("engine")  # builds and publishes the new engine
+    new = json.loads(next((project.artifacts / "engines").glob("tiny@*.json")).read_text())
+    assert new["key"] != before
+    # replace the new engine in the store with the old one (a "poisoned" cache entry)
+    code = ("import sys; sys.path.insert(0, '.'); from kiln.store import LocalStore, engine_entry;"
+            f"s = LocalStore({str(project.artifacts / 'store')!r});"
+            f"s.put_file(engine_entry({new['key']!r}), {str(project.root / 'deploy/tiny/releases' / before / 'model.ort.onnx')!r}, overwrite=True);"
+            "print(s.info(engine_entry(" + repr(new["key"]) + ")).sha256)")
+    poisoned_sha = python(code).strip()
+    record_file = next((project.artifacts / "engines").glob("tiny@*.json"))
+    record_file.write_text(json.dumps({**new, "sha256": poisoned_sha}))
+    (project.artifacts / "cache/engines" / new["key"]).unlink(missing_ok=True)
+    run = project.doit("deploy:local", check=False)
+    assert run.returncode != 0
+    assert "smoke test of tiny release" in run.out and "previous release stays active" in run.out
+    assert project.active() == before
+    assert not list((project.root / "deploy/tiny/releases").glob(".staging-*"))
+
+
+def test_killing_a_run_midway_leaves_nothing_half_written(project):
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] - 0.02;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    for delay in (1.0, 2.0, 2.6, 3.2):
+        proc = subprocess.Popen([sys.executable, "-m", "doit", "deploy:local"], cwd=REPO, env=project.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(delay)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert_store_consistent(project)
+        assert_active_release_complete(project)
+        (project.root / "deploy/.kiln/lock").exists() and subprocess.run(["rm", "-rf", str(project.root / "deploy/.kiln/lock")])
+    project.doit("deploy:local")
+    assert_store_consistent(project)
+    assert_active_release_complete(project)
+
+
+def assert_store_consistent(p: Project) -> None:
+    import hashlib
+    entries = p.artifacts / "store" / "entries"
+    for path in entries.rglob("*"):
+        if path.is_symlink():
+            assert not path.name.startswith("."), f"temporary entry visible: {path}"
+            data = path.read_bytes()
+            assert hashlib.sha256(data).hexdigest() == os.path.basename(os.readlink(path)), path
+
+
+def assert_active_release_complete(p: Project) -> None:
+    import hashlib
+    release = p.active()
+    assert release, "no release active"
+    folder = p.root / "deploy/tiny/releases" / release
+    manifest = json.loads((folder / "manifest.json").read_text())
+    engine = (folder / manifest["engine_file"]).read_bytes()
+    assert hashlib.sha256(engine).hexdigest() == manifest["engine_sha256"]

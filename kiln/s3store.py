@@ -1,0 +1,531 @@
+"""`S3Store`: the store contract (kiln.store.Store) on any S3-compatible endpoint.
+
+Layout: entry `<name>` is the object `<prefix>/<name>`; its sha256 is recorded as
+object metadata (`x-amz-meta-sha256`) when it is written, so `info()` is one
+HEAD request and never reads the payload.
+
+Writes never overwrite unless asked: `PutObject` / `CompleteMultipartUpload` carry
+`If-None-Match: *` (S3 conditional writes, 2024; also MinIO and moto). A 412 means
+another writer won the race: `put_file` returns False and the caller uses the
+winner's entry. On a server that rejects conditional writes (`NotImplemented`,
+501) the store falls back, once per instance, to HEAD-then-PUT; that leaves a race
+window between the HEAD and the PUT in which two writers can both write (the last
+one wins). The verification HEAD after every upload narrows it: a writer that finds
+someone else's digest on the entry returns False.
+
+Reads download to a temp file next to `dest`, hash while writing, and rename only
+if the bytes match the recorded digest (and the caller's); a mismatch deletes the
+object, logs a warning and raises CorruptEntry, and `dest` is left untouched.
+
+Large files go in parts (parallel, `part_size`, `max_workers`) with the sha256
+computed in the same single read pass that feeds the parts when the caller gives
+the expected digest (the usual case: publishers know it); without it the file is
+hashed first, because the digest has to be in the metadata before the first part
+is sent. Downloads use parallel ranged GETs pinned to the ETag seen by the HEAD
+(`If-Match`), hashed in order as the parts arrive.
+
+Devices without AWS credentials get short-lived presigned URLs: `presign_get` for an
+entry and `presign_put` for a `staging/` name only; the controller then calls
+`promote()`, which downloads and verifies the staged bytes and publishes exactly
+those bytes under the final name. (A server-side copy would save the upload, but
+moto and several S3-compatible servers ignore `x-amz-copy-source-if-match`, so the
+copied bytes could differ from the verified ones.)
+
+Credentials, region, profile and endpoint come from the standard AWS chain
+(env, `AWS_PROFILE`, `~/.aws/config`, instance roles, `AWS_ENDPOINT_URL_S3`...);
+`KILN_S3_ENDPOINT_URL` overrides the endpoint (MinIO, moto) and switches to
+path-style addressing. Nothing of ours stores, logs or prints a secret.
+
+boto3 is imported only in this module, which kiln.store imports lazily.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import boto3
+import botocore.exceptions
+from botocore.config import Config
+
+from .errors import CorruptEntry, StoreError
+from .store import EntryInfo, Store, check_name
+
+log = logging.getLogger(__name__)
+
+ENDPOINT_ENV = "KILN_S3_ENDPOINT_URL"
+META_SHA = "sha256"
+MB = 1 << 20
+MIN_PART = 5 * MB          # S3's minimum part size (all parts but the last)
+MAX_PARTS = 10_000
+
+Progress = Callable[[str, int, int], None]
+"""progress(name, bytes_done, bytes_total), called from the caller's thread."""
+
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+               "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException",
+               "AuthorizationHeaderMalformed", "MissingSecurityHeader"}
+_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
+_BUSY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+               "ServiceUnavailable", "503", "InternalError", "500", "502", "504",
+               "RequestTimeout", "TooManyRequests", "429"}
+_NOT_IMPLEMENTED = {"NotImplemented", "501"}
+
+
+def _code(exc: botocore.exceptions.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", "")) or str(
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+
+
+def _status(exc: botocore.exceptions.ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _is_missing(exc: BaseException) -> bool:
+    return isinstance(exc, botocore.exceptions.ClientError) and (
+        _code(exc) in {"404", "NoSuchKey", "NotFound"} or _status(exc) == 404) and _code(exc) != "NoSuchBucket"
+
+
+def _is_precondition(exc: BaseException) -> bool:
+    return isinstance(exc, botocore.exceptions.ClientError) and (
+        _code(exc) == "PreconditionFailed" or _status(exc) == 412)
+
+
+class S3Store(Store):
+    """An S3 bucket + prefix. Constructing one does no I/O; the client is made on first use."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 region: str | None = None, profile: str | None = None,
+                 max_attempts: int | None = None, connect_timeout: float = 10,
+                 read_timeout: float = 60, multipart_threshold: int = 8 * MB,
+                 part_size: int = 8 * MB, max_workers: int = 10,
+                 conditional_writes: bool | None = None,
+                 progress: Progress | None = None) -> None:
+        if not bucket:
+            raise StoreError("the S3 store url names no bucket",
+                             hint="use s3://<bucket>/<prefix> in [store] url")
+        if part_size < MIN_PART:
+            raise StoreError(f"S3 part_size {part_size} is below S3's minimum of {MIN_PART} bytes",
+                             hint="use part_size >= 5 MiB")
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if self.prefix:
+            check_name(self.prefix)
+        self.endpoint_url = endpoint_url or os.environ.get(ENDPOINT_ENV) or None
+        self.region = region
+        self.profile = profile
+        env_attempts = os.environ.get("AWS_MAX_ATTEMPTS")
+        self.max_attempts = int(max_attempts or (env_attempts if env_attempts else 5))
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.multipart_threshold = max(multipart_threshold, 1)
+        self.part_size = part_size
+        self.max_workers = max(1, max_workers)
+        # None = try conditional writes, fall back if the server says it cannot.
+        self._conditional = conditional_writes
+        self.progress = progress
+        self.url = f"s3://{bucket}/{self.prefix}" if self.prefix else f"s3://{bucket}"
+        self._client = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_url(cls, url: str, **kwargs) -> "S3Store":
+        """`s3://bucket[/prefix]`; everything else from the AWS chain, `KILN_S3_ENDPOINT_URL` and kwargs."""
+        parsed = urlparse(url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise StoreError(f"not an S3 store url: {url!r}",
+                             hint="use s3://<bucket>/<prefix> in [store] url")
+        return cls(parsed.netloc, parsed.path.strip("/"), **kwargs)
+
+    def __repr__(self) -> str:
+        where = f", endpoint={self.endpoint_url!r}" if self.endpoint_url else ""
+        return f"S3Store({self.url!r}{where})"
+
+    # -- client -----------------------------------------------------------------
+    @property
+    def client(self):
+        """The boto3 S3 client (thread-safe; made on first use)."""
+        if self._client is None:
+            with self._lock:
+                if self._client is None:
+                    self._client = self._make_client()
+        return self._client
+
+    def _make_client(self):
+        s3_cfg = {"addressing_style": "path"} if self.endpoint_url else {}
+        config = Config(
+            retries={"mode": "standard", "total_max_attempts": self.max_attempts},
+            connect_timeout=self.connect_timeout, read_timeout=self.read_timeout,
+            max_pool_connections=self.max_workers + 4,
+            signature_version="s3v4",
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+            s3=s3_cfg)
+        try:
+            session = boto3.session.Session(profile_name=self.profile, region_name=self.region)
+            return session.client("s3", endpoint_url=self.endpoint_url, config=config)
+        except botocore.exceptions.BotoCoreError as exc:
+            raise StoreError(f"cannot set up the S3 client for {self.url}: {type(exc).__name__}",
+                             hint="check AWS_PROFILE / AWS_REGION and your AWS config "
+                                  "(`aws configure list`)", store=self.url) from exc
+
+    def _key(self, name: str) -> str:
+        check_name(name)
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _where(self) -> str:
+        return f"bucket {self.bucket!r}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+
+    # -- error mapping ------------------------------------------------------------
+    def _error(self, exc: BaseException, action: str, name: str | None = None) -> StoreError:
+        """One StoreError for a foreign exception; the caller raises it `from exc`.
+        Messages carry codes, bucket, endpoint and entry, never credentials."""
+        where = self._where()
+        ctx = {"store": self.url, "entry": name}
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return StoreError(f"no AWS credentials found to {action} in {where}",
+                              hint="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                   "(or run on a machine with an instance role)", **ctx)
+        if isinstance(exc, botocore.exceptions.ProfileNotFound):
+            return StoreError(f"AWS profile not found while trying to {action} in {where}",
+                              hint="check AWS_PROFILE against `aws configure list-profiles`", **ctx)
+        if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
+                            botocore.exceptions.ConnectTimeoutError,
+                            botocore.exceptions.ReadTimeoutError,
+                            botocore.exceptions.ConnectionClosedError)):
+            endpoint = self.endpoint_url or "the AWS S3 endpoint"
+            return StoreError(f"cannot reach {endpoint} to {action} in bucket {self.bucket!r} "
+                              f"({type(exc).__name__}, after {self.max_attempts} attempts)",
+                              hint=f"check the network and {ENDPOINT_ENV} / AWS_ENDPOINT_URL_S3 "
+                                   "(is the server running? right host and port?)", **ctx)
+        if isinstance(exc, botocore.exceptions.ClientError):
+            code = _code(exc)
+            if code == "NoSuchBucket":
+                return StoreError(f"S3 {where} does not exist",
+                                  hint=f"create it (`aws s3 mb s3://{self.bucket}`) or fix the "
+                                       "bucket in [store] url", **ctx)
+            if code in _AUTH_CODES:
+                return StoreError(f"S3 rejected the credentials ({code}) for {where}",
+                                  hint="check AWS_PROFILE / AWS_ACCESS_KEY_ID and its secret "
+                                       "(`aws sts get-caller-identity`)", **ctx)
+            if code in _DENIED_CODES:
+                return StoreError(f"access denied ({code}) to {action} in {where}",
+                                  hint=f"grant s3:GetObject, s3:PutObject, s3:DeleteObject and "
+                                       f"s3:ListBucket on {self.url} to these credentials", **ctx)
+            if code in _BUSY_CODES or _status(exc) >= 500 or _status(exc) == 429:
+                return StoreError(f"S3 {where} is overloaded or failing ({code}) and kept failing "
+                                  f"after {self.max_attempts} attempts to {action}",
+                                  hint="retry later; raise AWS_MAX_ATTEMPTS if this is throttling",
+                                  **ctx)
+            if code in {"InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed",
+                        "IllegalLocationConstraintException"}:
+                return StoreError(f"S3 refused the request for {where} ({code})",
+                                  hint="check the bucket name and AWS_REGION for this bucket", **ctx)
+            return StoreError(f"S3 error {code} while trying to {action} in {where}",
+                              hint="see the chained exception; check the bucket and permissions",
+                              **ctx)
+        if isinstance(exc, botocore.exceptions.BotoCoreError):
+            return StoreError(f"S3 client error ({type(exc).__name__}) while trying to {action} "
+                              f"in {where}", hint="see the chained exception", **ctx)
+        return StoreError(f"{type(exc).__name__} while trying to {action} in {where}", **ctx)
+
+    # -- Store contract -----------------------------------------------------------
+    def check(self) -> None:
+        """One request (ListObjectsV2, MaxKeys=1): bucket exists, credentials valid, listing allowed."""
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1,
+                                        Prefix=f"{self.prefix}/" if self.prefix else "")
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, "list the store") from exc
+
+    def _head(self, name: str) -> dict | None:
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                return None
+            raise self._error(exc, "read the entry's record", name) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, "read the entry's record", name) from exc
+
+    def info(self, name: str) -> EntryInfo | None:
+        head = self._head(name)
+        if head is None:
+            return None
+        return EntryInfo(name, head.get("Metadata", {}).get(META_SHA, ""), int(head["ContentLength"]))
+
+    def put_file(self, name, path, *, sha256=None, overwrite=False) -> bool:
+        key = self._key(name)
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except OSError as exc:
+            raise StoreError(f"cannot read {path} to store it as {name}: {exc.strerror}",
+                             store=self.url) from exc
+        conditional = not overwrite and self._conditional is not False
+        if not overwrite and not conditional and self.info(name) is not None:
+            return False  # fallback mode: HEAD-then-PUT (see the module docstring)
+        try:
+            sha = self._upload(name, key, path, size, sha256, conditional)
+        except botocore.exceptions.ClientError as exc:
+            if conditional and _is_precondition(exc):
+                log.debug("lost the race for %s: another writer stored it first", name)
+                return False
+            if conditional and self._conditional is None and (
+                    _code(exc) in _NOT_IMPLEMENTED or _status(exc) == 501):
+                log.warning("S3 %s does not support conditional writes; falling back to "
+                            "HEAD-then-PUT (racy)", self._where())
+                self._conditional = False
+                return self.put_file(name, path, sha256=sha256, overwrite=overwrite)
+            raise self._error(exc, "store the entry", name) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, "store the entry", name) from exc
+        if conditional:
+            self._conditional = True
+        # Verify: the entry now carries our digest and size.
+        info = self.info(name)
+        if info is None:
+            raise StoreError(f"entry {name} vanished right after it was stored",
+                             hint="another process deleted it; retry", store=self.url)
+        if info.sha256 != sha or info.size != size:
+            if overwrite:
+                log.info("entry %s was overwritten again by another writer right after ours", name)
+                return True
+            log.warning("entry %s holds another writer's bytes (sha256 %s); ours (%s) lost the race",
+                        name, info.sha256[:12], sha[:12])
+            return False
+        return True
+
+    def _report(self, name: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(name, done, total)
+
+    def _upload(self, name: str, key: str, path: Path, size: int, expected: str | None,
+                conditional: bool) -> str:
+        """Upload `path`; returns its sha256. Raises StoreError (nothing visible) on a digest
+        mismatch; lets botocore errors through for the caller to map."""
+        cond = {"IfNoneMatch": "*"} if conditional else {}
+        if size < self.multipart_threshold:
+            data = path.read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            self._refuse_mismatch(name, expected, sha)
+            self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                   Metadata={META_SHA: sha}, **cond)
+            self._report(name, len(data), size)
+            return sha
+        sha = expected or _hash_file(path)
+        part_size = max(self.part_size, -(-size // MAX_PARTS))
+        upload_id = self.client.create_multipart_upload(
+            Bucket=self.bucket, Key=key, Metadata={META_SHA: sha})["UploadId"]
+        try:
+            digest, done, parts = hashlib.sha256(), 0, []
+            window: deque = deque()
+            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="kiln-s3-put") as pool, \
+                    open(path, "rb") as f:
+                number = 0
+                while chunk := f.read(part_size):
+                    digest.update(chunk)
+                    number += 1
+                    window.append((number, len(chunk), pool.submit(
+                        self.client.upload_part, Bucket=self.bucket, Key=key, UploadId=upload_id,
+                        PartNumber=number, Body=chunk)))
+                    del chunk
+                    while len(window) >= self.max_workers + 2:
+                        done += self._collect_part(window, parts)
+                        self._report(name, done, size)
+                while window:
+                    done += self._collect_part(window, parts)
+                    self._report(name, done, size)
+            self._refuse_mismatch(name, sha, digest.hexdigest())
+            self.client.complete_multipart_upload(
+                Bucket=self.bucket, Key=key, UploadId=upload_id,
+                MultipartUpload={"Parts": parts}, **cond)
+        except BaseException:
+            try:
+                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+                log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle "
+                            "rule for incomplete uploads will clean it up", name, type(exc).__name__)
+            raise
+        return sha
+
+    @staticmethod
+    def _collect_part(window: deque, parts: list) -> int:
+        number, length, future = window.popleft()
+        parts.append({"PartNumber": number, "ETag": future.result()["ETag"]})
+        return length
+
+    def _refuse_mismatch(self, name: str, expected: str | None, actual: str) -> None:
+        if expected and actual != expected:
+            raise StoreError(f"refusing to store {name}: its bytes do not match the expected sha256",
+                             hint="the source file changed or was corrupted while being published; "
+                                  "rebuild it", store=self.url, expected=expected, actual=actual)
+
+    def get_file(self, name, dest, *, sha256=None) -> EntryInfo:
+        dest = Path(dest)
+        for attempt in (1, 2):
+            head = self._head(name)
+            if head is None:
+                raise KeyError(name)
+            recorded = head.get("Metadata", {}).get(META_SHA, "")
+            size = int(head["ContentLength"])
+            # An object written by someone else (a device's presigned PUT) has no record; the
+            # caller's digest is then the only reference, and one of the two is required.
+            if (not recorded and not sha256) or (recorded and sha256 and recorded != sha256):
+                self._drop_corrupt(name, recorded, sha256 or "", "its record")
+            try:
+                actual = self._download(name, self._key(name), head["ETag"], size, dest,
+                                        recorded, sha256)
+            except botocore.exceptions.ClientError as exc:
+                if _is_precondition(exc) and attempt == 1:
+                    log.debug("entry %s changed during the download; retrying", name)
+                    continue
+                if _is_missing(exc):
+                    raise KeyError(name) from None
+                raise self._error(exc, "read the entry", name) from exc
+            except botocore.exceptions.BotoCoreError as exc:
+                raise self._error(exc, "read the entry", name) from exc
+            return EntryInfo(name, actual, size)
+        raise StoreError(f"entry {name} kept changing while being downloaded",
+                         hint="another process is rewriting it; retry", store=self.url)
+
+    def _drop_corrupt(self, name: str, recorded: str, actual: str, what: str) -> None:
+        self.delete(name)
+        log.warning("store entry %s was corrupt (%s: sha256 %s, recorded %s); removed it",
+                    name, what, actual[:12] or "-", recorded[:12] or "-")
+        raise CorruptEntry(f"store entry {name} is corrupt and has been removed",
+                           hint="it will be rebuilt or re-published on the next run",
+                           store=self.url, recorded=recorded or None, actual=actual or None)
+
+    def _download(self, name: str, key: str, etag: str, size: int, dest: Path,
+                  recorded: str, expected: str | None) -> str:
+        """Ranged, parallel, hashed in order into a temp file; renamed to `dest` only if verified."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        try:
+            digest = hashlib.sha256()
+            with os.fdopen(fd, "wb") as out:
+                if size < self.multipart_threshold:
+                    body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)["Body"]
+                    try:
+                        while chunk := body.read(MB):
+                            digest.update(chunk)
+                            out.write(chunk)
+                    finally:
+                        body.close()
+                    self._report(name, size, size)
+                else:
+                    self._download_parts(name, key, etag, size, out, digest)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = digest.hexdigest()
+            if (recorded and actual != recorded) or (expected and actual != expected):
+                Path(tmp).unlink(missing_ok=True)
+                self._drop_corrupt(name, recorded, actual, "downloaded bytes")
+            os.replace(tmp, dest)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return actual
+
+    def _download_parts(self, name, key, etag, size, out, digest) -> None:
+        def fetch(start: int, end: int) -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag,
+                                          Range=f"bytes={start}-{end}")["Body"]
+            try:
+                return body.read()
+            finally:
+                body.close()
+
+        done = 0
+        window: deque = deque()
+        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="kiln-s3-get") as pool:
+            try:
+                for start in range(0, size, self.part_size):
+                    window.append(pool.submit(fetch, start, min(start + self.part_size, size) - 1))
+                    while len(window) >= self.max_workers + 2:
+                        done += self._write_part(window.popleft(), out, digest)
+                        self._report(name, done, size)
+                while window:
+                    done += self._write_part(window.popleft(), out, digest)
+                    self._report(name, done, size)
+            except BaseException:
+                for future in window:
+                    future.cancel()
+                raise
+        if done != size:
+            raise StoreError(f"entry {name} came back short ({done} of {size} bytes)",
+                             hint="retry; the server or the network cut the transfer",
+                             store=self.url)
+
+    @staticmethod
+    def _write_part(future, out, digest) -> int:
+        data = future.result()
+        digest.update(data)
+        out.write(data)
+        return len(data)
+
+    def delete(self, name: str) -> None:
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        except botocore.exceptions.ClientError as exc:
+            if not _is_missing(exc):
+                raise self._error(exc, "delete the entry", name) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, "delete the entry", name) from exc
+
+    def list(self, prefix: str = "") -> list[str]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        names = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=base + prefix):
+                names.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, "list entries") from exc
+        return sorted(names)
+
+    # -- devices without credentials ---------------------------------------------
+    def presign_get(self, name: str, expires: int = 900) -> str:
+        """A URL that lets anyone GET the entry's bytes for `expires` seconds (verify them
+        against `info(name).sha256` on the device)."""
+        return self._presign("get_object", name, expires)
+
+    def presign_put(self, staging_name: str, expires: int = 900) -> str:
+        """A URL that lets a device PUT bytes to a `staging/` name (see kiln.store.staging_entry)
+        for `expires` seconds. The bytes reach the cache only through `promote()`."""
+        if not staging_name.startswith("staging/"):
+            raise StoreError(f"presigned uploads go to staging/ only, not {staging_name!r}",
+                             hint="use kiln.store.staging_entry(token) and promote() after verifying",
+                             store=self.url)
+        return self._presign("put_object", staging_name, expires)
+
+    def _presign(self, method: str, name: str, expires: int) -> str:
+        if not 0 < expires <= 7 * 24 * 3600:
+            raise StoreError(f"presigned URL lifetime {expires}s is out of range",
+                             hint="use 1..604800 seconds (short-lived is better)", store=self.url)
+        try:
+            return self.client.generate_presigned_url(
+                method, Params={"Bucket": self.bucket, "Key": self._key(name)}, ExpiresIn=expires)
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            raise self._error(exc, "presign a URL", name) from exc
+
+    # promote(staging_name, final_name, sha256) comes from Store: download-verify, then
+    # put_file the verified local copy (see the module docstring for why not a server-side copy).
+
+
+def _hash_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    buf = bytearray(MB)
+    view = memoryview(buf)
+    with open(path, "rb") as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    return digest.hexdigest()

@@ -38,6 +38,10 @@ def check_name(name: object, what: str) -> str:
     return name
 
 
+TOML_TYPES = {str: "a string", int: "an integer", float: "a number", bool: "a boolean", dict: "a table",
+              list: "an array"}
+
+
 # -- a tiny declarative schema ---------------------------------------------------
 
 @dataclass(frozen=True)
@@ -238,10 +242,9 @@ def _validate(table: dict, schema: dict, src: _Source, where: list[str], fill: b
             continue
         # bool is an int in Python: keep them apart
         if not isinstance(value, spec.types) or (isinstance(value, bool) and bool not in spec.types):
-            wanted = " or ".join(t.__name__.replace("str", "string").replace("dict", "table")
-                                 .replace("list", "array") for t in spec.types)
-            raise src.error(where + [key], f"must be a {wanted}, got {type(value).__name__} {value!r}",
-                            f"write {key} as a {wanted}" + (f" ({spec.doc})" if spec.doc else ""))
+            wanted = " or ".join(TOML_TYPES[t] for t in spec.types)
+            raise src.error(where + [key], f"must be {wanted}, got {TOML_TYPES.get(type(value), 'a value')} {value!r}",
+                            f"write {key} as {wanted}" + (f" ({spec.doc})" if spec.doc else ""))
         if spec.check and (problem := spec.check(value)):
             raise src.error(where + [key], problem, spec.doc or f"fix the value of {key}")
         out[key] = value

@@ -492,8 +492,12 @@ if [ -r "$R/proc/cpuinfo" ]; then
   end
 fi
 file_section nv_tegra_release "$R/etc/nv_tegra_release"
-file_section dt_model "$R/proc/device-tree/model" nul
-file_section dt_compatible "$R/proc/device-tree/compatible" nul
+# /proc/device-tree is a symlink to /sys/firmware/devicetree/base; read either
+for f in model compatible; do
+  for dt in "$R/proc/device-tree" "$R/sys/firmware/devicetree/base"; do
+    if [ -r "$dt/$f" ]; then file_section "dt_$f" "$dt/$f" nul; break; fi
+  done
+done
 if have dpkg-query; then
   begin dpkg
   dpkg-query -W -f='${db:Status-Abbrev}|${Package} ${Version}\n' nvidia-l4t-core nvidia-jetpack \
@@ -527,8 +531,8 @@ if have nvidia-smi; then
   else
     case "$smi_out" in
       *'not a valid field'*)
-        smi_out="$(nvidia-smi --query-gpu=name,driver_version,memory.total,pci.device_id --format=csv,noheader 2>&1 </dev/null)" \
-          && { begin nvidia_smi_nocc; printf '%s\n' "$smi_out"; end; } ;;
+        smi_retry="$(nvidia-smi --query-gpu=name,driver_version,memory.total,pci.device_id --format=csv,noheader 2>&1 </dev/null)" \
+          && { begin nvidia_smi_nocc; printf '%s\n' "$smi_retry"; end; } ;;
     esac
     begin nvidia_smi_error; printf 'rc=%s\n%s\n' "$smi_rc" "$smi_out"; end
   fi

@@ -401,10 +401,11 @@ def fake_jetson(tmp_path):
     root = tmp_path / "root"
     (root / "etc").mkdir(parents=True)
     (root / "etc/nv_tegra_release").write_text(TEGRA_R36)
-    dt = root / "proc/device-tree"
+    dt = root / "sys/firmware/devicetree/base"   # the /proc/device-tree symlink target
     dt.mkdir(parents=True)
     (dt / "model").write_bytes(b"NVIDIA Jetson Orin Nano Developer Kit\x00")
     (dt / "compatible").write_bytes(ORIN_NANO_COMPATIBLE.encode())
+    (root / "proc").mkdir()
     (root / "proc/cpuinfo").write_text(AARCH64_CPUINFO + "\nprocessor\t: 1\nFeatures\t: fp\n")
     (root / "usr/local/cuda").mkdir(parents=True)
     (root / "usr/local/cuda/version.json").write_text(VERSION_JSON)
@@ -463,3 +464,16 @@ def test_probe_script_trtexec_argument(fake_jetson, tmp_path):
     # header (10.3.0) outranks the banner; the disagreement is reported, not hidden
     assert fp["tensorrt"] == "10.3.0"
     assert "trtexec=10.8.0" in fp["version_conflicts"]
+
+
+def test_probe_script_prefers_proc_device_tree(fake_jetson):
+    root = Path(fake_jetson["KILN_PROBE_ROOT"])
+    proc_dt = root / "proc/device-tree"
+    proc_dt.mkdir()
+    (proc_dt / "model").write_bytes(b"NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00")
+    fp = nv.parse_probe_output(run_probe(env=fake_jetson).stdout)
+    # the model string follows the flashed DTB (Orin Nanos have reported the NX string);
+    # the module id comes from compatible (here only under /sys)
+    assert fp["board_model"] == "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"
+    assert fp["module"] == "p3767-0005" and fp["compute_capability"] == "8.7"
+    assert nv.tensorrt_class_fields(fp)["device"] == "p3767-0005"

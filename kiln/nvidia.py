@@ -68,7 +68,7 @@ __all__ = [
     "parse_device_tree_compatible", "module_from_compatible", "soc_from_compatible",
     "parse_dpkg_versions", "deb_upstream_version", "parse_cuda_version_json",
     "parse_cuda_version_txt", "parse_nvcc_version", "parse_cudnn_header",
-    "parse_nvinfer_version_header", "parse_trtexec_banner", "parse_python_tensorrt_version",
+    "parse_nvinfer_version_header", "parse_trtexec_banner", "decode_trt_version_number", "parse_python_tensorrt_version",
     "parse_nvpmodel", "GpuRow", "parse_nvidia_smi", "jetpack_for_l4t",
     "jetson_compute_capability", "gpu_compute_capability", "tensorrt_class_fields",
     "describe_drift", "TENSORRT_CLASS_KEYS",

@@ -100,6 +100,8 @@ BUILD_KEYS = {
     "optimization_level": Key((int,), check=lambda v: None if 0 <= v <= 5 else "must be 0..5",
                               doc="TensorRT builder optimisation level (8.6+)"),
     "timing_cache": Key((bool,), default=True, doc="reuse a per-class timing cache from the store"),
+    "shapes": Key((dict,), doc="TensorRT optimisation profile: { input = { min = [..], opt = [..], max = [..] } }"),
+    "extra_flags": Key((list,), default=[], doc="extra trtexec flags from an allowlist, e.g. [\"--noTF32\"]"),
     "ort_optimization": Key((str,), default="all", check=_one_of(("basic", "extended", "all")),
                             doc="ONNX Runtime graph optimisation level for the CPU engine"),
 }

@@ -28,7 +28,7 @@ from .store import engine_entry
 def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print) -> dict:
     """Make `engines` (model -> engine record) the active releases on `target`."""
     task = f"deploy:{target.name}"
-    device = Device(ctx.transport(target), target.install_dir)
+    device = Device(ctx.transport(target), target)
     start = time.time()
     with device.lock(owner=f"{ctx.run_id}"):
         active = device.active_releases(target.models)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from . import agent as agent_module
+from .config import Target
 from .errors import DeployError, TransportError
 from .keys import sha256_file
 from .transport import Stream, Transport
@@ -26,10 +27,11 @@ AGENT_SOURCE = Path(agent_module.__file__)
 
 
 class Device:
-    def __init__(self, transport: Transport, install_dir: str) -> None:
+    def __init__(self, transport: Transport, target: Target) -> None:
         self.transport = transport
-        self.target = transport.target
-        self.root = install_dir
+        self.config = target
+        self.target = target.name
+        self.root = target.install_dir
         self._agent_path: str | None = None
         self._agent_sha = sha256_file(AGENT_SOURCE)
 

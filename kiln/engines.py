@@ -130,7 +130,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
               paths: ExportPaths, say) -> dict:
     task = f"engine:{spec.task_name}"
     store, backend = ctx.store, spec.backend
-    device = Device(ctx.transport(target), target.install_dir)
+    device = Device(ctx.transport(target), target)
     say(f"  building engine {key[:12]} for {spec.hwclass.id} on {target.name} ({backend.name})")
     why = f"no engine in the store for ONNX {onnx_record['onnx_sha256'][:12]} on class {spec.hwclass.id}"
     ctx.events.emit(task, "build", key=key, target=target.name, why=why)

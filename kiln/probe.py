@@ -57,12 +57,12 @@ def probe_local(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
     return fp
 
 
-def probe_remote(transport) -> dict[str, object]:
+def probe_remote(transport, trtexec: str | None = None, python: str = "python3") -> dict[str, object]:
     """Run the shell probe on a device (nothing needed there beyond sh) and parse it."""
     from .errors import KilnError
-    from .nvidia import PROBE_SCRIPT, parse_probe_output
+    from .nvidia import parse_probe_output, probe_argv
     try:
-        result = transport.run(["sh", "-c", PROBE_SCRIPT], timeout=60)
+        result = transport.run(probe_argv(trtexec=trtexec, python=python), timeout=60)
     except KilnError as exc:
         raise ProbeError(f"cannot probe {transport.target}: {exc.message}", target=transport.target,
                          hint=exc.hint or "check that the device is up and reachable") from exc

@@ -32,7 +32,8 @@ class Probe:
                 if self.target.transport == "local":
                     self.result = probe_local()
                 else:
-                    self.result = probe_remote(CTX.transport(self.target))
+                    self.result = probe_remote(CTX.transport(self.target), trtexec=self.target.trtexec,
+                                               python=self.target.python)
             except KilnError as exc:
                 self.error = exc
             self.seconds = time.time() - start

@@ -84,7 +84,7 @@ class DeployCheck:
             return False
         from kiln.device import Device
         try:
-            active = Device(CTX.transport(self.target), self.target.install_dir).active_releases(self.target.models)
+            active = Device(CTX.transport(self.target), self.target).active_releases(self.target.models)
         except KilnError:
             return False
         if active != wanted:

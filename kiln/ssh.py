@@ -202,7 +202,11 @@ class SSHTransport(Transport):
             gateway = prev if prev is not None else False
         else:
             gateway = None  # fabric looks at the ssh_config's ProxyJump
-        conn = Connection(self.host, user=self.user, port=self.port, config=config, gateway=gateway)
+        try:
+            conn = Connection(self.host, user=self.user, port=self.port, config=config, gateway=gateway)
+        except ValueError as exc:  # e.g. user/port given both in "user@host:port" and as arguments
+            raise TransportError(f"bad SSH address for target {self.target}: {exc}", target=self.target,
+                                 hint="give the user and port either in host or as separate settings") from exc
         if isinstance(conn.gateway, str):
             raise TransportError(f"ProxyCommand is not supported for target {self.target}",
                                  target=self.target, hint="use ProxyJump (or proxy_jump=) instead")
@@ -365,6 +369,14 @@ class SSHTransport(Transport):
         """Close the connection and its hops now (the next call reconnects)."""
         with self._lock:
             self._close_chain()
+
+    @property
+    def host_key_fingerprint(self) -> str | None:
+        """SHA256 fingerprint of the (verified) host key of the connected target, else None."""
+        conn = self._conn
+        if conn is None or not conn.is_connected:
+            return None
+        return key_fingerprint(conn.transport.get_remote_server_key())
 
     @property
     def is_connected(self) -> bool:

@@ -12,8 +12,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import CommandFailed, TransportError
-from kiln.ssh import (AuthenticationFailed, ConnectionPool, HostKeyError, SSHTransport, UnreachableError,
-                      key_fingerprint)
+from kiln.ssh import AuthenticationFailed, ConnectionPool, HostKeyError, SSHTransport, UnreachableError
 
 ECHO_ARGV = ["python3", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
 
@@ -190,8 +189,10 @@ def test_changed_host_key_is_rejected(fleet, tmp_path):
 
 def test_default_known_hosts_come_from_ssh_config(fleet):
     with fleet.transport("orin-jp6") as t:  # UserKnownHostsFile in the fleet's ssh_config
+        assert t.host_key_fingerprint is None
         assert t.run(["true"]).ok
-    assert key_fingerprint  # public helper, exercised by the messages above
+        assert t.host_key_fingerprint == fingerprint_of(fleet, "orin-jp6")
+    assert not t.is_connected
 
 
 def test_proxy_jump_bastion_unknown_key_rejected(fleet, tmp_path):
@@ -385,11 +386,27 @@ def test_trtexec_wrapper_carries_the_device_environment(new_fleet, tmp_path):
     sim.start()
     with sim.transport("xav") as t:
         out = t.run(["/usr/src/tensorrt/bin/trtexec", "--onnx=m.onnx", "--fp16"]).stdout.splitlines()
-    assert out == ["--onnx=m.onnx --fp16", "KILN_SIM_TRT_VERSION=8.5.2", "KILN_SIM_COMPUTE=7.2",
+    assert out == ["--onnx=m.onnx --fp16", "KILN_SIM_TRT_VERSION=8.5.2.2", "KILN_SIM_COMPUTE=7.2",
                    "KILN_SIM_GPU=Xavier", f"KILN_SIM_STATE={sim.state_dir('xav')}"]
     with sim.transport("jp6") as t:
         out = t.run(["/usr/src/tensorrt/bin/trtexec"]).stdout
-    assert "KILN_SIM_TRT_VERSION=10.3.0" in out and f"KILN_SIM_STATE={sim.state_dir('jp6')}" in out
+    assert "KILN_SIM_TRT_VERSION=10.3.0.30" in out and f"KILN_SIM_STATE={sim.state_dir('jp6')}" in out
+    sim.upgrade("jp6", sim_env={"KILN_SIM_FAIL": "oom"})
+    with sim.transport("jp6") as t:
+        assert "KILN_SIM_GPU=Orin" in t.run(["/usr/src/tensorrt/bin/trtexec"]).stdout
+        assert "export KILN_SIM_FAIL=oom" in t.run(["cat", "/usr/src/tensorrt/bin/trtexec"]).stdout
+
+
+def test_devices_run_the_trtexec_simulator(fleet):
+    if not (Path(__file__).parent / "fleet" / "trtexec_sim.py").exists():
+        pytest.skip("tests/fleet/trtexec_sim.py not present")
+    banners = {}
+    for name in ("orin-01", "orin-jp6", "xavier-01"):
+        with fleet.transport(name) as t:
+            res = t.run(["/usr/src/tensorrt/bin/trtexec", "--help"], check=False)
+        banners[name] = [line for line in res.stdout.splitlines() if line.startswith("&&&& RUNNING")][0]
+    assert "[TensorRT v8502]" in banners["orin-01"] and "[TensorRT v8502]" in banners["xavier-01"]
+    assert "[TensorRT v100300]" in banners["orin-jp6"]
 
 
 def test_constructor_does_no_io():

@@ -8,7 +8,8 @@ with its own ed25519 host key, started as
 so that it has its own view of the files a probe or a builder looks at, while
 sharing the rest of the host (so /tmp, python3, coreutils... work as usual):
 
-- overlays (per-device upper dirs) on /etc, /usr and /var/lib/dpkg: the device's
+- overlays (per-device upper dirs, on a tmpfs of the namespace) on /etc, /usr and
+  /var/lib/dpkg: the device's
   /etc/nv_tegra_release, /usr/local/cuda/version.json (+ bin/nvcc),
   /usr/include/aarch64-linux-gnu/{NvInferVersion.h,cudnn_version_v8|v9.h},
   /usr/include/cudnn_version.h (-> /etc/alternatives, like the debs),
@@ -85,7 +86,7 @@ class Profile:
         """KILN_SIM_* variables for trtexec_sim.py (KILN_SIM_STATE is added per device)."""
         if not self.trt:
             return {}
-        return {"KILN_SIM_TRT_VERSION": self.trt3, "KILN_SIM_COMPUTE": self.compute or "",
+        return {"KILN_SIM_TRT_VERSION": self.trt, "KILN_SIM_COMPUTE": self.compute or "",
                 "KILN_SIM_GPU": self.gpu or ""}
 
 
@@ -187,7 +188,8 @@ def _sh(text: str) -> bytes:
     return ("#!/bin/sh\n" + text).encode()
 
 
-def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim: Path) -> dict[str, FileSpec]:
+def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim: Path,
+                  sim_env: dict[str, str] | None = None) -> dict[str, FileSpec]:
     """Every managed path of a device view -> what it must be for `profile`."""
     files: dict[str, FileSpec] = {}
     absent = FileSpec()
@@ -222,7 +224,7 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
         files["/etc/alternatives/cudnn_version_h"] = absent
         files["/usr/include/cudnn_version.h"] = absent
     if profile.trt:
-        env = {**profile.sim_env(), "KILN_SIM_STATE": str(state_dir)}
+        env = {**profile.sim_env(), "KILN_SIM_STATE": str(state_dir), **(sim_env or {})}
         exports = "".join(f"export {k}={shlex.quote(v)}\n" for k, v in env.items())
         sim = shlex.quote(str(trtexec_sim))
         files["/usr/src/tensorrt/bin/trtexec"] = FileSpec(_sh(
@@ -338,10 +340,11 @@ def _check_support() -> str | None:
             return f"{tool} not found (util-linux / openssh-client)"
     import tempfile
     with tempfile.TemporaryDirectory(prefix="kiln-sim-check-") as tmp:
-        for sub in ("lower", "upper", "work", "merged"):
+        for sub in ("lower", "rw", "merged"):
             os.mkdir(os.path.join(tmp, sub))
-        script = (f"mount -t overlay overlay -o lowerdir={tmp}/lower,upperdir={tmp}/upper,workdir={tmp}/work "
-                  f"{tmp}/merged && mount --bind {tmp}/lower {tmp}/merged")
+        script = (f"mount -t tmpfs tmpfs {tmp}/rw && mkdir {tmp}/rw/upper {tmp}/rw/work && "
+                  f"mount -t overlay overlay -o lowerdir={tmp}/lower,upperdir={tmp}/rw/upper,"
+                  f"workdir={tmp}/rw/work {tmp}/merged && mount --bind {tmp}/lower {tmp}/merged")
         try:
             proc = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
                                   capture_output=True, text=True, timeout=20)
@@ -404,6 +407,7 @@ class Device:
     ns: str | None = None
     frozen: bool = False
     host_key_pub: str = ""
+    sim_env: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -441,16 +445,17 @@ class Fleet:
 
     # -- setup ---------------------------------------------------------------
 
-    def add_device(self, name: str, profile: str | Profile = "cpu", *, via: str | None = None) -> Device:
-        """Declare a device (started by start()). `via`: a bastion device name, used with ProxyJump."""
+    def add_device(self, name: str, profile: str | Profile = "cpu", *, via: str | None = None,
+                   sim_env: dict[str, str] | None = None) -> Device:
+        """Declare a device (started by start()). `via`: a bastion device name, used with ProxyJump.
+        `sim_env`: extra KILN_SIM_* for its trtexec (e.g. {"KILN_SIM_FAIL": "oom"})."""
         if name in self.devices:
             raise ValueError(f"device {name} already exists")
         if via is not None and via not in self.devices:
             raise ValueError(f"bastion {via} must be added before {name}")
         prof = PROFILES[profile] if isinstance(profile, str) else profile
-        d = Device(name, prof, _free_port(), self.root / "devices" / name, via=via)
-        for sub in ("", "upper/etc", "upper/usr", "upper/dpkg", "work/etc", "work/usr", "work/dpkg",
-                    "firmware", "srv", "state", "home"):
+        d = Device(name, prof, _free_port(), self.root / "devices" / name, via=via, sim_env=dict(sim_env or {}))
+        for sub in ("", "rw", "firmware", "srv", "state", "home"):
             (d.dir / sub).mkdir(parents=True, exist_ok=True)
         key = d.dir / "ssh_host_ed25519_key"
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"kiln-sim-{name}", "-f", str(key)],
@@ -492,7 +497,8 @@ Subsystem sftp internal-sftp
         return path
 
     def _spec_file(self, d: Device) -> Path:
-        files = profile_files(d.profile, state_dir=d.state, python=self.python, trtexec_sim=self.trtexec_sim)
+        files = profile_files(d.profile, state_dir=d.state, python=self.python, trtexec_sim=self.trtexec_sim,
+                              sim_env=d.sim_env)
         files["/etc/passwd"] = FileSpec(_passwd_with_home("root", d.dir / "home"))
         spec = {p: {"content": f.content.hex() if f.content is not None else None, "mode": f.mode, "link": f.link}
                 for p, f in files.items()}
@@ -507,8 +513,13 @@ Subsystem sftp internal-sftp
     def _launch(self, d: Device) -> None:
         config = self._sshd_config(d)
         spec = self._spec_file(d)
-        u, w = d.dir / "upper", d.dir / "work"
+        rw = d.dir / "rw"  # upper and work dirs must be on one filesystem
+        u, w = rw / "upper", rw / "work"
         mounts = [
+            # overlay upper/work dirs on a tmpfs private to the namespace: works whatever the
+            # host's filesystem (an overlayfs upper dir cannot live on overlayfs, e.g. in docker)
+            f"mount -t tmpfs -o mode=0755 kiln-sim-rw {rw}",
+            f"mkdir -p {u}/etc {u}/usr {u}/dpkg {w}/etc {w}/usr {w}/dpkg",
             f"mount -t overlay kiln-sim-etc -o lowerdir=/etc,upperdir={u}/etc,workdir={w}/etc /etc",
             f"mount -t overlay kiln-sim-usr -o lowerdir=/usr,upperdir={u}/usr,workdir={w}/usr /usr",
             f"mount -t overlay kiln-sim-dpkg -o lowerdir=/var/lib/dpkg,upperdir={u}/dpkg,workdir={w}/dpkg "
@@ -631,10 +642,15 @@ Subsystem sftp internal-sftp
 
     # -- changing a device ----------------------------------------------------------
 
-    def upgrade(self, name: str, profile: str | Profile) -> None:
-        """Rewrite the device's files in place for `profile` (e.g. a JetPack upgrade)."""
+    def upgrade(self, name: str, profile: str | Profile | None = None, *,
+                sim_env: dict[str, str] | None = None) -> None:
+        """Rewrite the device's files in place for `profile` (e.g. a JetPack upgrade) and/or
+        replace the extra KILN_SIM_* environment of its trtexec."""
         d = self.devices[name]
-        d.profile = PROFILES[profile] if isinstance(profile, str) else profile
+        if profile is not None:
+            d.profile = PROFILES[profile] if isinstance(profile, str) else profile
+        if sim_env is not None:
+            d.sim_env = dict(sim_env)
         spec = self._spec_file(d)
         if d.proc is None or d.proc.poll() is not None:
             return  # applied at the next start
@@ -715,10 +731,23 @@ Subsystem sftp internal-sftp
             time.sleep(0.02)
         return n
 
-    def builds(self, name: str) -> list[str]:
-        """Lines trtexec_sim.py appended to the device's builds.log."""
-        path = self.devices[name].state / "builds.log"
-        return path.read_text().splitlines() if path.exists() else []
+    def builds(self, name: str) -> list:
+        """Builds trtexec_sim.py recorded on the device (builds.log: one JSON object per line)."""
+        return self._state_log(name, "builds.log")
+
+    def loads(self, name: str) -> list:
+        """Engine loads trtexec_sim.py recorded on the device (loads.log)."""
+        return self._state_log(name, "loads.log")
+
+    def _state_log(self, name: str, file: str) -> list:
+        path = self.devices[name].state / file
+        out = []
+        for line in (path.read_text().splitlines() if path.exists() else []):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                out.append(line)
+        return out
 
     def srv(self, name: str) -> Path:
         """The device's /srv, seen from the host."""

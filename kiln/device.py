@@ -1,8 +1,8 @@
 """A target's working area, reached through its transport.
 
 Layout under the target's install_dir:
-    .kiln/agent-<sha12>.py        the device agent (content-addressed: re-sent only when it changes)
-    .kiln/inputs/<sha256>         ONNX files and reference data, by content
+    .kiln/inputs/<sha256>.<ext>   the device agent, ONNX files, reference data, scripts: by content,
+                                  so each is sent once and re-sent only when it changes
     .kiln/build/<engine key>/     build output before it is fetched and published
     .kiln/lock/                   the deploy lock (mkdir is atomic)
     <model>/releases/<key>/       one release: engine, reference.npz, manifest.json
@@ -33,7 +33,6 @@ class Device:
         self.target = target.name
         self.root = target.install_dir
         self._agent_path: str | None = None
-        self._agent_sha = sha256_file(AGENT_SOURCE)
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -45,12 +44,7 @@ class Device:
               check: bool = True) -> dict:
         """Run an agent subcommand; returns its JSON answer."""
         if self._agent_path is None:
-            remote = self.path(".kiln", f"agent-{self._agent_sha[:12]}.py")
-            probe = self.transport.run(["test", "-f", remote], check=False)
-            if not probe.ok:
-                self.mkdir(self.path(".kiln"))
-                self.transport.put(AGENT_SOURCE, remote, sha256=self._agent_sha)
-            self._agent_path = remote
+            self._agent_path = self.ensure_input(AGENT_SOURCE, sha256_file(AGENT_SOURCE), ".py")
         def progress(line: str) -> None:
             if stream and not line.startswith("{"):  # the JSON answer is data, not progress
                 stream(line)

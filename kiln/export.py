@@ -16,6 +16,7 @@ import os
 import tempfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,16 +141,48 @@ def reference_inputs(model: Model) -> dict:
     return {name: rng.random(shape, dtype=np.float32) for name, shape in model.inputs.items()}
 
 
+@contextmanager
+def _quiet_exporter():
+    """Tracer and deprecation chatter is expected here; real problems raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for lg, level in zip(loggers, levels):
+                lg.setLevel(level)
+
+
+def _strip_locations(path: Path) -> None:
+    """The dynamo exporter records source paths and line numbers in metadata_props;
+    without this the ONNX hash would change when the checkout moves."""
+    import onnx
+    proto = onnx.load(str(path))
+    graphs = [proto.graph]
+    while graphs:
+        g = graphs.pop()
+        for item in [*g.node, *g.input, *g.output, *g.value_info, *g.initializer]:
+            del item.metadata_props[:]
+        for node in g.node:
+            graphs.extend(a.g for a in node.attribute if a.HasField("g"))
+            graphs.extend(sub for a in node.attribute for sub in a.graphs)
+    onnx.save(proto, str(path))
+
+
 def _torch_export(module, feeds: dict, model: Model, path: Path) -> None:
     import torch
     args = tuple(torch.from_numpy(feeds[name]) for name in model.inputs)
     opts = model.export
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # exporter chatter; real problems raise
+    with _quiet_exporter():
         if opts["exporter"] == "dynamo":
             torch.onnx.export(module, args, str(path), input_names=list(model.inputs),
                               output_names=list(model.outputs), opset_version=opts["opset"], dynamo=True,
                               external_data=False, verbose=False)
+            _strip_locations(path)
         else:
             torch.onnx.export(module, args, str(path), input_names=list(model.inputs),
                               output_names=list(model.outputs), opset_version=opts["opset"], dynamo=False,

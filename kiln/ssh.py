@@ -56,6 +56,8 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_KEEPALIVE = 15
 #: concurrent channels per connection; OpenSSH's default MaxSessions is 10
 DEFAULT_MAX_CHANNELS = 8
+#: an SFTP transfer that moves no byte for this long fails (a dead network is otherwise silent)
+TRANSFER_IDLE_TIMEOUT = 120.0
 CHUNK = 1 << 20
 _PID_MARK = "\x1ekiln-pid:"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -496,14 +498,16 @@ class SSHTransport(Transport):
         paramiko = _paramiko()
         conn = self._connection()
         try:
-            return paramiko.SFTPClient.from_transport(conn.transport)
+            sftp = paramiko.SFTPClient.from_transport(conn.transport)
+            sftp.get_channel().settimeout(max(TRANSFER_IDLE_TIMEOUT, self.command_timeout or 0))
+            return sftp
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TransportError(f"cannot open SFTP on target {self.target}: {exc}", target=self.target,
                                  address=self.address,
                                  hint="enable the sftp subsystem in the device's sshd_config") from exc
 
     def _remote_sha256(self, path: str) -> str:
-        script = ('if command -v sha256sum >/dev/null 2>&1; then sha256sum -- "$1"; else '
+        script = ('if command -v sha256sum >/dev/null 2>&1; then sha256sum < "$1"; else '
                   '"$2" -c \'import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],"rb")\n'
                   'for b in iter(lambda: f.read(1<<20), b""): h.update(b)\nprint(h.hexdigest())\' "$1"; fi')
         res = self.run(["sh", "-c", script, "sh", path, self.python], check=False)
@@ -548,7 +552,7 @@ class SSHTransport(Transport):
             raise TransportError(f"local file {local} does not match its expected sha256; not uploaded",
                                  target=self.target, expected=sha256, actual=sent)
         # hash on the device, fsync, rename; or delete on mismatch (one round trip)
-        script = ('act=$( { if command -v sha256sum >/dev/null 2>&1; then sha256sum -- "$1"; else '
+        script = ('act=$( { if command -v sha256sum >/dev/null 2>&1; then sha256sum < "$1"; else '
                   '"$4" -c \'import hashlib,sys\nh=hashlib.sha256()\nf=open(sys.argv[1],"rb")\n'
                   'for b in iter(lambda: f.read(1<<20), b""): h.update(b)\nprint(h.hexdigest())\' "$1"; fi; } '
                   '| cut -c1-64); echo "$act"; '

@@ -7,12 +7,14 @@ import os
 import subprocess
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from kiln.errors import CommandFailed, TransportError
 from kiln.ssh import AuthenticationFailed, ConnectionPool, HostKeyError, SSHTransport, UnreachableError
+from tests.fleet.sim import PROFILES
 
 ECHO_ARGV = ["python3", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
 
@@ -154,6 +156,20 @@ def test_put_keeps_file_mode(fleet, tmp_path):
     with fleet.transport("cpu-01") as t:
         t.put(src, "/srv/kiln/bin/tool.sh")
         assert t.run(["/srv/kiln/bin/tool.sh"]).stdout == "tool-ok\n"
+
+
+def test_put_get_without_sha256sum_on_the_device(new_fleet, tmp_path):
+    sim = new_fleet()
+    sim.add_device("bare", replace(PROFILES["cpu"], name="no-sha256sum", hidden=("/usr/bin/sha256sum",)))
+    sim.start()
+    src = tmp_path / "m.onnx"
+    src.write_bytes(b"onnx" * 1000)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    with sim.transport("bare", python="/usr/bin/python3") as t:
+        assert t.run(["sh", "-c", "command -v sha256sum"], check=False).exit_code != 0
+        assert t.put(src, "/srv/kiln/m.onnx", sha256=sha) == sha
+        assert t.get("/srv/kiln/m.onnx", tmp_path / "back.onnx") == sha
+    assert (tmp_path / "back.onnx").read_bytes() == src.read_bytes()
 
 
 # --------------------------------------------------------------------------- host keys

@@ -77,6 +77,7 @@ class Profile:
     power_mode: tuple[str, int] | None = None
     nvidia_smi: dict | None = None          # field -> value, JetPack 6 only
     extra_files: tuple[tuple[str, str], ...] = ()
+    hidden: tuple[str, ...] = ()            # host files this device does not have (e.g. /usr/bin/sha256sum)
 
     @property
     def trt3(self) -> str | None:
@@ -265,6 +266,8 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
     files["/var/lib/dpkg/status"] = FileSpec((status + "".join(_dpkg_stanza(p, v) for p, v in profile.debs)).encode())
     for path, text in profile.extra_files:
         files[path] = FileSpec(text.encode())
+    for path in profile.hidden:
+        files[path] = absent
     return files
 
 

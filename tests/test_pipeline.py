@@ -195,3 +195,11 @@ def assert_active_release_complete(p: Project) -> None:
     manifest = json.loads((folder / "manifest.json").read_text())
     engine = (folder / manifest["engine_file"]).read_bytes()
     assert hashlib.sha256(engine).hexdigest() == manifest["engine_sha256"]
+
+
+def test_dynamo_exporter_raising_the_opset_is_refused(tmp_path):
+    p = Project(tmp_path, extra='\n[models.tiny.export]\nexporter = "dynamo"\nopset = 17\n')
+    run = p.doit("export:tiny", check=False)
+    assert run.returncode != 0
+    assert "has opset 18, but opset 17 was asked for" in run.out and "model=tiny" in run.out
+    assert not (p.artifacts / "onnx" / "tiny.json").exists()

@@ -68,7 +68,14 @@ class Context:
         if target.transport == "local":
             return LocalTransport(target.name, python=target.python)
         from .ssh import SSHTransport  # paramiko/fabric load only for fleets with ssh targets
-        return SSHTransport.for_target(target)
+
+        def path(value: str | None) -> str | None:  # relative to the fleet file, ~ expanded
+            return str(self.fleet.base_dir / Path(value).expanduser()) if value else None
+        return SSHTransport(target.name, target.host, user=target.user, port=target.port,
+                            identity_file=path(target.identity_file), ssh_config=path(target.ssh_config),
+                            known_hosts=path(target.known_hosts), proxy_jump=target.proxy_jump,
+                            connect_timeout=target.connect_timeout, command_timeout=target.command_timeout,
+                            python=target.python)
 
     def close(self) -> None:
         with self._lock:

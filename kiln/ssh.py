@@ -122,6 +122,7 @@ class _Hop:
     def __init__(self, conn, role: str) -> None:
         self.conn = conn
         self.role = role
+        self.known_hosts: list[str] = []
 
     @property
     def where(self) -> str:
@@ -193,8 +194,7 @@ class SSHTransport(Transport):
         # lazy=True: do not read fabric/invoke yaml files; then load only ssh configs
         config = Config(runtime_ssh_path=self.ssh_config, lazy=True)
         config.load_ssh_config()
-        if self.proxy_jump is not None:
-            gateway = False  # explicit: no ProxyJump unless given below
+        if self.proxy_jump is not None:  # explicit ("" = none), wins over the ssh_config's ProxyJump
             prev = None
             for hop in reversed([h.strip() for h in self.proxy_jump.split(",") if h.strip()]):
                 kwargs = {"config": config.clone()}
@@ -219,7 +219,7 @@ class SSHTransport(Transport):
             node = node.gateway if not isinstance(node.gateway, str) else None
         hops = [_Hop(c, "proxy jump host" if c is not conn else "target") for c in reversed(chain)]
         for hop in hops:
-            self._harden(hop.conn, is_target=hop.conn is conn)
+            hop.known_hosts = self._harden(hop.conn, is_target=hop.conn is conn)
         return conn, hops
 
     def _known_hosts_files(self, conn) -> list[str]:
@@ -234,17 +234,18 @@ class SSHTransport(Transport):
             files = ["/etc/ssh/ssh_known_hosts", "~/.ssh/known_hosts"]
         return [os.path.expanduser(f) for f in files]
 
-    def _harden(self, conn, *, is_target: bool) -> None:
+    def _harden(self, conn, *, is_target: bool) -> list[str]:
+        """Reject unknown host keys, load known_hosts, set timeouts and keys; returns the known_hosts files."""
         client = conn.client
         client.set_missing_host_key_policy(_reject_policy())
-        for path in self._known_hosts_files(conn):
+        known_hosts = self._known_hosts_files(conn)
+        for path in known_hosts:
             if os.path.isfile(path):
                 try:
                     client.load_system_host_keys(path)
                 except (OSError, ValueError) as exc:
                     raise HostKeyError(f"cannot read known_hosts file {path}: {exc}", target=self.target,
                                        hint="fix or remove the broken line in that file") from exc
-        conn._kiln_known_hosts = self._known_hosts_files(conn)
         timeout = self.connect_timeout or conn.connect_timeout or DEFAULT_CONNECT_TIMEOUT
         conn.connect_timeout = None  # fabric int()s it; we pass our own float below
         keys = list(conn.connect_kwargs.get("key_filename") or [])
@@ -263,6 +264,7 @@ class SSHTransport(Transport):
                 kwargs["look_for_keys"] = False
                 kwargs["allow_agent"] = False
         conn.connect_kwargs = kwargs
+        return known_hosts
 
     def _connection(self):
         """The open fabric Connection, connecting (once, under a lock) if needed."""
@@ -301,7 +303,7 @@ class SSHTransport(Transport):
             fp = key_fingerprint(exc.key)
             raise HostKeyError(
                 f"host key of {what} is not known: {exc.key.get_name()} {fp} "
-                f"(not in {', '.join(conn._kiln_known_hosts)}); refusing to connect",
+                f"(not in {', '.join(hop.known_hosts)}); refusing to connect",
                 target=self.target, address=where, fingerprint=fp,
                 hint=_keyscan_hint(conn.host, conn.port)) from None
         except paramiko.BadHostKeyException as exc:

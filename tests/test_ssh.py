@@ -243,8 +243,13 @@ def test_proxy_jump_with_known_keys_works(fleet, tmp_path):
         t.run(["true"])
         assert out.startswith("# R35 (release), REVISION: 4.1")
         assert (t.connections_opened, t.hop_connections_opened) == (1, 1)
+        assert len(fleet.processes("bastion")) > 1  # the listener + this connection's sshd
     assert fleet.wait_logins("bastion", before[0] + 1) == before[0] + 1
     assert fleet.wait_logins("hidden-orin", before[1] + 1) == before[1] + 1
+    deadline = time.monotonic() + 3  # close() closed the bastion hop too: its sshd child exits
+    while len(fleet.processes("bastion")) > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(fleet.processes("bastion")) == 1
 
 
 def test_explicit_proxy_jump_argument(fleet, tmp_path):

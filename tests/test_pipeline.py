@@ -203,3 +203,47 @@ def test_dynamo_exporter_raising_the_opset_is_refused(tmp_path):
     assert run.returncode != 0
     assert "has opset 18, but opset 17 was asked for" in run.out and "model=tiny" in run.out
     assert not (p.artifacts / "onnx" / "tiny.json").exists()
+
+
+def test_doit_list_shows_the_contract_groups_without_heavy_imports(tmp_path):
+    p = Project(tmp_path)
+    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
+            "rc = DoitMain(DodoTaskLoader()).run(['list']);"
+            "print('HEAVY=' + ','.join(m for m in ('torch', 'onnx', 'onnxruntime', 'boto3', 'paramiko') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=p.env, capture_output=True, text=True)
+    groups = {line.split()[0] for line in proc.stdout.splitlines() if line.strip() and not line.startswith("HEAVY")}
+    assert {"export", "fingerprint", "engine", "deploy", "cache-check", "status"} <= groups, proc.stdout
+    assert "HEAVY=\n" in proc.stdout
+    assert not (p.artifacts / "fingerprints").exists()  # listing probes nothing
+
+
+def test_events_explain_every_decision(project):
+    events = project.events()
+    kinds = {e["event"] for e in events}
+    assert {"probe", "export", "build", "publish", "deploy"} <= kinds
+    for e in events:
+        assert set(e) >= {"ts", "task", "event", "key", "target", "why", "seconds"}
+        assert e["why"]
+    build = next(e for e in events if e["event"] == "build")
+    assert build["target"] == "local" and "no engine in the store" in build["why"]
+
+
+def test_cache_check_and_status_follow_the_store(project):
+    ok = project.doit("cache-check", "--json")
+    report = json.loads(ok.out[ok.out.index("{"):ok.out.rindex("}") + 1])
+    assert report["ok"] and [r["status"] for r in report["engines"]] == ["hit"]
+    assert report["engines"][0]["targets"] == ["local"]
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.03;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    project.doit("export")
+    miss = project.doit("cache-check", "--json", "--junit", str(project.root / "junit.xml"), check=False)
+    assert miss.returncode != 0
+    report = json.loads(miss.out[miss.out.index("{"):miss.out.rindex("}") + 1])
+    assert not report["ok"] and report["engines"][0]["status"] == "miss"
+    assert 'failures="1"' in (project.root / "junit.xml").read_text()
+    status = project.doit("status")
+    assert "engine for class" in status.out and "not built yet" in status.out
+    project.doit("engine")
+    assert project.doit("cache-check").returncode == 0
+    status = project.doit("status")
+    assert "a newer engine is waiting to be deployed" in status.out

@@ -36,6 +36,9 @@ class Context:
     def fingerprint_file(self, target: str) -> Path:
         return self.artifacts / "fingerprints" / f"{target}.json"
 
+    def previous_fingerprint_file(self, target: str) -> Path:
+        return self.artifacts / "fingerprints" / f"{target}.previous.json"
+
     def probe_error_file(self, target: str) -> Path:
         return self.artifacts / "fingerprints" / f"{target}.error.json"
 

@@ -16,6 +16,9 @@ CLASS_FIELDS = {
     "onnxruntime": ("arch", "cpu_flags", "onnxruntime"),
     "tensorrt": ("module", "board_model", "gpu_name", "compute_capability", "tensorrt", "cuda", "cudnn", "l4t"),
 }
+LABELS = {"tensorrt": "TensorRT", "cuda": "CUDA", "cudnn": "cuDNN", "l4t": "L4T", "onnxruntime": "ONNX Runtime",
+          "compute_capability": "compute capability", "cpu_flags": "CPU ISA", "board_model": "board",
+          "gpu_name": "GPU", "power_mode": "power mode"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ def describe_change(old: dict | None, new: dict, backend: str, extra_fields: tup
     if not old:
         return ["first probe"]
     names = sorted(set(CLASS_FIELDS[backend]) | set(extra_fields))
-    return [f"{n} {_show(old.get(n))} → {_show(new.get(n))}" for n in names if old.get(n) != new.get(n)]
+    return [f"{LABELS.get(n, n)} {_show(old.get(n))} → {_show(new.get(n))}" for n in names if old.get(n) != new.get(n)]
 
 
 def _show(value) -> str:

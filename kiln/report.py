@@ -110,7 +110,7 @@ def fleet_status(ctx: Context) -> list[dict]:
     rows = []
     for target in ctx.fleet.targets.values():
         fingerprint = read_json(ctx.fingerprint_file(target.name))
-        previous = read_json(ctx.artifacts / "fingerprints" / f"{target.name}.previous.json")
+        previous = read_json(ctx.previous_fingerprint_file(target.name))
         probe_error = read_json(ctx.probe_error_file(target.name))
         deployed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})
         hw = hardware_class(target.backend, fingerprint, tuple(target.class_fields)) if fingerprint else None

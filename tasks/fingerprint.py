@@ -66,6 +66,8 @@ def _record(probe: Probe) -> None:
         raise
     old = read_json(CTX.fingerprint_file(name))
     changes = describe_change(old, fingerprint, probe.target.backend, tuple(probe.target.class_fields))
+    if old is not None and old != fingerprint:
+        write_json_if_changed(CTX.previous_fingerprint_file(name), old)  # for `status` drift
     if write_json_if_changed(CTX.fingerprint_file(name), fingerprint):
         CTX.store.put_file(fingerprint_entry(name), CTX.fingerprint_file(name), overwrite=True)
     error_file.unlink(missing_ok=True)

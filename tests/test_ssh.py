@@ -435,3 +435,18 @@ def test_constructor_does_no_io():
     assert not t.is_connected and t.connections_opened == 0
     with pytest.raises(TransportError, match="ssh config file /nonexistent/ssh_config does not exist"):
         t.run(["true"])
+
+
+def test_reflashed_device_is_refused_until_known_hosts_is_updated(new_fleet, tmp_path):
+    sim = new_fleet()
+    sim.add_device("reflash", "orin-jp5")
+    sim.start()
+    old = sim.write_known_hosts(tmp_path / "old_known_hosts")
+    with sim.transport("reflash", known_hosts=old) as t:
+        assert t.run(["true"]).ok
+    sim.rotate_host_key("reflash")
+    with pytest.raises(HostKeyError, match="HOST KEY CHANGED for target reflash"):
+        sim.transport("reflash", known_hosts=old).run(["true"])
+    new = sim.write_known_hosts(tmp_path / "new_known_hosts")
+    with sim.transport("reflash", known_hosts=new) as t:
+        assert t.run(["true"]).ok

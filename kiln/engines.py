@@ -161,9 +161,10 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
             report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
         except KilnError as exc:
             build_log.write(f"\nFAILED: {exc}\n")
+            hint = f"{exc.hint}; " if exc.hint else ""
             raise BuildError(f"building {spec.model.name} for {spec.hwclass.id} on {target.name} failed: {exc.message}",
                              model=spec.model.name, target=target.name, key=key[:12],
-                             hint=f"full build output: {log_path}") from exc
+                             hint=f"{hint}full build output: {log_path}") from exc
     seconds = time.time() - start
 
     local = ctx.engine_cache(key)

@@ -26,6 +26,8 @@ class SummaryReporter(ConsoleReporter):
     def add_failure(self, task, fail):
         super().add_failure(task, fail)
         first = (fail.get_msg() or "").strip().splitlines()
+        if ":" not in task.name and fail.get_name() == "UnmetDependency":
+            return  # a group placeholder: its members are listed already
         if fail.get_name() == "UnmetDependency":
             self.failed[task.name] = f"not run: depends on failed {', '.join(first) or 'tasks'}"
         else:
@@ -47,4 +49,5 @@ class SummaryReporter(ConsoleReporter):
                 self.write(f"  ok      {name}\n")
         for name, why in self.failed.items():
             self.write(f"  FAILED  {name}: {why}\n")
-        self.write("details: artifacts/logs/events.jsonl (why each decision was taken)\n")
+        from .common import CTX
+        self.write(f"why each decision was taken: {CTX.events.path}\n")

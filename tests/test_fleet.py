@@ -1,0 +1,127 @@
+"""Real devices over SSH, simulated: real sshd per device, each with its own Jetson files and a
+trtexec that follows the real CLI. doit runs for real against them."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from kiln_project import Project
+
+
+def fleet_project(tmp_path, sim, devices: dict[str, dict], extra_models: str = "") -> Project:
+    """A project whose targets are the simulated devices (TensorRT backend over SSH)."""
+    sim.write_known_hosts(sim.known_hosts_path)
+    sim.write_ssh_config()
+    p = Project(tmp_path)
+    text = p.fleet.read_text().split("[targets.local]")[0] + extra_models
+    for name, opts in devices.items():
+        fields = {"transport": "ssh", "backend": "tensorrt", "host": name, "models": ["tiny"],
+                  "install_dir": "/srv/kiln", "ssh_config": str(sim.ssh_config_path),
+                  "known_hosts": str(sim.known_hosts_path), "connect_timeout": 3, **opts}
+        text += f"\n[targets.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
+    p.fleet.write_text(text)
+    return p
+
+
+def builds(sim, names) -> int:
+    return sum(len(sim.builds(n)) for n in names)
+
+
+ORINS = ["orin-a", "orin-b", "orin-c"]
+
+
+@pytest.fixture
+def jetsons(new_fleet):
+    sim = new_fleet()
+    for name in ORINS:
+        sim.add_device(name, "orin-jp5")
+    sim.add_device("xavier", "xavier-jp5")
+    sim.start()
+    return sim
+
+
+def test_identical_devices_share_one_build_and_a_second_run_does_nothing(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {n: {"groups": ["jetsons"]} for n in ORINS + ["xavier"]})
+    first = p.doit("-n", "4", "deploy")
+    assert builds(jetsons, ORINS + ["xavier"]) == 2, first.out   # counted on the devices
+    assert len(first.ran_group("engine")) == 2
+    assert first.ran_group("deploy") >= {f"deploy:{n}" for n in ORINS + ["xavier"]}
+    for name in ORINS + ["xavier"]:
+        current = jetsons.srv(name) / "kiln/tiny/current"
+        assert current.is_symlink() and (current / "model.plan").exists()
+        manifest = json.loads((current / "manifest.json").read_text())
+        assert manifest["smoke_test"]["latency_ms"]["p99"] > 0
+    orin_release = {(jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
+    assert len(orin_release) == 1
+    loads_before = sum(len(jetsons.loads(n)) for n in ORINS + ["xavier"])
+    logins_before = {n: jetsons.logins(n) for n in ORINS + ["xavier"]}
+
+    second = p.doit("-n", "4", "deploy")
+    assert second.ran() == set(), second.out
+    assert builds(jetsons, ORINS + ["xavier"]) == 2
+    assert sum(len(jetsons.loads(n)) for n in ORINS + ["xavier"]) == loads_before  # nothing transferred or run
+    for n in ORINS + ["xavier"]:
+        assert jetsons.wait_logins(n, logins_before[n] + 1) - logins_before[n] == 1  # one connection per device
+
+
+def test_upgrading_one_device_rebuilds_for_its_new_class_only(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {n: {} for n in ORINS})
+    p.doit("deploy")
+    assert builds(jetsons, ORINS) == 1
+    before = {n: (jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
+    jetsons.upgrade("orin-c", "orin-jp6")
+    run = p.doit("deploy")
+    assert builds(jetsons, ORINS) == 2 and len(jetsons.builds("orin-c")) >= 1
+    assert run.ran_group("deploy") == {"deploy:orin-c"}, run.out
+    after = {n: (jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
+    assert after["orin-a"] == before["orin-a"] and after["orin-b"] == before["orin-b"]
+    assert after["orin-c"] != before["orin-c"]
+    status = p.doit("status")
+    assert re.search(r"TensorRT 8\.5\.2 → 10\.3\.0", status.out), status.out
+    probe = [e for e in p.events() if e["event"] == "probe" and e["target"] == "orin-c"][-1]
+    assert "TensorRT 8.5.2 → 10.3.0" in probe["why"]
+
+
+def test_an_unreachable_device_fails_alone(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {n: {} for n in ORINS})
+    jetsons.make_unreachable("orin-b")
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0
+    assert {"deploy:orin-a", "deploy:orin-c"} <= run.ran()
+    assert "FAILED  fingerprint:orin-b" in run.out and "orin-b" in run.out
+    assert (jetsons.srv("orin-a") / "kiln/tiny/current").exists()
+    assert not (jetsons.srv("orin-b") / "kiln/tiny/current").exists()
+
+
+def test_unknown_host_key_is_refused(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}})
+    jetsons.known_hosts_path.write_text("")  # nobody vouched for orin-a's key
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0
+    assert "host key" in run.out.lower() and "orin-a" in run.out
+    assert jetsons.builds("orin-a") == []
+
+
+def test_trtexec_failure_and_health_check_keep_the_previous_release(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {"health_check": "test -e /srv/kiln/tiny/current/model.plan"}})
+    p.doit("deploy")
+    first = (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name
+    # a build that fails on the device: clear error, nothing published, release unchanged
+    jetsons.upgrade("orin-a", sim_env={"KILN_SIM_FAIL": "oom"})
+    from test_pipeline import save_weights
+    save_weights(p, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.01;"
+                    f"torch.save(sd, {str(p.checkpoint())!r})")
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0, run.out
+    assert "building tiny for" in run.out and "on orin-a failed" in run.out and "OutOfMemory" in run.out, run.out
+    assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == first
+    # a health check that fails after activation: rolled back
+    jetsons.upgrade("orin-a", sim_env={})
+    text = p.fleet.read_text().replace('"test -e /srv/kiln/tiny/current/model.plan"', '"exit 7"')
+    p.fleet.write_text(text)
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0 and "health check failed on orin-a" in run.out, run.out
+    assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == first
+    assert any(e["event"] == "rollback" and e["target"] == "orin-a" for e in p.events())

@@ -125,3 +125,70 @@ def test_trtexec_failure_and_health_check_keep_the_previous_release(tmp_path, je
     assert run.returncode != 0 and "health check failed on orin-a" in run.out, run.out
     assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == first
     assert any(e["event"] == "rollback" and e["target"] == "orin-a" for e in p.events())
+
+
+def retrain(p: Project, delta: float) -> None:
+    from test_pipeline import save_weights
+    save_weights(p, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + {delta};"
+                    f"torch.save(sd, {str(p.checkpoint())!r})")
+
+
+def test_designated_builder_builds_and_the_timing_cache_is_reused(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}, "orin-b": {"builder": True}})
+    p.doit("deploy")
+    assert len(jetsons.builds("orin-b")) == 1 and jetsons.builds("orin-a") == []
+    assert jetsons.builds("orin-b")[0]["timing_cache_loaded"] is False
+    caches = list((p.artifacts / "store/entries/timing-caches").rglob("*.cache"))
+    assert len(caches) == 1
+    retrain(p, 0.02)
+    p.doit("deploy")
+    assert len(jetsons.builds("orin-b")) == 2 and jetsons.builds("orin-a") == []
+    assert jetsons.builds("orin-b")[1]["timing_cache_loaded"] is True
+    build_log = sorted((p.artifacts / "logs/builds").glob("*.log"), key=lambda f: f.stat().st_mtime)[-1]
+    assert "&&&& PASSED TensorRT.trtexec [TensorRT v8502]" in build_log.read_text()
+
+
+def test_changed_host_key_is_refused_and_the_release_keeps_serving(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}})
+    p.doit("deploy")
+    release = (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name
+    jetsons.rotate_host_key("orin-a")   # known_hosts still has the old key
+    retrain(p, 0.03)
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0
+    assert "host key" in run.out.lower() and "changed" in run.out.lower(), run.out
+    assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == release
+
+
+def test_remote_arguments_are_quoted(tmp_path, jetsons):
+    hostile = "/srv/kiln dir/$(touch /tmp/kiln-pwned);'x\"`id`"
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {"install_dir": hostile}})
+    p.doit("deploy")
+    assert not (jetsons.srv("orin-a").parent / "kiln-pwned").exists()
+    import os
+    assert not os.path.exists("/tmp/kiln-pwned")
+    literal = jetsons.srv("orin-a") / hostile[len("/srv/"):]
+    assert (literal / "tiny/current/model.plan").exists()
+
+
+def test_engine_that_fails_to_load_is_not_activated(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}})
+    p.doit("deploy")
+    release = (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name
+    retrain(p, 0.04)
+    p.doit("engine")
+    record_file = next((p.artifacts / "engines").glob("tiny@*.json"))
+    record = json.loads(record_file.read_text())
+    # the store now serves a broken plan under the new key (sha recorded like a real publish)
+    garbage = tmp_path / "garbage.plan"
+    garbage.write_bytes(b"not a TensorRT plan" * 100)
+    from kiln.keys import sha256_file
+    from kiln.store import LocalStore, engine_entry
+    LocalStore(p.artifacts / "store").put_file(engine_entry(record["key"]), garbage, overwrite=True)
+    record_file.write_text(json.dumps({**record, "sha256": sha256_file(garbage)}))
+    (p.artifacts / "cache/engines" / record["key"]).unlink(missing_ok=True)
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0
+    assert "smoke test of tiny" in run.out and "does not load on orin-a" in run.out, run.out
+    assert "Magic tag does not match" in run.out or "magic" in run.out.lower()
+    assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == release

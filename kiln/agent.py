@@ -159,6 +159,40 @@ def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5
     return report
 
 
+# -- transfers through presigned URLs (the device holds no store credentials) ------------
+
+def fetch(url, out, sha256, timeout=600):
+    """Download to a temp name, verify the sha256, then rename: never a partial file."""
+    import urllib.request
+    tmp = "%s.%d.part" % (out, os.getpid())
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            for chunk in iter(lambda: r.read(1 << 20), b""):
+                h.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        if h.hexdigest() != sha256:
+            raise SystemExit("downloaded bytes do not match sha256 %s (got %s)" % (sha256, h.hexdigest()))
+        os.rename(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return {"sha256": sha256, "size": os.path.getsize(out)}
+
+
+def upload(url, path, timeout=600):
+    import urllib.request
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        req = urllib.request.Request(url, data=f, method="PUT", headers={
+            "Content-Length": str(size), "Content-Type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            r.read()
+    return {"sha256": sha256_of(path), "size": size}
+
+
 # -- releases -----------------------------------------------------------------------
 
 def activate(model_dir, release):
@@ -241,6 +275,9 @@ def main(argv=None):
     s = sub.add_parser("ort-verify"); s.add_argument("--engine", required=True); s.add_argument("--reference", required=True)
     s.add_argument("--rtol", type=float, default=1e-3); s.add_argument("--atol", type=float, default=1e-4)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--runs", type=int, default=5)
+    # presigned URLs are credentials: they come in the environment, never in argv (ps, logs)
+    s = sub.add_parser("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
+    s = sub.add_parser("upload"); s.add_argument("--file", required=True)
     s = sub.add_parser("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
     s = sub.add_parser("rollback"); s.add_argument("--model-dir", required=True)
     s = sub.add_parser("prune"); s.add_argument("--model-dir", required=True); s.add_argument("--keep", action="append", default=[])
@@ -252,6 +289,10 @@ def main(argv=None):
         out = ort_build(a.onnx, a.out, a.level)
     elif a.cmd == "ort-verify":
         out = ort_verify(a.engine, a.reference, a.rtol, a.atol, not a.strict_order, a.runs)
+    elif a.cmd == "fetch":
+        out = fetch(os.environ["KILN_URL"], a.out, a.sha256)
+    elif a.cmd == "upload":
+        out = upload(os.environ["KILN_URL"], a.file)
     elif a.cmd == "activate":
         out = activate(a.model_dir, a.release)
     elif a.cmd == "rollback":

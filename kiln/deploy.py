@@ -19,10 +19,10 @@ from .backends import get_backend
 from .config import Target
 from .context import Context
 from .device import Device
-from .errors import CommandFailed, DeployError, KilnError
+from .errors import CommandFailed, CorruptEntry, DeployError, KilnError
 from .export import ExportPaths
 from .keys import read_json, write_json_if_changed
-from .store import engine_entry
+from .store import engine_entry, reference_entry
 
 
 def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print) -> dict:
@@ -66,19 +66,32 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
     releases = device.path(model, "releases")
     final = f"{releases}/{key}"
     staging = f"{releases}/.staging-{key}"
-    local = ctx.engine_cache(key)
-    if not (local.exists() and ctx.hashes.sha256(local) == record["sha256"]):
-        ctx.store.get_file(engine_entry(key), local, sha256=record["sha256"])
     paths = ExportPaths.for_model(ctx.artifacts, model)
     onnx = read_json(paths.record) or {}
     provenance = read_json(paths.provenance) or {}
-    ref_remote = device.ensure_input(paths.reference, onnx["reference_sha256"], ".npz")
+    ref_remote = device.ensure_input(paths.reference, onnx["reference_sha256"], ".npz", store=ctx.store,
+                                     entry=reference_entry(onnx["onnx_sha256"]))
     say(f"  {target.name}: staging {model} release {key[:12]}")
     t0 = time.time()
     device.transport.run(["rm", "-rf", staging])
     device.mkdir(staging)
     engine_remote = f"{staging}/{record['engine_file']}"
-    device.transport.put(local, engine_remote, sha256=record["sha256"])
+    if not device.fetch_from_store(ctx.store, engine_entry(key), engine_remote, record["sha256"]):
+        local = ctx.engine_cache(key)
+        if not (local.exists() and ctx.hashes.sha256(local) == record["sha256"]):
+            try:
+                ctx.store.get_file(engine_entry(key), local, sha256=record["sha256"])
+            except (KeyError, CorruptEntry) as exc:
+                # forget the engine so the next run's engine task rebuilds and republishes it
+                ctx.engine_record(model, record["class"]).unlink(missing_ok=True)
+                device.transport.run(["rm", "-rf", staging], check=False)
+                why = "corrupt" if isinstance(exc, CorruptEntry) else "missing"
+                ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
+                                why=f"engine {key[:12]} is {why} in the store")
+                raise DeployError(f"engine {key[:12]} for {model} is {why} in the store {ctx.store.url}; "
+                                  "the previous release stays active", target=target.name, model=model,
+                                  hint="run again: the engine will be rebuilt and republished") from exc
+        device.transport.put(local, engine_remote, sha256=record["sha256"])
     device.transport.run(["cp", ref_remote, f"{staging}/reference.npz"])
     staged_s = time.time() - t0
     t0 = time.time()

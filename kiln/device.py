@@ -11,6 +11,7 @@ Layout under the target's install_dir:
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import time
 from contextlib import contextmanager
@@ -19,11 +20,13 @@ from typing import Sequence
 
 from . import agent as agent_module
 from .config import Target
-from .errors import DeployError, TransportError
+from .errors import DeployError, KilnError, TransportError
+from .store import Store, staging_entry
 from .keys import sha256_file
-from .transport import Stream, Transport
+from .transport import LocalTransport, Stream, Transport
 
 AGENT_SOURCE = Path(agent_module.__file__)
+log = logging.getLogger(__name__)
 
 
 class Device:
@@ -34,6 +37,10 @@ class Device:
         self.root = target.install_dir
         self._agent_path: str | None = None
 
+    @property
+    def is_local(self) -> bool:
+        return isinstance(self.transport, LocalTransport)
+
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
@@ -41,7 +48,7 @@ class Device:
         self.transport.run(["mkdir", "-p", *paths])
 
     def agent(self, *args: str, timeout: float | None = None, stream: Stream | None = None,
-              check: bool = True) -> dict:
+              check: bool = True, env: dict[str, str] | None = None) -> dict:
         """Run an agent subcommand; returns its JSON answer."""
         if self._agent_path is None:
             self._agent_path = self.ensure_input(AGENT_SOURCE, sha256_file(AGENT_SOURCE), ".py")
@@ -49,7 +56,7 @@ class Device:
             if stream and not line.startswith("{"):  # the JSON answer is data, not progress
                 stream(line)
         result = self.transport.run([self.transport.python, self._agent_path, *args], timeout=timeout,
-                                    stream=progress if stream else None, check=False)
+                                    stream=progress if stream else None, check=False, env=env)
         last = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
         try:
             answer = json.loads(last)
@@ -60,13 +67,49 @@ class Device:
                                        hint="see the output above; the device needs python3 (and numpy/onnxruntime for CPU engines)")
         return answer
 
-    def ensure_input(self, local: Path, sha256: str, suffix: str = "") -> str:
-        """Upload a content-addressed input once; returns its path on the device."""
+    def ensure_input(self, local: Path | None, sha256: str, suffix: str = "", *,
+                     store: Store | None = None, entry: str | None = None) -> str:
+        """Put a content-addressed input on the device once; returns its path there.
+
+        With a store that presigns URLs (S3) and an `entry` name, the device
+        downloads it straight from the store; otherwise the controller uploads `local`.
+        """
         remote = self.path(".kiln", "inputs", sha256 + suffix)
         if not self.transport.run(["test", "-f", remote], check=False).ok:
             self.mkdir(self.path(".kiln", "inputs"))
-            self.transport.put(local, remote, sha256=sha256)
+            if not self.fetch_from_store(store, entry, remote, sha256):
+                if local is None:
+                    raise TransportError(f"cannot get {entry} onto {self.target}", target=self.target,
+                                         hint="the store offers no direct download and there is no local copy")
+                self.transport.put(local, remote, sha256=sha256)
         return remote
+
+    def fetch_from_store(self, store, entry: str | None, remote: str, sha256: str) -> bool:
+        """Device downloads `entry` through a short-lived presigned URL, verified by sha256.
+        False if the store cannot presign (a folder) or the device cannot reach it."""
+        if store is None or entry is None or not hasattr(store, "presign_get") or self.is_local:
+            return False
+        try:
+            self.agent("fetch", "--out", remote, "--sha256", sha256, env={"KILN_URL": store.presign_get(entry)})
+            return True
+        except KilnError as exc:
+            log.warning("%s could not download %s from the store directly (%s); uploading it instead",
+                        self.target, entry, exc.message)
+            return False
+
+    def upload_to_store(self, store, remote: str, token: str) -> str | None:
+        """Device uploads a file to the store's staging area; returns the staging entry,
+        or None if the store cannot presign or the upload failed (the caller falls back)."""
+        if not hasattr(store, "presign_put") or self.is_local:
+            return None
+        staging = staging_entry(token)
+        try:
+            self.agent("upload", "--file", remote, env={"KILN_URL": store.presign_put(staging)})
+            return staging
+        except KilnError as exc:
+            log.warning("%s could not upload to the store directly (%s); fetching through the controller",
+                        self.target, exc.message)
+            return None
 
     @contextmanager
     def lock(self, owner: str, stale_after: float = 6 * 3600):

@@ -137,9 +137,11 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     start = time.time()
 
     # ONNX and reference come from the store, verified, so any controller can build
+    onnx_sha = onnx_record["onnx_sha256"]
     onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, paths)
-    onnx_remote = device.ensure_input(onnx_local, onnx_record["onnx_sha256"], ".onnx")
-    ref_remote = device.ensure_input(ref_local, onnx_record["reference_sha256"], ".npz")
+    onnx_remote = device.ensure_input(onnx_local, onnx_sha, ".onnx", store=store, entry=onnx_entry(onnx_sha))
+    ref_remote = device.ensure_input(ref_local, onnx_record["reference_sha256"], ".npz", store=store,
+                                     entry=reference_entry(onnx_sha))
     out_dir = device.path(".kiln", "build", key)
 
     timing_remote = None
@@ -167,26 +169,21 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                              hint=f"{hint}full build output: {log_path}") from exc
     seconds = time.time() - start
 
-    local = ctx.engine_cache(key)
-    sha = device.transport.get(facts["engine"], local)
-    if sha != facts["sha256"]:
-        local.unlink(missing_ok=True)
-        raise BuildError(f"the engine fetched from {target.name} does not match the sha256 it reported",
-                         target=target.name, key=key[:12], hint="retry; if it persists check the device's storage")
+    sha = facts["sha256"]
+    won = _publish_engine(ctx, device, facts, key)
     manifest = {"key": key, "key_inputs": inputs, "model": spec.model.name, "class": spec.hwclass.id,
                 "class_fields": spec.hwclass.fields, "backend": backend.name, "built_on": target.name,
                 "sha256": sha, "size": facts["size"], "tool": facts.get("tool"),
                 "build_seconds": round(facts.get("build_seconds", seconds), 3),
                 "verification": {k: v for k, v in report.items() if k != "ok"},
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    won = store.put_file(engine_entry(key), local, sha256=sha)
     if not won:
         # another controller published first: use its engine (verified on read)
         winner = _stored_manifest(ctx, key)
         if winner is not None:
             say(f"  another run published engine {key[:12]} first; using it")
             return winner
-        store.put_file(engine_entry(key), local, sha256=sha, overwrite=True)
+        _publish_engine(ctx, device, facts, key, overwrite=True)
     store.put_bytes(engine_manifest_entry(key), json.dumps(manifest, indent=2, sort_keys=True).encode(),
                     overwrite=True)
     if timing_remote:
@@ -196,6 +193,24 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                     why=f"built and verified on {target.name}")
     say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, built in {seconds:.1f} s on {target.name})")
     return manifest
+
+
+def _publish_engine(ctx: Context, device: Device, facts: dict, key: str, overwrite: bool = False) -> bool:
+    """Engine bytes from the device into the store, verified against the sha256 the device
+    reported. With S3 the device uploads to staging/ through a presigned URL (it holds no
+    credentials) and the controller promotes the verified bytes; otherwise the controller
+    fetches the file over the transport and publishes it."""
+    store, sha = ctx.store, facts["sha256"]
+    if not overwrite:
+        staging = device.upload_to_store(store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
+        if staging:
+            return store.promote(staging, engine_entry(key), sha)
+    local = ctx.engine_cache(key)
+    if device.transport.get(facts["engine"], local) != sha:
+        local.unlink(missing_ok=True)
+        raise BuildError(f"the engine fetched from {device.target} does not match the sha256 it reported",
+                         target=device.target, key=key[:12], hint="retry; if it persists check the device's storage")
+    return store.put_file(engine_entry(key), local, sha256=sha, overwrite=overwrite)
 
 
 def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) -> tuple[Path, Path]:

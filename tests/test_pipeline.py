@@ -247,3 +247,23 @@ def test_cache_check_and_status_follow_the_store(project):
     assert project.doit("cache-check").returncode == 0
     status = project.doit("status")
     assert "a newer engine is waiting to be deployed" in status.out
+
+
+def test_a_flipped_byte_in_a_stored_engine_is_caught_and_rebuilt(project):
+    before = project.active()
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.06;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    project.doit("engine")
+    key = json.loads(next((project.artifacts / "engines").glob("tiny@*.json")).read_text())["key"]
+    blob = (project.artifacts / "store/entries/engines" / key[:2] / key / "engine").resolve()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    (project.artifacts / "cache/engines" / key).unlink(missing_ok=True)
+    run = project.doit("deploy:local", check=False)
+    assert run.returncode != 0 and "is corrupt in the store" in run.out, run.out
+    assert project.active() == before
+    again = project.doit("deploy:local")
+    assert len(again.ran_group("engine")) == 1 and "deploy:local" in again.ran()
+    assert project.active() == key
+    assert_store_consistent(project)

@@ -170,7 +170,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     seconds = time.time() - start
 
     sha = facts["sha256"]
-    won = _publish_engine(ctx, device, facts, key)
+    won, how = _publish_engine(ctx, device, facts, key)
     manifest = {"key": key, "key_inputs": inputs, "model": spec.model.name, "class": spec.hwclass.id,
                 "class_fields": spec.hwclass.fields, "backend": backend.name, "built_on": target.name,
                 "sha256": sha, "size": facts["size"], "tool": facts.get("tool"),
@@ -190,12 +190,12 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
         _publish_timing_cache(ctx, device, spec, timing_remote)
     device.transport.run(["rm", "-rf", out_dir], check=False)
     ctx.events.emit(task, "publish", key=key, target=target.name, seconds=seconds,
-                    why=f"built and verified on {target.name}")
+                    why=f"built and verified on {target.name}; {how}")
     say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, built in {seconds:.1f} s on {target.name})")
     return manifest
 
 
-def _publish_engine(ctx: Context, device: Device, facts: dict, key: str, overwrite: bool = False) -> bool:
+def _publish_engine(ctx: Context, device: Device, facts: dict, key: str, overwrite: bool = False) -> tuple[bool, str]:
     """Engine bytes from the device into the store, verified against the sha256 the device
     reported. With S3 the device uploads to staging/ through a presigned URL (it holds no
     credentials) and the controller promotes the verified bytes; otherwise the controller
@@ -204,13 +204,13 @@ def _publish_engine(ctx: Context, device: Device, facts: dict, key: str, overwri
     if not overwrite:
         staging = device.upload_to_store(store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
         if staging:
-            return store.promote(staging, engine_entry(key), sha)
+            return store.promote(staging, engine_entry(key), sha), "uploaded by the device to staging, promoted after verification"
     local = ctx.engine_cache(key)
     if device.transport.get(facts["engine"], local) != sha:
         local.unlink(missing_ok=True)
         raise BuildError(f"the engine fetched from {device.target} does not match the sha256 it reported",
                          target=device.target, key=key[:12], hint="retry; if it persists check the device's storage")
-    return store.put_file(engine_entry(key), local, sha256=sha, overwrite=overwrite)
+    return store.put_file(engine_entry(key), local, sha256=sha, overwrite=overwrite), "fetched and published by the controller"
 
 
 def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) -> tuple[Path, Path]:

@@ -8,6 +8,7 @@ import re
 import pytest
 
 from kiln_project import Project
+from s3server import moto_s3  # noqa: F401  (fixture)
 
 
 def fleet_project(tmp_path, sim, devices: dict[str, dict], extra_models: str = "") -> Project:
@@ -192,3 +193,26 @@ def test_engine_that_fails_to_load_is_not_activated(tmp_path, jetsons):
     assert "smoke test of tiny" in run.out and "does not load on orin-a" in run.out, run.out
     assert "Magic tag does not match" in run.out or "magic" in run.out.lower()
     assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == release
+
+
+def test_devices_use_presigned_urls_with_an_s3_store(tmp_path, jetsons, moto_s3):
+    """Devices hold no credentials: they download ONNX/engines and upload engines through
+    short-lived presigned URLs; uploads land in staging/ and are promoted after verification."""
+    import os
+    bucket = moto_s3.new_bucket()
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}, "orin-b": {}})
+    p.fleet.write_text(f'[store]\nurl = "s3://{bucket}/fleet"\n' + p.fleet.read_text())
+    os.environ["KILN_S3_ENDPOINT_URL"] = moto_s3.endpoint
+    try:
+        p.doit("deploy")
+    finally:
+        del os.environ["KILN_S3_ENDPOINT_URL"]
+    publish = [e for e in p.events() if e["event"] == "publish"]
+    assert len(publish) == 1 and "promoted after verification" in publish[0]["why"]
+    keys = [o["Key"] for o in moto_s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+    assert not [k for k in keys if "/staging/" in k], keys
+    assert any(k.endswith("/engine") for k in keys)
+    for name in ("orin-a", "orin-b"):
+        assert (jetsons.srv(name) / "kiln/tiny/current/model.plan").exists()
+        creds = [f for f in (jetsons.srv(name) / "kiln").rglob("*") if f.is_file() and b"kiln-fake-secret" in f.read_bytes()]
+        assert creds == []

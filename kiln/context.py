@@ -23,7 +23,7 @@ class Context:
         self.fleet = fleet
         self.artifacts = fleet.artifacts
         self.run_id = uuid.uuid4().hex[:12]
-        self.events = EventLog(self.artifacts / "logs" / "events.jsonl")
+        self.events = EventLog(self.artifacts / "logs" / "events.jsonl", run=self.run_id)
         self.hashes = HashCache(self.artifacts / "cache" / "hashes.json")
         self._transports: dict[str, Transport] = {}
         self._lock = threading.Lock()

@@ -33,6 +33,16 @@ class SummaryReporter(ConsoleReporter):
         else:
             self.failed[task.name] = first[0] if first else fail.get_name()
 
+    @staticmethod
+    def _why_this_run() -> dict[str, str]:
+        """The last decision of each task in this run, from the event log."""
+        from .common import CTX
+        out = {}
+        for e in CTX.events.emitted:
+            if e["event"] not in ("skip", "fail"):
+                out[e["task"]] = f"{e['event']}: {e['why']}"
+        return out
+
     def complete_run(self):
         super().complete_run()
         interesting = [n for n in self.ran + list(self.failed) if n.split(":")[0] in ("engine", "deploy", "export")]
@@ -44,9 +54,10 @@ class SummaryReporter(ConsoleReporter):
         self.write("\n== enginekiln summary " + "=" * 40 + "\n")
         self.write(f"ran {len(self.ran)}, up to date {len(self.uptodate)}, failed {len(self.failed)} "
                    f"in {time.time() - self.started:.1f} s\n")
+        why = self._why_this_run()
         for name in self.ran:
-            if name.split(":")[0] in ("engine", "deploy", "export"):
-                self.write(f"  ok      {name}\n")
+            if name.split(":")[0] in ("engine", "deploy", "export", "fingerprint"):
+                self.write(f"  ok      {name}" + (f": {why[name]}" if name in why else "") + "\n")
         for name, why in self.failed.items():
             self.write(f"  FAILED  {name}: {why}\n")
         from .common import CTX

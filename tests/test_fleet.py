@@ -86,9 +86,9 @@ def test_upgrading_one_device_rebuilds_for_its_new_class_only(tmp_path, jetsons)
 
 
 def test_an_unreachable_device_fails_alone(tmp_path, jetsons):
-    p = fleet_project(tmp_path, jetsons, {n: {} for n in ORINS})
+    p = fleet_project(tmp_path, jetsons, {n: {"groups": ["line-1"]} for n in ORINS})
     jetsons.make_unreachable("orin-b")
-    run = p.doit("deploy", check=False)
+    run = p.doit("-n", "3", "deploy:line-1", check=False)
     assert run.returncode != 0
     assert {"deploy:orin-a", "deploy:orin-c"} <= run.ran()
     assert "FAILED  fingerprint:orin-b" in run.out and "orin-b" in run.out

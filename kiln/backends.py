@@ -8,8 +8,6 @@ drives trtexec (or the TensorRT Python API) on the device.
 from __future__ import annotations
 
 import posixpath
-from typing import Any
-
 from .device import Device
 from .errors import BuildError, CommandFailed, VerificationError
 from .transport import Stream

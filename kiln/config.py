@@ -205,8 +205,7 @@ class _Source:
         self.path, self.lines = path, text.splitlines()
 
     def line_of(self, keys: list[str]) -> int | None:
-        header, leaf = keys, None
-        table_re = None
+        """Best effort: the line of the deepest table header or key of `keys` found."""
         for cut in range(len(keys), 0, -1):
             parts = [re.escape(k) + "|\"" + re.escape(k) + "\"" for k in keys[:cut]]
             table_re = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(f"(?:{p})" for p in parts) + r"\s*\]")

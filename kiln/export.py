@@ -223,7 +223,6 @@ def run_onnxruntime(path: Path, feeds: dict) -> dict:
 
 def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
     """Export, check, write reference data; returns the record (written only if changed)."""
-    import numpy as np
     import torch
 
     from .keys import write_json_if_changed

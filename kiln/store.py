@@ -18,7 +18,6 @@ import hashlib
 import logging
 import os
 import re
-import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass

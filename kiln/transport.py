@@ -9,10 +9,8 @@ then renames, so a partial upload is never visible. Constructors do no I/O.
 from __future__ import annotations
 
 import abc
-import hashlib
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import threading

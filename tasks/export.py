@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from kiln.config import Model
-from kiln.errors import ExportError
+from kiln.errors import ExportError, KilnError
 from kiln.export import ExportPaths, create_checkpoint, export_inputs, export_model
 from kiln.keys import digest, read_json
 from kiln.store import onnx_entry, onnx_record_entry, reference_entry
@@ -34,16 +34,22 @@ class ExportCheck:
 
 
 def _export(model: Model) -> dict:
+    store = CTX.store  # a missing bucket or bad credentials fail here, before minutes of export
     paths = ExportPaths.for_model(CTX.artifacts, model.name)
     inputs = export_inputs(model, CTX.hashes)
     before = read_json(paths.provenance) or {}
     why = _why_export(before.get("inputs"), inputs)
+    store = CTX.store  # an unusable store fails here, before minutes of export work
     say(f"  exporting {model.name} ({why})")
     result = export_model(model, paths, inputs)
-    store = CTX.store
-    store.put_file(onnx_entry(result["onnx_sha256"]), paths.onnx, sha256=result["onnx_sha256"])
-    store.put_file(reference_entry(result["onnx_sha256"]), paths.reference, sha256=result["reference_sha256"])
-    store.put_file(onnx_record_entry(model.name), paths.record, overwrite=True)
+    try:
+        store.put_file(onnx_entry(result["onnx_sha256"]), paths.onnx, sha256=result["onnx_sha256"])
+        store.put_file(reference_entry(result["onnx_sha256"]), paths.reference, sha256=result["reference_sha256"])
+        store.put_file(onnx_record_entry(model.name), paths.record, overwrite=True)
+    except KilnError:
+        # not published: forget the export so the next run is not "up to date" and publishes it
+        paths.provenance.unlink(missing_ok=True)
+        raise
     outcome = "new ONNX" if result["changed"] else "same ONNX bytes as before: nothing downstream rebuilds"
     CTX.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
                     why=f"{why}; {outcome}")

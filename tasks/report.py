@@ -10,7 +10,7 @@ from kiln.errors import KilnError
 from kiln.report import (cache_json, cache_junit, cache_ok, cache_report, fleet_status, format_cache_table,
                          format_status)
 
-from .common import CTX, say
+from .common import CTX
 
 
 def _cache_check(json_out: bool, junit: str):

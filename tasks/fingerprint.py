@@ -69,7 +69,16 @@ def _record(probe: Probe) -> None:
     if old is not None and old != fingerprint:
         write_json_if_changed(CTX.previous_fingerprint_file(name), old)  # for `status` drift
     if write_json_if_changed(CTX.fingerprint_file(name), fingerprint):
-        CTX.store.put_file(fingerprint_entry(name), CTX.fingerprint_file(name), overwrite=True)
+        try:
+            CTX.store.put_file(fingerprint_entry(name), CTX.fingerprint_file(name), overwrite=True)
+        except KilnError:
+            # not published (CI workers read it from the store): put the old record back so the
+            # next run sees the change again and publishes it
+            if old is None:
+                CTX.fingerprint_file(name).unlink(missing_ok=True)
+            else:
+                write_json_if_changed(CTX.fingerprint_file(name), old)
+            raise
     error_file.unlink(missing_ok=True)
     why = "; ".join(changes) or "fingerprint changed outside the class fields"
     CTX.events.emit(f"fingerprint:{name}", "probe", target=name, why=why, seconds=probe.seconds)

@@ -7,22 +7,29 @@ Measures, on the same random file and the same server, in one run:
     (hash pass first), vs boto3 `upload_file` (TransferConfig defaults);
   - S3Store.get_file (verified: hashed while downloading, renamed when it matches) vs
     boto3 `download_file` (no verification);
-  - the HTTP requests of a no-op cache check: `info()` for M models x K classes, counted
-    with botocore's `before-send` event.
+  - the S3 requests of `doit cache-check` for M models x K classes: the real cache-check logic
+    (kiln.report.cache_report with a Context) on a generated fleet of M models x K local
+    targets whose recorded fingerprints are K distinct hardware classes, counted with botocore
+    event hooks (`before-call` per API call, `before-send` per HTTP attempt). Three cases: all
+    engines missing, the no-op (all present) on a build server that has the records in
+    artifacts/, and the no-op on a CI worker with an empty artifacts folder (fingerprints and
+    ONNX records come from the store).
 Prints medians over the runs and the ratios (target >= 0.9x). moto is a Python server,
 so absolute numbers are bounded by it; the ratios are what this measures.
-Env: KILN_BENCH_SIZE_MB, KILN_BENCH_RUNS override the defaults.
+--size-mb 0 skips the throughput part. Env: KILN_BENCH_SIZE_MB, KILN_BENCH_RUNS override the defaults.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,20 +58,144 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
+    """S3Store put/get vs raw boto3 transfers of one random file, medians over the runs."""
+    from boto3.s3.transfer import TransferConfig
+    size = args.size_mb * MB
+    src = tmp / "payload.bin"
+    t0 = time.perf_counter()
+    sha = make_file(src, size)
+    print(f"file: {args.size_mb} MiB random, runs: {args.runs}, server: moto on {server.endpoint}")
+    hash_s = timed(lambda: hashlib.file_digest(open(src, "rb"), "sha256"))
+    print(f"(made the file in {time.perf_counter() - t0:.1f}s; sha256 alone: "
+          f"{args.size_mb / hash_s:.0f} MiB/s)")
+
+    results: dict[str, list[float]] = {k: [] for k in (
+        "store put (sha given)", "store put (sha computed)", "boto3 upload_file",
+        "store get (verified)", "boto3 download_file")}
+    cfg = TransferConfig()
+    for run in range(args.runs):
+        names = {k: f"run{run}/{i}" for i, k in enumerate(results)}
+        results["boto3 upload_file"].append(timed(lambda: raw.upload_file(
+            str(src), bucket, f"bench/raw{run}", Config=cfg)))
+        results["store put (sha given)"].append(timed(
+            lambda: store.put_file(names["store put (sha given)"], src, sha256=sha)))
+        results["store put (sha computed)"].append(timed(
+            lambda: store.put_file(names["store put (sha computed)"], src)))
+        results["boto3 download_file"].append(timed(lambda: raw.download_file(
+            bucket, f"bench/raw{run}", str(tmp / "raw.out"), Config=cfg)))
+        results["store get (verified)"].append(timed(lambda: store.get_file(
+            names["store put (sha given)"], tmp / "store.out", sha256=sha)))
+        for p in (tmp / "raw.out", tmp / "store.out"):
+            p.unlink()
+        for name in store.list(f"run{run}/"):  # keep moto's memory flat
+            store.delete(name)
+        raw.delete_object(Bucket=bucket, Key=f"bench/raw{run}")
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\n{'operation':28} {'median s':>9} {'MiB/s':>8}   runs (s)")
+    for k, v in results.items():
+        print(f"{k:28} {med[k]:9.2f} {args.size_mb / med[k]:8.0f}   "
+              + " ".join(f"{x:.2f}" for x in v))
+    print("\nthroughput ratio vs raw boto3 (target >= 0.90x):")
+    for ours, theirs in (("store put (sha given)", "boto3 upload_file"),
+                         ("store put (sha computed)", "boto3 upload_file"),
+                         ("store get (verified)", "boto3 download_file")):
+        print(f"  {ours:26} / {theirs:20} = {med[theirs] / med[ours]:.2f}x")
+
+
+def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
+    """Requests of the real cache-check logic on M models x K targets of K distinct classes."""
+    from kiln.context import Context
+    from kiln.probe import probe_local
+    from kiln.report import cache_ok, cache_report
+    from kiln.store import engine_entry, fingerprint_entry, onnx_record_entry, open_store
+
+    m_models, k_classes = args.models, args.classes
+    url = f"s3://{bucket}/cache-check"
+    fleet = tmp / "fleet" / "targets.toml"
+    fleet.parent.mkdir(parents=True, exist_ok=True)
+    models = [f"m{i:03d}" for i in range(m_models)]
+    text = f'[store]\nurl = "{url}"\n'
+    for m in models:
+        text += (f'\n[models.{m}]\nfactory = "examples.tiny_detector:build_model"\n'
+                 f'checkpoint = "ckpt/{m}.pt"\ninputs = {{ pixel_values = [1, 3, 32, 32] }}\n'
+                 'outputs = ["logits", "pred_boxes"]\n')
+    for k in range(k_classes):
+        text += (f'\n[targets.t{k:03d}]\ntransport = "local"\nbackend = "onnxruntime"\n'
+                 f'models = {json.dumps(models)}\ninstall_dir = "deploy/t{k:03d}"\n')
+    fleet.write_text(text)
+
+    # what export and fingerprint would have recorded: in the store, and in a build server's artifacts/
+    base = probe_local()
+    fingerprints = {f"t{k:03d}": {**base, "onnxruntime": f"1.{k}.0-bench"} for k in range(k_classes)}
+    records = {m: {"model": m, "onnx_sha256": hashlib.sha256(m.encode()).hexdigest(),
+                   "reference_sha256": hashlib.sha256(f"{m}.ref".encode()).hexdigest()} for m in models}
+    seed = open_store(url)
+    build_server = tmp / "artifacts-build-server"
+    for target, fp in fingerprints.items():
+        data = json.dumps(fp, sort_keys=True, indent=2).encode()
+        seed.put_bytes(fingerprint_entry(target), data, overwrite=True)
+        (build_server / "fingerprints").mkdir(parents=True, exist_ok=True)
+        (build_server / "fingerprints" / f"{target}.json").write_bytes(data)
+    for m, rec in records.items():
+        data = json.dumps(rec, sort_keys=True, indent=2).encode()
+        seed.put_bytes(onnx_record_entry(m), data, overwrite=True)
+        (build_server / "onnx").mkdir(parents=True, exist_ok=True)
+        (build_server / "onnx" / f"{m}.json").write_bytes(data)
+
+    def measured(artifacts: Path) -> tuple[list, dict, int, float]:
+        ctx = Context.load(fleet, artifacts)
+        store = open_store(url)
+        calls: Counter = Counter()
+        sent: list[str] = []
+        events = store.client.meta.events
+        events.register("before-call.s3", lambda model, **_: calls.update([model.name]))
+        events.register("before-send.s3", lambda request, **_: sent.append(request.method))
+        start = time.perf_counter()
+        store.check()                    # what Context.store does when first used
+        ctx.store = store                # (cached_property: this is the one the report uses)
+        rows = cache_report(ctx)
+        return rows, dict(calls), len(sent), time.perf_counter() - start
+
+    print(f"\ncache-check requests: {m_models} models x {k_classes} targets = {m_models * k_classes} "
+          f"(model, class) pairs, {k_classes} distinct classes (real kiln.report.cache_report):")
+    rows, calls, sent, secs = measured(build_server)
+    classes = {r.hardware_class for r in rows}
+    assert len(rows) == m_models * k_classes and len(classes) == k_classes, (len(rows), len(classes))
+    _print_requests("all missing (build server)", rows, calls, sent, secs)
+    for r in rows:                       # publish every engine: the next check is the no-op
+        seed.put_bytes(engine_entry(r.key), r.key.encode())
+    rows, calls, sent, secs = measured(build_server)
+    assert cache_ok(rows)
+    _print_requests("no-op, records in artifacts/", rows, calls, sent, secs)
+    rows, calls, sent, secs = measured(tmp / "artifacts-ci-worker")
+    assert cache_ok(rows)
+    _print_requests("no-op, empty CI checkout", rows, calls, sent, secs)
+    print(f"  expected: 1 list + {m_models * k_classes} HEAD (one per pair); an empty checkout adds "
+          f"a HEAD+GET per recorded fingerprint ({k_classes}) and per ONNX record ({m_models}); "
+          "0 engine bytes read")
+
+
+def _print_requests(label: str, rows, calls: dict, sent: int, secs: float) -> None:
+    hits = sum(r.status == "hit" for r in rows)
+    ops = ", ".join(f"{n} {op}" for op, n in sorted(calls.items()))
+    print(f"  {label:30} {hits:4d}/{len(rows)} hit  {sum(calls.values()):5d} calls / {sent:5d} HTTP "
+          f"requests ({ops})  {secs * 1000:6.0f} ms")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, default=int(os.environ.get("KILN_BENCH_SIZE_MB", 200)))
     ap.add_argument("--runs", type=int, default=int(os.environ.get("KILN_BENCH_RUNS", 3)))
-    ap.add_argument("--models", type=int, default=20, help="M models for the no-op cache check")
-    ap.add_argument("--classes", type=int, default=4, help="K hardware classes for the cache check")
+    ap.add_argument("--models", type=int, default=20, help="M models for the cache check")
+    ap.add_argument("--classes", type=int, default=4,
+                    help="K targets of K distinct hardware classes for the cache check")
     args = ap.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     with patched_env(scrubbed_aws_env()), tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        from boto3.s3.transfer import TransferConfig
-
         from kiln.s3store import S3Store
-        from kiln.store import engine_entry
 
         server = MotoS3().start()
         try:
@@ -72,65 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             raw = server.client()
             store = S3Store(bucket, "bench", endpoint_url=server.endpoint)
             store.check()
-            size = args.size_mb * MB
-            src = Path(tmp) / "payload.bin"
-            t0 = time.perf_counter()
-            sha = make_file(src, size)
-            print(f"file: {args.size_mb} MiB random, runs: {args.runs}, server: moto on {server.endpoint}")
-            hash_s = timed(lambda: hashlib.file_digest(open(src, "rb"), "sha256"))
-            print(f"(made the file in {time.perf_counter() - t0:.1f}s; sha256 alone: "
-                  f"{args.size_mb / hash_s:.0f} MiB/s)")
-
-            results: dict[str, list[float]] = {k: [] for k in (
-                "store put (sha given)", "store put (sha computed)", "boto3 upload_file",
-                "store get (verified)", "boto3 download_file")}
-            cfg = TransferConfig()
-            for run in range(args.runs):
-                names = {k: f"run{run}/{i}" for i, k in enumerate(results)}
-                results["boto3 upload_file"].append(timed(lambda: raw.upload_file(
-                    str(src), bucket, f"bench/raw{run}", Config=cfg)))
-                results["store put (sha given)"].append(timed(
-                    lambda: store.put_file(names["store put (sha given)"], src, sha256=sha)))
-                results["store put (sha computed)"].append(timed(
-                    lambda: store.put_file(names["store put (sha computed)"], src)))
-                results["boto3 download_file"].append(timed(lambda: raw.download_file(
-                    bucket, f"bench/raw{run}", str(Path(tmp) / "raw.out"), Config=cfg)))
-                results["store get (verified)"].append(timed(lambda: store.get_file(
-                    names["store put (sha given)"], Path(tmp) / "store.out", sha256=sha)))
-                for p in (Path(tmp) / "raw.out", Path(tmp) / "store.out"):
-                    p.unlink()
-                for name in store.list(f"run{run}/"):  # keep moto's memory flat
-                    store.delete(name)
-                raw.delete_object(Bucket=bucket, Key=f"bench/raw{run}")
-
-            med = {k: statistics.median(v) for k, v in results.items()}
-            print(f"\n{'operation':28} {'median s':>9} {'MiB/s':>8}   runs (s)")
-            for k, v in results.items():
-                print(f"{k:28} {med[k]:9.2f} {args.size_mb / med[k]:8.0f}   "
-                      + " ".join(f"{x:.2f}" for x in v))
-            print("\nthroughput ratio vs raw boto3 (target >= 0.90x):")
-            for ours, theirs in (("store put (sha given)", "boto3 upload_file"),
-                                 ("store put (sha computed)", "boto3 upload_file"),
-                                 ("store get (verified)", "boto3 download_file")):
-                print(f"  {ours:26} / {theirs:20} = {med[theirs] / med[ours]:.2f}x")
-
-            # -- no-op cache check: M models x K classes, all present ------------------
-            keys = [hashlib.sha256(f"{m}/{c}".encode()).hexdigest()
-                    for m in range(args.models) for c in range(args.classes)]
-            for key in keys:
-                store.put_bytes(engine_entry(key), key.encode())
-            checker = S3Store(bucket, "bench", endpoint_url=server.endpoint)
-            sent: list[str] = []
-            checker.client.meta.events.register(
-                "before-send.s3", lambda request, **_: sent.append(request.method))
-            start = time.perf_counter()
-            hits = sum(checker.info(engine_entry(k)) is not None for k in keys)
-            elapsed = time.perf_counter() - start
-            methods = {m: sent.count(m) for m in sorted(set(sent))}
-            print(f"\nno-op cache check: {args.models} models x {args.classes} classes = {len(keys)} "
-                  f"info() calls, {hits} hits, {len(sent)} HTTP requests {methods}, "
-                  f"{elapsed * 1000:.0f} ms ({elapsed / len(keys) * 1000:.1f} ms/entry), "
-                  "0 payload bytes")
+            if args.size_mb > 0:
+                throughput(args, server, bucket, raw, store, Path(tmp))
+            with patched_env({"KILN_S3_ENDPOINT_URL": server.endpoint}):  # as a user would configure it
+                cache_check_requests(args, server, bucket, Path(tmp))
         finally:
             server.stop()
     return 0

@@ -33,7 +33,7 @@ COMMON = {  # run.py flag -> the same flag of a benchmark, passed only where the
     "hash_mb": "--hash-mb",
 }
 # lines worth repeating in the summary: verdicts against targets, ratios, counts, failures
-KEY_LINE = re.compile(r"\[target|target[: ]|MISSED|\bOK\b|\d\.\d+x\b|\bratio\b|requests|builds:|bytes hashed|"
+KEY_LINE = re.compile(r"\[target|target[: ]|MISSED|\bOK\b|\d\.\d+x\b|\bratio\b|requests|builds:|bytes hashed|\(baseline\)|"
                       r"SKIPPED|ERROR|Traceback", re.I)
 SUMMARY_LINES = 10  # per benchmark, to stay on one screen
 

@@ -39,7 +39,6 @@ def _export(model: Model) -> dict:
     inputs = export_inputs(model, CTX.hashes)
     before = read_json(paths.provenance) or {}
     why = _why_export(before.get("inputs"), inputs)
-    store = CTX.store  # an unusable store fails here, before minutes of export work
     say(f"  exporting {model.name} ({why})")
     result = export_model(model, paths, inputs)
     try:

@@ -43,7 +43,10 @@ _setup_logging()
 
 
 def say(line: str) -> None:
-    print(line, flush=True)
+    # one write per line: with `doit -n N` several tasks talk at once, and print() writes
+    # the text and the newline separately, which interleaves lines
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def action(fn):

@@ -1,9 +1,13 @@
 """fingerprint:<target> — probe each target; the record changes only when the device does."""
 from __future__ import annotations
 
+import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from kiln.config import Target
+from kiln.device import Device
 from kiln.errors import KilnError
 from kiln.hwclass import describe_change
 from kiln.keys import read_json, write_json_if_changed
@@ -19,29 +23,40 @@ class Probe:
     Its result is kept for the action, so a changed device is probed once per run.
     """
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, target: Target, fleet: "FleetProbes | None" = None) -> None:
         self.target = target
+        self.fleet = fleet
         self.result: dict | None = None
+        self.active: dict[str, str | None] | None = None  # releases active on the device when probed
         self.error: KilnError | None = None
         self.seconds = 0.0
+        self._lock = threading.Lock()
 
     def run(self) -> dict:
+        with self._lock:
+            self._run_once()
+        if self.error:
+            raise self.error
+        return self.result
+
+    def _run_once(self) -> None:
         if self.result is None and self.error is None:
             start = time.time()
             try:
                 if self.target.transport == "local":
                     self.result = probe_local()
                 else:
-                    self.result = probe_remote(CTX.transport(self.target), trtexec=self.target.trtexec,
-                                               python=self.target.python)
+                    transport = CTX.transport(self.target)
+                    self.result = probe_remote(transport, trtexec=self.target.trtexec, python=self.target.python)
+                    # read while we are there: deploy's up-to-date check needs it next
+                    self.active = Device(transport, self.target).active_releases(self.target.models)
             except KilnError as exc:
                 self.error = exc
             self.seconds = time.time() - start
-        if self.error:
-            raise self.error
-        return self.result
 
     def __call__(self, task, values) -> bool:
+        if self.fleet:
+            self.fleet.prefetch()
         try:
             current = self.run()
         except KilnError:
@@ -53,6 +68,48 @@ class Probe:
                             why="fingerprint unchanged")
             return True
         return False
+
+
+class FleetProbes:
+    """doit checks up-to-date-ness one task at a time, so twenty devices would be probed one
+    after another. On the first check, every remote probe this command will need starts at
+    once in a thread pool (each on the connection its tasks reuse); each check then only
+    waits for its own result.
+
+    Any `engine` or `deploy` task needs every fingerprint (classes come from all of them),
+    so the whole fleet is probed, unless the command names only `fingerprint:<target>` tasks.
+    """
+
+    MAX_PARALLEL = 16
+
+    def __init__(self, targets) -> None:
+        self.probes = {t.name: Probe(t, self) for t in targets}
+        self._started = False
+        self._lock = threading.Lock()
+
+    def prefetch(self) -> None:
+        with self._lock:
+            if self._started:
+                return
+            self._started = True
+        wanted = [p for name, p in self.probes.items() if p.target.transport != "local" and name in _selected()]
+        if len(wanted) > 1:
+            pool = ThreadPoolExecutor(min(self.MAX_PARALLEL, len(wanted)), thread_name_prefix="kiln-probe")
+            for probe in wanted:
+                pool.submit(probe.run)  # results and errors stay on each Probe
+            pool.shutdown(wait=False)
+
+
+PROBES = FleetProbes(CTX.fleet.targets.values())
+
+
+def _selected() -> set[str]:
+    """Targets the command line asks to probe (see FleetProbes)."""
+    names = [a for a in sys.argv[1:] if not a.startswith("-") and not a.isdigit()]
+    only = {a.split(":", 1)[1] for a in names if a.startswith("fingerprint:")}
+    if names and all(a.startswith("fingerprint:") for a in names):
+        return only
+    return set(CTX.fleet.targets)
 
 
 def _record(probe: Probe) -> None:
@@ -89,7 +146,7 @@ def task_fingerprint():
     """Probe targets (CPU ISA, GPU, L4T/JetPack, TensorRT, CUDA, cuDNN, ...)."""
     yield {"name": None, "doc": "probe every target"}
     for target in CTX.fleet.targets.values():
-        probe = Probe(target)
+        probe = PROBES.probes[target.name]
         yield {"name": target.name, "doc": f"probe {target.name} ({target.transport}, {target.backend})",
                "actions": [action(lambda p=probe: _record(p))],
                "uptodate": [probe], "verbosity": 2}

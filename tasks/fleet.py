@@ -16,6 +16,7 @@ from kiln.hwclass import HardwareClass, hardware_class
 from kiln.keys import read_json
 
 from .common import CTX, action, say
+from .fingerprint import PROBES
 
 
 def fleet_classes() -> tuple[dict[str, HardwareClass], list[str]]:
@@ -82,11 +83,13 @@ class DeployCheck:
         deployed = read_json(CTX.deployment_record(self.target.name)) or {}
         if deployed.get("releases") != wanted:
             return False
-        from kiln.device import Device
-        try:
-            active = Device(CTX.transport(self.target), self.target).active_releases(self.target.models)
-        except KilnError:
-            return False
+        active = PROBES.probes[self.target.name].active  # read with the probe, on the same connection
+        if active is None:
+            from kiln.device import Device
+            try:
+                active = Device(CTX.transport(self.target), self.target).active_releases(self.target.models)
+            except KilnError:
+                return False
         if active != wanted:
             return False
         CTX.events.emit(f"deploy:{self.target.name}", "skip", target=self.target.name,

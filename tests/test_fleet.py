@@ -47,7 +47,7 @@ def test_identical_devices_share_one_build_and_a_second_run_does_nothing(tmp_pat
     p = fleet_project(tmp_path, jetsons, {n: {"groups": ["jetsons"]} for n in ORINS + ["xavier"]})
     first = p.doit("-n", "4", "deploy")
     assert builds(jetsons, ORINS + ["xavier"]) == 2, first.out   # counted on the devices
-    assert len(first.ran_group("engine")) == 2
+    assert len(first.ran_group("engine")) == 2, first.out
     assert first.ran_group("deploy") >= {f"deploy:{n}" for n in ORINS + ["xavier"]}
     for name in ORINS + ["xavier"]:
         current = jetsons.srv(name) / "kiln/tiny/current"

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import threading
 import uuid
-from functools import cached_property
 from pathlib import Path
 
 from .config import Fleet, Target, load_fleet
+from .errors import StoreError
 from .events import EventLog
 from .keys import HashCache
 from .store import Store, open_store
@@ -26,6 +26,7 @@ class Context:
         self.events = EventLog(self.artifacts / "logs" / "events.jsonl", run=self.run_id)
         self.hashes = HashCache(self.artifacts / "cache" / "hashes.json")
         self._transports: dict[str, Transport] = {}
+        self._store: Store | StoreError | None = None
         self._lock = threading.Lock()
 
     @classmethod
@@ -55,11 +56,22 @@ class Context:
         return self.artifacts / "cache" / "engines" / key
 
     # -- lazily opened resources ---------------------------------------------------
-    @cached_property
+    @property
     def store(self) -> Store:
-        store = open_store(self.fleet.store_url, base_dir=self.fleet.base_dir)
-        store.check()
-        return store
+        """Opened and checked once per run; a broken store fails every later use the same way
+        without asking the server again."""
+        with self._lock:
+            if self._store is None:
+                try:
+                    store = open_store(self.fleet.store_url, base_dir=self.fleet.base_dir)
+                    store.check()
+                except StoreError as exc:
+                    self._store = exc
+                else:
+                    self._store = store
+        if isinstance(self._store, StoreError):
+            raise self._store
+        return self._store
 
     def transport(self, target: Target) -> Transport:
         with self._lock:

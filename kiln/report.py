@@ -6,16 +6,19 @@ the store, so a CI worker with an empty checkout can ask "is every engine built?
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from xml.sax.saxutils import quoteattr
 
 from .context import Context
 from .engines import EngineSpec, engine_key_inputs
-from .errors import CorruptEntry, ExportError
+from .errors import ExportError, StoreError
 from .export import ExportPaths, export_inputs
 from .hwclass import describe_change, hardware_class
 from .keys import digest, read_json
 from .store import engine_entry, fingerprint_entry, onnx_record_entry
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +34,10 @@ class CacheRow:
 def _from_store(ctx: Context, name: str) -> dict | None:
     try:
         return json.loads(ctx.store.get_bytes(name))
-    except (KeyError, CorruptEntry, ValueError):
+    except (KeyError, ValueError):
+        return None
+    except StoreError as exc:  # e.g. corrupt, and not removable with read-only CI credentials
+        log.warning("cannot read %s from the store: %s", name, exc.message)
         return None
 
 

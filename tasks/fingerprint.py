@@ -103,12 +103,20 @@ class FleetProbes:
 PROBES = FleetProbes(CTX.fleet.targets.values())
 
 
+def _task_args() -> list[str]:
+    return [a for a in sys.argv[1:] if not a.startswith("-") and not a.isdigit()]
+
+
+def _named_on_command_line() -> set[str]:
+    """Targets whose fingerprint task the user asked for by name."""
+    return {a.split(":", 1)[1] for a in _task_args() if a.startswith("fingerprint:")}
+
+
 def _selected() -> set[str]:
-    """Targets the command line asks to probe (see FleetProbes)."""
-    names = [a for a in sys.argv[1:] if not a.startswith("-") and not a.isdigit()]
-    only = {a.split(":", 1)[1] for a in names if a.startswith("fingerprint:")}
+    """Targets the command will probe (see FleetProbes)."""
+    names = _task_args()
     if names and all(a.startswith("fingerprint:") for a in names):
-        return only
+        return _named_on_command_line()
     return set(CTX.fleet.targets)
 
 
@@ -120,7 +128,12 @@ def _record(probe: Probe) -> None:
     except KilnError as exc:
         write_json_if_changed(error_file, {"target": name, "error": exc.message, "at": time.time()})
         CTX.events.emit(f"fingerprint:{name}", "fail", target=name, why=f"probe failed: {exc.message}")
-        raise
+        if name in _named_on_command_line():
+            raise
+        # Every deploy probes the whole fleet (classes come from all fingerprints): an offline
+        # device must not fail `doit deploy:<another target>`. Its own deploy task fails instead.
+        say(f"  WARNING {name}: probe failed, its engine/deploy tasks will fail: {exc.message}")
+        return
     old = read_json(CTX.fingerprint_file(name))
     changes = describe_change(old, fingerprint, probe.target.backend, tuple(probe.target.class_fields))
     if old is not None and old != fingerprint:

@@ -91,9 +91,15 @@ def test_an_unreachable_device_fails_alone(tmp_path, jetsons):
     run = p.doit("-n", "3", "deploy:line-1", check=False)
     assert run.returncode != 0
     assert {"deploy:orin-a", "deploy:orin-c"} <= run.ran()
-    assert "FAILED  fingerprint:orin-b" in run.out and "orin-b" in run.out
+    failed = [l for l in run.out.splitlines() if l.startswith("  FAILED  ") and "not run: depends on" not in l]
+    assert len(failed) == 1 and failed[0].startswith("  FAILED  deploy:orin-b: cannot deploy to orin-b: its probe failed"), run.out
     assert (jetsons.srv("orin-a") / "kiln/tiny/current").exists()
     assert not (jetsons.srv("orin-b") / "kiln/tiny/current").exists()
+    # deploying another target is not spoiled by the offline one
+    assert p.doit("deploy:orin-c").returncode == 0
+    # asking for the offline device's fingerprint by name fails
+    probe = p.doit("fingerprint:orin-b", check=False)
+    assert probe.returncode != 0 and "orin-b" in probe.out
 
 
 def test_unknown_host_key_is_refused(tmp_path, jetsons):

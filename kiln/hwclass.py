@@ -52,9 +52,10 @@ def hardware_class(backend: str, fingerprint: dict, extra_fields: tuple[str, ...
 
 def describe_change(old: dict | None, new: dict, backend: str, extra_fields: tuple[str, ...] = ()) -> list[str]:
     """Human lines for what moved a device to another class, e.g. "tensorrt 8.5.2 → 10.3.0"."""
-    if not old:
-        return ["first probe"]
     names = sorted(set(CLASS_FIELDS[backend]) | set(extra_fields))
+    if not old:
+        return ["first probe: " + ", ".join(f"{LABELS.get(n, n)} {_show(new.get(n))}" for n in names
+                                            if new.get(n) is not None)]
     return [f"{LABELS.get(n, n)} {_show(old.get(n))} → {_show(new.get(n))}" for n in names if old.get(n) != new.get(n)]
 
 

@@ -18,7 +18,7 @@ from .backends import Backend, get_backend
 from .config import Model, Target
 from .context import Context
 from .device import Device
-from .errors import BuildError, CorruptEntry, KilnError
+from .errors import BuildError, CorruptEntry, KilnError, UnreachableError
 from .export import ExportPaths
 from .hwclass import HardwareClass
 from .keys import digest, read_json, write_json_if_changed
@@ -87,19 +87,13 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
     for target in choose_builder(spec):
         try:
             manifest = _build_on(ctx, spec, target, key, inputs, onnx_record, paths, say)
-        except KilnError as exc:
-            if not _is_unreachable(exc):
-                raise
+        except UnreachableError as exc:
             errors.append(f"{target.name}: {exc.message}")
             log.warning("builder %s unreachable, trying the next member of %s", target.name, spec.hwclass.id)
             continue
         return _write_record(ctx, spec, key, manifest)
     raise BuildError(f"no member of hardware class {spec.hwclass.id} could build {model.name}: " + "; ".join(errors),
                      model=model.name, hint="bring one of the class's devices online, then run again")
-
-
-def _is_unreachable(exc: KilnError) -> bool:
-    return type(exc).__name__ == "UnreachableError"
 
 
 def _stored_manifest(ctx: Context, key: str) -> dict | None:

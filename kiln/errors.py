@@ -42,6 +42,18 @@ class TransportError(KilnError):
     """A command or a transfer on a target failed, or the target is unreachable."""
 
 
+class UnreachableError(TransportError):
+    """The target (or a ProxyJump hop) cannot be reached or does not speak SSH in time."""
+
+
+class HostKeyError(TransportError):
+    """The target's host key is unknown or differs from the one in known_hosts."""
+
+
+class AuthenticationFailed(TransportError):
+    """The target refused every key/credential offered."""
+
+
 class CommandFailed(TransportError):
     """A command exited non-zero; carries command, exit code and output tail."""
 

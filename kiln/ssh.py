@@ -32,7 +32,6 @@ from __future__ import annotations
 import atexit
 import base64
 import codecs
-import errno
 import hashlib
 import logging
 import os
@@ -47,7 +46,7 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from .errors import TransportError
+from .errors import AuthenticationFailed, HostKeyError, TransportError, UnreachableError  # noqa: F401
 from .transport import Result, Stream, Transport, quote_argv
 
 log = logging.getLogger(__name__)
@@ -62,18 +61,6 @@ CHUNK = 1 << 20
 _PID_MARK = "\x1ekiln-pid:"
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
-
-
-class HostKeyError(TransportError):
-    """The target's host key is unknown or differs from the one in known_hosts."""
-
-
-class UnreachableError(TransportError):
-    """The target (or a ProxyJump hop) cannot be reached or does not speak SSH in time."""
-
-
-class AuthenticationFailed(TransportError):
-    """The target refused every key/credential offered."""
 
 
 def key_fingerprint(key) -> str:

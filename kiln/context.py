@@ -73,6 +73,11 @@ class Context:
             raise self._store
         return self._store
 
+    @store.setter
+    def store(self, store: Store) -> None:
+        """Use an already opened store (benchmarks that instrument its client)."""
+        self._store = store
+
     def transport(self, target: Target) -> Transport:
         with self._lock:
             if target.name not in self._transports:

@@ -154,7 +154,7 @@ def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
         events.register("before-send.s3", lambda request, **_: sent.append(request.method))
         start = time.perf_counter()
         store.check()                    # what Context.store does when first used
-        ctx.store = store                # (cached_property: this is the one the report uses)
+        ctx.store = store                # the one the report uses
         rows = cache_report(ctx)
         return rows, dict(calls), len(sent), time.perf_counter() - start
 

@@ -267,3 +267,19 @@ def test_a_flipped_byte_in_a_stored_engine_is_caught_and_rebuilt(project):
     assert len(again.ran_group("engine")) == 1 and "deploy:local" in again.ran()
     assert project.active() == key
     assert_store_consistent(project)
+
+
+def test_a_deploy_in_progress_locks_the_device(project):
+    before = project.active()
+    lock = project.root / "deploy/.kiln/lock"
+    lock.mkdir(parents=True)
+    (lock / "owner").write_text(json.dumps({"owner": "another-run", "since": time.time()}))
+    save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.07;"
+                          f"torch.save(sd, {str(project.checkpoint())!r})")
+    run = project.doit("deploy:local", check=False)
+    assert run.returncode != 0 and "locked by another deploy (another-run" in run.out, run.out
+    assert project.active() == before and lock.exists()
+    # a lock older than the staleness limit is taken over
+    (lock / "owner").write_text(json.dumps({"owner": "died", "since": time.time() - 7 * 3600}))
+    project.doit("deploy:local")
+    assert project.active() != before and not lock.exists()

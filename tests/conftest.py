@@ -17,6 +17,7 @@ from __future__ import annotations
 import pytest
 
 from tests.fleet.sim import Fleet, standard_fleet, unsupported_reason
+from tests.s3server import aws_env_scrubbed, moto_s3, slowdown_s3  # noqa: F401  (S3 fixtures, one server per session)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import re
 import pytest
 
 from kiln_project import Project
-from s3server import moto_s3  # noqa: F401  (fixture)
 
 
 def fleet_project(tmp_path, sim, devices: dict[str, dict], extra_models: str = "") -> Project:

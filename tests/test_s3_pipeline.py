@@ -18,7 +18,7 @@ import logging
 import pytest
 
 from kiln_project import Project, python
-from tests.s3server import FAKE_SECRET, moto_s3, scrubbed_aws_env  # noqa: F401
+from tests.s3server import FAKE_SECRET, scrubbed_aws_env
 
 
 def _moto_available() -> str | None:

@@ -19,8 +19,7 @@ import pytest
 
 from kiln.errors import CorruptEntry, StoreError
 from kiln.store import LocalStore, Store, engine_entry, onnx_entry, staging_entry
-from tests.s3server import (FAKE_SECRET, ORIGINAL_ENV, aws_env_scrubbed,  # noqa: F401
-                            free_port, moto_s3, patched_env, slowdown_s3)
+from tests.s3server import FAKE_SECRET, ORIGINAL_ENV, free_port, patched_env
 
 MB = 1 << 20
 EXTERNAL_URL = os.environ.get("KILN_TEST_S3_URL")

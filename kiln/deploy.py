@@ -39,10 +39,15 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         staged = {}
         for model, record in todo.items():
             staged[model] = _stage(ctx, device, target, model, record, say)
-        switched = {}
-        for model, record in todo.items():
-            result = device.agent("activate", "--model-dir", device.path(model), "--release", record["key"])
-            switched[model] = result.get("previous")
+        switched: dict[str, str | None] = {}
+        try:
+            for model, record in todo.items():
+                result = device.agent("activate", "--model-dir", device.path(model), "--release", record["key"])
+                switched[model] = result.get("previous")
+        except KilnError as exc:  # all models switch, or none
+            _roll_back(ctx, device, target, switched, why=f"activation failed: {exc.message}")
+            raise DeployError(f"activation failed on {target.name}; rolled back to the previous releases",
+                              target=target.name, hint=exc.hint) from exc
         if switched:
             _after_activation(ctx, device, target, switched, say)
         for model, record in engines.items():
@@ -131,11 +136,14 @@ def _after_activation(ctx: Context, device: Device, target: Target, switched: di
                 say(f"  {target.name}: {what.replace('_', ' ')}: {command}")
                 device.transport.run(["sh", "-c", command], env=None, timeout=target.command_timeout)
     except CommandFailed as exc:
-        for model, previous in switched.items():
-            device.agent("rollback", "--model-dir", device.path(model))
-            ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name,
-                            key=previous, why=f"{what.replace('_', ' ')} failed (exit {exc.exit_code}); "
-                                              f"{model} back to {previous[:12] if previous else 'nothing'}")
+        _roll_back(ctx, device, target, switched, why=f"{what.replace('_', ' ')} failed (exit {exc.exit_code})")
         raise DeployError(f"{what.replace('_', ' ')} failed on {target.name}; rolled back to the previous releases",
                           target=target.name, hint=f"command: {exc.command}; exit code {exc.exit_code}; "
                                                    f"output: {exc.output_tail[-500:]}") from exc
+
+
+def _roll_back(ctx: Context, device: Device, target: Target, switched: dict[str, str | None], why: str) -> None:
+    for model, previous in switched.items():
+        device.agent("rollback", "--model-dir", device.path(model))
+        ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name, key=previous,
+                        why=f"{why}; {model} back to {previous[:12] if previous else 'nothing'}")

@@ -1,8 +1,8 @@
 """engine:<model>@<class> and deploy:<target>, created once the targets are probed.
 
 Classes are known only after probing, so these tasks come from one delayed
-creator. Targets whose probe failed this run get a deploy task that depends on
-their failed fingerprint task: they fail alone, the rest of the fleet goes on.
+creator. A target whose probe failed this run gets a deploy task that fails with
+the probe's reason: it fails alone, the rest of the fleet goes on.
 """
 from __future__ import annotations
 

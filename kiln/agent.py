@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import sys
 import time
 import zipfile
@@ -159,6 +160,124 @@ def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5
     return report
 
 
+# -- TensorRT engines (trtexec runs them; the agent feeds and checks) ---------------------
+#
+# trtexec's own formats (NVIDIA/TensorRT, same in tags 8.5.2, v8.6.1, v10.3.0 and v10.16):
+# * --loadInputs=name:file[,name:file]: each file is the raw bytes of one input tensor in the
+#   engine's input type, C order (samples/trtexec/README.md "Using custom input data":
+#   `np.ones((1,3,244,244), dtype=np.float32).tofile("data.bin")`); the size must be the
+#   binding's (samples/common/sampleUtils.cpp `loadFromFile`).
+# * --exportOutput=file.json (samples/common/sampleReporting.cpp `exportJSONOutput`):
+#     [
+#       { "name" : "logits"
+#       , "dimensions" : "1x300x80"
+#       , "values" : [ 0.0435101, 0.0340782, ... ]
+#       }
+#     , { "name" : ...
+#     ]
+#   "dimensions" is a string: the dims joined by "x" (sampleOptions.h operator<<(Dims); ""
+#   for a scalar); "values" are flat in C order, printed by `std::ostream <<` with its
+#   default 6 significant digits (so tolerances below ~1e-5 relative are meaningless);
+#   fp16 as float, int8 as int, bool as 0/1; non-finite values come out as `nan`/`inf`,
+#   which is not JSON, hence _NONFINITE.
+TRT_OUTPUTS_FILE = "outputs.json"
+_NONFINITE = re.compile(r"(?<=[\[,\s])(-?)(nan|inf(?:inity)?)(?=[\s,\]])", re.IGNORECASE)
+
+
+def raw_inputs(reference_path, out_dir, int64_as_int32=False):
+    """Write each `input.<name>` of the reference as a raw little-endian .bin for --loadInputs.
+
+    float64 becomes float32 (TensorRT has no double I/O). int64 inputs are INT64 bindings
+    from TensorRT 10.0 on (kINT64 is new in v10.0.0 include/NvInferRuntimeBase.h) but INT32
+    before: `int64_as_int32` converts them (kiln's own references are float32 only).
+    """
+    import numpy as np
+    ref = load_arrays(reference_path)
+    names = sorted(k[len("input."):] for k in ref if k.startswith("input."))
+    if not names:
+        raise SystemExit("%s holds no input.* arrays" % reference_path)
+    if not os.path.isdir(out_dir):
+        os.makedirs(out_dir)
+    files, spec, inputs, shapes = {}, [], [], {}
+    for i, name in enumerate(names):
+        a = np.asarray(ref["input." + name])
+        if a.dtype == np.float64:
+            a = a.astype(np.float32)
+        elif a.dtype == np.int64 and int64_as_int32:
+            if a.size and (a.min() < -2 ** 31 or a.max() >= 2 ** 31):
+                raise SystemExit("input %s has int64 values outside the int32 range" % name)
+            a = a.astype(np.int32)
+        a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
+        file_name = "input%d.bin" % i
+        path = os.path.join(out_dir, file_name)
+        with open(path + ".part", "wb") as f:
+            f.write(a.tobytes(order="C"))
+        os.replace(path + ".part", path)
+        files[name] = file_name
+        shapes[name] = [int(d) for d in a.shape]
+        inputs.append({"name": name, "file": path, "dtype": str(a.dtype), "shape": shapes[name],
+                       "bytes": int(a.nbytes)})
+        # trtexec splits on the last ':' unless the name is quoted ('name':file)
+        spec.append(("'%s':%s" if ":" in path else "%s:%s") % (name, path))
+    return {"files": files, "shapes": shapes, "inputs": inputs, "load_inputs": spec}
+
+
+def _trt_dims(value, name):
+    if isinstance(value, list):
+        return tuple(int(d) for d in value)
+    text = str(value).strip()
+    if text.startswith("(") and text.endswith(")"):          # samplesCommon's "(1, 300, 4)" form
+        text = text[1:-1].replace(",", "x").replace(" ", "")
+    if not text:
+        return ()
+    try:
+        return tuple(int(d) for d in text.split("x"))
+    except ValueError:
+        raise ValueError("output %s has unreadable dimensions %r" % (name, value))
+
+
+def parse_trt_outputs(text):
+    """trtexec --exportOutput JSON -> {name: numpy array shaped by its "dimensions"}."""
+    import numpy as np
+    try:
+        data = json.loads(text)
+    except ValueError:
+        data = json.loads(_NONFINITE.sub(lambda m: "NaN" if m.group(2).lower() == "nan"
+                                         else m.group(1) + "Infinity", text))
+    if not isinstance(data, list):
+        raise ValueError("expected a JSON list of outputs, got %s" % type(data).__name__)
+    out = {}
+    for entry in data:
+        if not isinstance(entry, dict) or "name" not in entry or "values" not in entry:
+            raise ValueError("an entry lacks name/values: %r" % (str(entry)[:200],))
+        name = str(entry["name"])
+        dims = _trt_dims(entry.get("dimensions", ""), name)
+        values = np.asarray(entry["values"], dtype=np.float64)
+        count = 1
+        for d in dims:
+            count *= d
+        if values.size != count:
+            raise ValueError("output %s has %d values for dimensions %s" % (name, values.size, "x".join(map(str, dims))))
+        out[name] = values.reshape(dims)
+    return out
+
+
+def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute):
+    """Compare trtexec's exported outputs with the reference outputs (compare_outputs)."""
+    ref = load_arrays(reference_path)
+    expected = {k[len("output."):]: v for k, v in ref.items() if k.startswith("output.")}
+    try:
+        with open(outputs_path) as f:
+            got = parse_trt_outputs(f.read())
+    except (OSError, ValueError) as exc:
+        return {"ok": False, "reason": "cannot read trtexec's exported outputs %s: %s" % (outputs_path, exc),
+                "rtol": rtol, "atol": atol}
+    report = compare_outputs(expected, got, rtol, atol, rows_may_permute)
+    report["rtol"], report["atol"] = rtol, atol
+    report["outputs"] = {n: list(got[n].shape) for n in sorted(got)}
+    return report
+
+
 # -- transfers through presigned URLs (the device holds no store credentials) ------------
 
 def fetch(url, out, sha256, timeout=600):
@@ -266,6 +385,14 @@ def state(install_dir, models):
     return {"active": out}
 
 
+def _has_numpy():
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="kiln-agent")
     sub = p.add_subparsers(dest="cmd")
@@ -276,6 +403,11 @@ def main(argv=None):
     s.add_argument("--rtol", type=float, default=1e-3); s.add_argument("--atol", type=float, default=1e-4)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--runs", type=int, default=5)
     # presigned URLs are credentials: they come in the environment, never in argv (ps, logs)
+    s = sub.add_parser("raw-inputs"); s.add_argument("--reference", required=True); s.add_argument("--out-dir", required=True)
+    s.add_argument("--int64-as-int32", action="store_true")
+    s = sub.add_parser("trt-compare"); s.add_argument("--reference", required=True); s.add_argument("--outputs", required=True)
+    s.add_argument("--rtol", type=float, default=1e-2); s.add_argument("--atol", type=float, default=1e-2)
+    s.add_argument("--strict-order", action="store_true")
     s = sub.add_parser("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
     s = sub.add_parser("upload"); s.add_argument("--file", required=True)
     s = sub.add_parser("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
@@ -289,6 +421,14 @@ def main(argv=None):
         out = ort_build(a.onnx, a.out, a.level)
     elif a.cmd == "ort-verify":
         out = ort_verify(a.engine, a.reference, a.rtol, a.atol, not a.strict_order, a.runs)
+    elif a.cmd in ("raw-inputs", "trt-compare") and not _has_numpy():
+        out = {"ok": False, "reason": "the device's %s has no numpy (needed to check TensorRT outputs); "
+               "install it (apt install python3-numpy) or point the target's `python` at one that has it"
+               % sys.executable}
+    elif a.cmd == "raw-inputs":
+        out = raw_inputs(a.reference, a.out_dir, a.int64_as_int32)
+    elif a.cmd == "trt-compare":
+        out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order)
     elif a.cmd == "fetch":
         out = fetch(os.environ["KILN_URL"], a.out, a.sha256)
     elif a.cmd == "upload":

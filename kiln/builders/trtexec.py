@@ -282,13 +282,50 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
     return argv
 
 
+def _load_inputs_spec(load_inputs: Mapping[str, str]) -> str:
+    """`--loadInputs` value: `name:file[,name:file]`.
+
+    trtexec splits the list on ',' and each piece on its *last* ':' unless the name is
+    wrapped in single quotes (`'name':file`, meant for Windows paths), in which case the
+    file is everything after the closing quote and ':'. Same parser in 8.5.2, v8.6.1,
+    v10.3.0 and v10.16 (samples/common/sampleOptions.cpp `splitNameAndValue`, and
+    `getAndDelOption(arguments, "--loadInputs", list)` + `splitToStringVec(list, ',')`).
+    So: no ',' or "'" anywhere, and the name is quoted when the file contains ':'.
+    """
+    pieces = []
+    for name, path in sorted(load_inputs.items()):
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
+            raise BuildConfigError(f"input name {name!r} cannot be passed to trtexec --loadInputs",
+                                   field="load_inputs", hint="input names must match [A-Za-z_][A-Za-z0-9_./-]*")
+        path = str(path)
+        if not path or "," in path or "'" in path:
+            raise BuildConfigError(f"input file {path!r} cannot be passed to trtexec --loadInputs "
+                                   "(',' and \"'\" split the spec)", field="load_inputs",
+                                   hint="use a relative file name and run trtexec from its folder")
+        pieces.append(f"'{name}':{path}" if ":" in path else f"{name}:{path}")
+    return ",".join(pieces)
+
+
 def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
               iterations: int | None = None, duration_s: int | None = None,
-              percentile: float | None = None, shapes: Mapping[str, Sequence[int]] | None = None) -> list[str]:
+              percentile: float | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
+              load_inputs: Mapping[str, str] | None = None, export_output: str | None = None) -> list[str]:
     """trtexec argv that deserializes and times an engine (verification on the device).
 
     The summary reports percentiles 90/95/99 by default; `percentile` asks for one
     more (a single value: the multi-value form is not confirmed for every version).
+
+    `load_inputs` {input name: file}: `--loadInputs`, raw little-endian bytes of each
+    input in the engine's input type, C order, nothing else (samples/trtexec/README.md
+    "Using custom input data": `np.ones(..., np.float32).tofile("data.bin")`; the size
+    must match the binding: 8.5.2 samples/common/sampleUtils.cpp `loadFromFile` reads
+    exactly the binding size, v10.3.0 also rejects a file of another size). Inputs
+    left out get random values. `export_output`: `--exportOutput=<file>`, a JSON list of
+    {"name", "dimensions" ("1x300x4"), "values" (flat, C order)} written from the last
+    inference iteration (samples/common/sampleReporting.cpp `exportJSONOutput`, same in
+    8.5.2 .. v10.16). Both flags exist unchanged in 8.5.2 .. v10.16, so no version gate.
+    Every iteration reuses the loaded inputs, so `--iterations/--warmUp/--duration` only
+    change the timing (trtexec runs for at least max(iterations, duration) after warm-up).
     """
     argv = [trtexec_path, f"--loadEngine={engine}"]
     for flag, value in (("--warmUp", warmup_ms), ("--iterations", iterations), ("--duration", duration_s)):
@@ -304,6 +341,12 @@ def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
         spec = ",".join(f"{_shape_range(n, {'min': d, 'opt': d, 'max': d}).name}:" + "x".join(map(str, d))
                         for n, d in sorted(shapes.items()))
         argv.append(f"--shapes={spec}")
+    if load_inputs:
+        argv.append(f"--loadInputs={_load_inputs_spec(load_inputs)}")
+    if export_output is not None:
+        if not str(export_output):
+            raise BuildConfigError("export_output needs a file name", field="export_output")
+        argv.append(f"--exportOutput={export_output}")
     return argv
 
 

@@ -92,6 +92,10 @@ VERIFY_KEYS = {
     "atol": Key((float, int), default=1e-4, doc="absolute tolerance"),
     "rows_may_permute": Key((bool,), default=True,
                             doc="accept detection rows in another order where the model's top-k has ties"),
+    "trt_rtol": Key((float, int), default=1e-2, check=lambda v: None if v >= 0 else "must be >= 0",
+                    doc="relative tolerance for TensorRT engines (fp16/TF32 kernels); the looser of this and rtol applies"),
+    "trt_atol": Key((float, int), default=1e-2, check=lambda v: None if v >= 0 else "must be >= 0",
+                    doc="absolute tolerance for TensorRT engines; the looser of this and atol applies"),
 }
 BUILD_KEYS = {
     "precision": Key((str,), default="fp16", check=_one_of(("fp32", "fp16", "int8", "best")),

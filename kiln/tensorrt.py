@@ -7,8 +7,11 @@ target's transport. Build output streams live and is kept in full in the log.
 """
 from __future__ import annotations
 
+import os
 import posixpath
+import uuid
 
+from . import agent as agent_module
 from .backends import Backend
 from .builders.trtexec import (TRT_API_BUILD_SCRIPT, TrtBuildConfig, api_build_argv, build_argv,
                                check_trtexec_result, load_argv, parse_api_build_output)
@@ -60,16 +63,65 @@ class TensorRTBackend(Backend):
                 "tool": tool, "command": result.command}
 
     def verify(self, device: Device, engine, reference, verify) -> dict:
-        """Deserialize and run the engine with trtexec: catches plans for another
-        TensorRT/GPU and broken plans; reports latency percentiles for the manifest."""
+        """Run the engine on the reference inputs on the device and compare its outputs with
+        PyTorch's, like the ONNX Runtime backend; keep trtexec's latency percentiles.
+
+        1. the agent writes each reference input as a raw .bin (`raw-inputs`);
+        2. one trtexec run: --loadEngine + --loadInputs + --exportOutput (+ --shapes, needed
+           for dynamic engines, checked against static ones from 10.x) times the engine and
+           writes the outputs of its last iteration as JSON; run from the scratch folder so
+           the --loadInputs spec holds plain relative names (',' "'" ':' would split it);
+        3. the agent compares that JSON with the reference outputs (`trt-compare`, the
+           same compare_outputs as ONNX Runtime engines and the export check).
+        A plan for another TensorRT/GPU, a broken plan or outputs beyond the tolerances
+        raise VerificationError.
+        """
         target = device.config
-        result = device.transport.run(load_argv(target.trtexec, engine, iterations=50, percentile=99),
-                                      check=False, timeout=target.command_timeout)
+        rtol, atol = trt_tolerances(verify)
+        work = device.path(".kiln", "verify", f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
         try:
-            report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
-                                          target=device.target)
-        except BuildError as exc:
-            raise VerificationError(f"the engine does not load on {device.target}: {exc.message}",
-                                    target=device.target, hint=exc.hint) from exc
+            raw = device.agent("raw-inputs", "--reference", reference, "--out-dir", work)
+            if not raw.get("ok", True):
+                raise VerificationError(f"cannot prepare the reference inputs on {device.target}: {raw.get('reason')}",
+                                        target=device.target)
+            argv = load_argv(target.trtexec, engine, iterations=50, percentile=99, shapes=raw["shapes"],
+                             load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE)
+            result = device.transport.run(["sh", "-c", 'cd "$1" && shift && exec "$@"', "kiln-verify", work, *argv],
+                                          check=False, timeout=target.command_timeout)
+            try:
+                report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
+                                              target=device.target)
+            except BuildError as exc:
+                inputs = "input file" in exc.message.lower() or "cannot open file" in exc.message.lower()
+                what = "could not feed the reference inputs to the engine" if inputs else "the engine does not load"
+                raise VerificationError(f"{what} on {device.target}: {exc.message}",
+                                        target=device.target, hint=exc.hint) from exc
+            args = ["trt-compare", "--reference", reference, "--outputs",
+                    posixpath.join(work, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol)]
+            if not verify.get("rows_may_permute", True):
+                args.append("--strict-order")
+            compared = device.agent(*args)
+            if not compared.get("ok"):
+                raise VerificationError(
+                    f"TensorRT engine outputs differ from the reference on {device.target}: {compared.get('reason')}",
+                    target=device.target,
+                    hint=f"nothing was published or activated; compared with rtol={rtol:g} atol={atol:g} (the looser "
+                         "of verify.rtol/atol and verify.trt_rtol/trt_atol); check the build or loosen them")
+        finally:
+            device.transport.run(["rm", "-rf", work], check=False)
         return {"ok": True, "latency_ms": report.latency_ms, "throughput_qps": report.throughput_qps,
-                "tensorrt": report.tensorrt_version}
+                "tensorrt": report.tensorrt_version, "max_abs_diff": compared["max_abs_diff"],
+                "permuted": compared.get("permuted", False), "rtol": rtol, "atol": atol,
+                "compared": "trtexec --exportOutput vs reference outputs"}
+
+
+def trt_tolerances(verify: dict) -> tuple[float, float]:
+    """TensorRT's tolerances: the looser of verify.rtol/atol and verify.trt_rtol/trt_atol.
+
+    fp16 (and TF32 on Ampere+/Orin even for fp32) kernels differ from PyTorch's fp32
+    outputs by more than ONNX Runtime on the CPU does; exported values also carry only 6
+    significant digits (see kiln/agent.py on --exportOutput).
+    """
+    rtol = max(float(verify.get("rtol", 1e-3)), float(verify.get("trt_rtol") or 0.0))
+    atol = max(float(verify.get("atol", 1e-4)), float(verify.get("trt_atol") or 0.0))
+    return rtol, atol

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -19,7 +20,10 @@ def fleet_project(tmp_path, sim, devices: dict[str, dict], extra_models: str = "
     for name, opts in devices.items():
         fields = {"transport": "ssh", "backend": "tensorrt", "host": name, "models": ["tiny"],
                   "install_dir": "/srv/kiln", "ssh_config": str(sim.ssh_config_path),
-                  "known_hosts": str(sim.known_hosts_path), "connect_timeout": 3, **opts}
+                  "known_hosts": str(sim.known_hosts_path), "connect_timeout": 3,
+                  # the agent checks TensorRT outputs with numpy (a Jetson's python3-numpy);
+                  # the host's python3 the simulated devices share has none, this one does
+                  "python": sys.executable, **opts}
         text += f"\n[targets.{name}]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items())
     p.fleet.write_text(text)
     return p

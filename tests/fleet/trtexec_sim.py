@@ -20,10 +20,27 @@ lower-case names without the KILN_SIM_ prefix, e.g. {"trt_version": "10.3.0"}):
   KILN_SIM_STATE           directory for builds.log / loads.log (one JSON line per build / load)
   KILN_SIM_UNSUPPORTED_OPS comma-separated op types the ONNX "importer" rejects (plugin not found)
   KILN_SIM_FAIL            "oom": every build fails with Error Code 2: OutOfMemory
+  KILN_SIM_OUTPUT_NOISE    std of Gaussian noise added to exported float outputs (default 0)
+  KILN_SIM_WRONG_OUTPUTS   "1": exported float outputs are perturbed far beyond any tolerance
+
+Outputs (`--loadInputs`, `--exportOutput`, as trtexec 8.5.2 .. 10.16): the sim cannot run a
+network, so at build time it embeds the ONNX bytes in the plan, and an inference that must
+export outputs runs that ONNX with onnxruntime (imported only then: the interpreter running
+the sim needs numpy + onnxruntime for it) on the inputs given by
+`--loadInputs=name:file[,name:file]` (raw little-endian bytes in TensorRT's input type:
+int64 inputs are int32 before 10.0; `'name':file` quoting as the real parser; a missing
+file -> `Cannot open file X!`, a file of the wrong size -> `Unexpected file size for input
+file: ...`, both as `[E] Uncaught exception detected: ...` + FAILED; inputs not given are
+random, as in trtexec). With fp16/int8/best engines the float outputs are rounded through
+float16, like reduced-precision kernels. `--exportOutput=<file>` is written in
+exportJSONOutput's format (samples/common/sampleReporting.cpp): a list of
+{ "name", "dimensions" ("1x300x4"), "values" (flat, %g: 6 significant digits) }.
+Without --exportOutput, --loadInputs files are size-checked when onnxruntime is importable,
+otherwise only checked to exist.
 
 Engine file ("plan"): bytes 0-3 `ftrt` (uint32 0x74727466), bytes 24-27 TensorRT
 major.minor.patch.build (as real 8.6+ plans), then b"KILNSIM1\\n" + one JSON line
-{trt, compute, gpu, onnx_sha256, precision} + filler. `--loadEngine` refuses
+{trt, compute, gpu, onnx_sha256, onnx_size, precision} + the ONNX bytes + filler. `--loadEngine` refuses
 a bad magic tag, another TensorRT version, or another compute capability with
 the real error texts; another GPU name with the same capability only warns.
 ONNX "validity": non-empty and starting with the protobuf tag of ModelProto.ir_version (0x08).
@@ -56,6 +73,7 @@ OPTIONS = {
     "--avgRuns": (True, _ALWAYS, None), "--separateProfileRun": (False, _ALWAYS, None),
     "--dumpProfile": (False, _ALWAYS, None), "--exportTimes": (True, _ALWAYS, None),
     "--exportProfile": (True, _ALWAYS, None), "--exportOutput": (True, _ALWAYS, None),
+    "--loadInputs": (True, _ALWAYS, None),
     "--useCudaGraph": (False, _ALWAYS, None), "--noDataTransfers": (False, _ALWAYS, None),
     "--useSpinWait": (False, _ALWAYS, None), "--threads": (False, _ALWAYS, None),
     "--streams": (True, _ALWAYS, None), "--device": (True, _ALWAYS, None),
@@ -94,6 +112,7 @@ def load_identity():
     if len(parts) == 3:
         parts.append(int(get("trt_build", "0")))
     return {
+        "output_noise": float(get("output_noise", "0")), "wrong_outputs": get("wrong_outputs", "") not in ("", "0"),
         "trt": parts[:4], "compute": get("compute", "8.7"), "gpu": get("gpu", "Orin"),
         "build_seconds": float(get("build_seconds", "0.2")),
         "latency_ms": float(get("latency_ms", "10.8")), "state": get("state", ""),
@@ -186,8 +205,13 @@ def help_text(ver):
               "  --iterations=N              Run at least N inference iterations (default = 10)",
               "  --warmUp=N                  Run for N milliseconds to warmup before measuring performance (default = 200)",
               "  --duration=N                Run performance measurements for at least N seconds wallclock time (default = 3)",
+              "  --loadInputs=spec           Load input values from files (default = generate random inputs). Input names can be "
+              "wrapped with single quotes (ex: 'Input:0')",
+              '                              Input values spec ::= Ival[","spec]',
+              '                                           Ival ::= name":"file',
               "", "=== Reporting Options ===",
               "  --verbose                   Use verbose logging (default = false)",
+              "  --exportOutput=<file>       Write the output tensors to a json file (default = disabled)",
               "  --percentile=P1,P2,P3,...   Report performance for the P1,P2,P3,... percentages (default = 90,95,99%)",
               "", "=== System Options ===", "  --device=N                  Select cuda device N (default = 0)",
               "", "  --help, -h                  Print this message"]
@@ -211,12 +235,13 @@ def parse_options(argv, ver):
 
 # ------------------------------------------------------------------ engines
 
-def engine_bytes(ident, onnx_sha, precision, onnx_size):
+def engine_bytes(ident, onnx_sha, precision, model):
     v = ident["trt"]
+    onnx_size = len(model)
     head = MAGIC + bytes(20) + bytes([v[0] & 0xFF, v[1] & 0xFF, v[2] & 0xFF, v[3] & 0xFF]) + bytes(4)
     meta = {"trt": trt_str(v), "compute": ident["compute"], "gpu": ident["gpu"],
-            "onnx_sha256": onnx_sha, "precision": precision}
-    body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n"
+            "onnx_sha256": onnx_sha, "onnx_size": onnx_size, "precision": precision}
+    body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n" + model
     size = max(4096, onnx_size // (2 if precision != "fp32" else 1))
     filler, block = bytearray(), hashlib.sha256(onnx_sha.encode()).digest()
     while len(filler) < size:
@@ -238,6 +263,18 @@ def read_engine_meta(data):
         except ValueError:
             return None, "magic"
     return meta, None
+
+
+def engine_onnx(data):
+    """The ONNX bytes embedded at build time, or None (a plan without them)."""
+    meta, problem = read_engine_meta(data)
+    if problem or "onnx_size" not in meta:
+        return None
+    start = 32 + len(SIM_TAG) + data[32 + len(SIM_TAG):].index(b"\n") + 1
+    model = data[start:start + meta["onnx_size"]]
+    if hashlib.sha256(model).hexdigest() != meta.get("onnx_sha256"):
+        return None
+    return model
 
 
 def atomic_write(path, data):
@@ -352,7 +389,7 @@ def do_build(run, opts, ver):
     start = time.time()
     time.sleep(seconds)
     elapsed = time.time() - start
-    data = engine_bytes(ident, onnx_sha, precision, len(model))
+    data = engine_bytes(ident, onnx_sha, precision, model)
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
         cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
@@ -420,10 +457,160 @@ def do_load(run, opts, ver):
     return do_inference(run, opts, data)
 
 
+def parse_load_inputs(spec):
+    """--loadInputs value -> {name: file}, with the real parser's rules (sampleOptions.cpp
+    splitNameAndValue: split on ',', then on the last ':' unless the name is 'quoted')."""
+    out = {}
+    for piece in [p for p in spec.split(",") if p]:
+        quoted = piece.split("'")
+        if len(quoted) != 1:
+            if len(quoted) != 3:
+                raise ValueError("Found invalid number of 's when parsing %s. Expected: 2, received: %d"
+                                 % (piece, len(quoted) - 1))
+            out[quoted[0] + quoted[1]] = quoted[2][1:]
+        else:
+            name, _, path = piece.rpartition(":")
+            out[name] = path
+    return out
+
+
+ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float32",
+             "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(int8)": "int8",
+             "tensor(uint8)": "uint8", "tensor(bool)": "bool"}
+
+
+def trt_io_type(ort_type, ver):
+    """numpy dtype name of a TensorRT binding for an ONNX tensor type (INT64 I/O from 10.0)."""
+    name = ORT_TYPES.get(ort_type, "float32")
+    return "int32" if name == "int64" and ver < (10, 0) else name
+
+
+def input_bindings(model, opts, ver):
+    """[(name, trt dtype, ort dtype, shape)] of the ONNX inputs, dynamic dims from --shapes (else 1)."""
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    shapes = {}
+    for piece in [p for p in opts.get("--shapes", "").split(",") if p]:
+        name, _, dims = piece.rpartition(":")
+        shapes[name] = [int(d) for d in dims.split("x") if d]
+    out = []
+    for i in session.get_inputs():
+        dims = shapes.get(i.name) or [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        out.append((i.name, trt_io_type(i.type, ver), ORT_TYPES.get(i.type, "float32"), dims))
+    return session, out
+
+
+def load_inputs(run, opts, data, ver):
+    """-> (ok, feeds or None): check the --loadInputs files like trtexec, and read them."""
+    files = parse_load_inputs(opts.get("--loadInputs", ""))
+    for name, path in sorted(files.items()):
+        if not os.path.isfile(path):
+            error("Uncaught exception detected: Cannot open file %s!" % path)
+            return False, None
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        if "--exportOutput" in opts:
+            error("Uncaught exception detected: simulator: --exportOutput needs numpy and onnxruntime in %s"
+                  % sys.executable)
+            return False, None
+        return True, None                       # existence is all the sim can check without it
+    model = engine_onnx(data)
+    if model is None:
+        if "--exportOutput" in opts:
+            error("Uncaught exception detected: simulator: this plan embeds no ONNX, cannot compute outputs")
+            return False, None
+        return True, None
+    import numpy as np
+    session, bindings = input_bindings(model, opts, ver)
+    known = {b[0] for b in bindings}
+    for name in sorted(set(files) - known):
+        error("Cannot find input tensor with name \"%s\" in the engine bindings! Please make sure the input "
+              "tensor names are correct." % name)
+        return False, None
+    feeds = {}
+    rng = np.random.default_rng(0)
+    for name, trt_type, ort_type, dims in bindings:
+        size = int(np.prod(dims)) * np.dtype(trt_type).itemsize
+        if name in files:
+            got = os.path.getsize(files[name])
+            if got != size:
+                if ver >= (10, 0):
+                    error("Uncaught exception detected: Unexpected file size for input file: %s. Note: Input binding "
+                          "size is: %d bytes but the file size is %d bytes. Double check the size and datatype of "
+                          "the provided data." % (files[name], size, got))
+                    return False, None
+                if got < size:
+                    error("Uncaught exception detected: Unexpected file size for input file: %s. Note: Expected: "
+                          "%d bytes but only read: %d bytes" % (files[name], size, got))
+                    return False, None
+            value = np.fromfile(files[name], dtype=np.dtype(trt_type).newbyteorder("<"), count=int(np.prod(dims)))
+            info("Using values loaded from %s for input %s" % (files[name], name))
+        else:
+            value = rng.uniform(-1, 1, dims) if trt_type.startswith("float") else rng.integers(0, 2, dims)
+            info("Using random values for input %s" % name)
+        feeds[name] = value.reshape(dims).astype(ort_type)
+    return True, (session, feeds)
+
+
+def compute_outputs(run, session, feeds, precision, ver):
+    """Run the embedded ONNX; model TensorRT's output types, fp16 rounding and the noise knobs."""
+    import numpy as np
+    names = [o.name for o in session.get_outputs()]
+    types = {o.name: o.type for o in session.get_outputs()}
+    outputs = {}
+    rng = np.random.default_rng(1234)
+    for name, value in zip(names, session.run(names, feeds)):
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(np.float32)
+            if precision != "fp32":
+                value = value.astype(np.float16).astype(np.float32)
+            if run.ident["output_noise"]:
+                value = value + rng.normal(0, run.ident["output_noise"], value.shape).astype(np.float32)
+            if run.ident["wrong_outputs"]:
+                value = value * 1.5 + 0.75
+        else:
+            value = value.astype(trt_io_type(types[name], ver))
+        outputs[name] = value
+    return outputs
+
+
+def _number(v):
+    if isinstance(v, float):
+        return "%g" % v                    # std::ostream default: 6 significant digits; nan, inf
+    return str(int(v))
+
+
+def export_outputs(path, outputs):
+    """The JSON of sampleReporting.cpp exportJSONOutput, byte for byte in layout."""
+    lines, sep = ["["], "  "
+    for name, value in outputs.items():
+        lines.append('%s{ "name" : "%s"' % (sep, name))
+        sep = ", "
+        lines.append('  %s"dimensions" : "%s"' % (sep, "x".join(str(d) for d in value.shape)))
+        flat = value.reshape(-1).tolist()
+        lines.append('  %s"values" : [ %s ]' % (sep, sep.join(_number(v) for v in flat)))
+        lines.append("  }")
+    lines.append("]")
+    atomic_write(path, ("\n".join(lines) + "\n").encode())
+
+
 def do_inference(run, opts, data):
     ident = run.ident
     meta, _ = read_engine_meta(data)
     precision = (meta or {}).get("precision", "fp32")
+    ver = tuple(ident["trt"][:2])
+    try:
+        ok, prepared = load_inputs(run, opts, data, ver) if ("--loadInputs" in opts or "--exportOutput" in opts) \
+            else (True, None)
+    except ValueError as exc:
+        error("Uncaught exception detected: %s" % exc)
+        ok, prepared = False, None
+    if not ok:
+        return run.failed()
     jitter = 1 + (int(hashlib.sha256(data[:4096]).hexdigest()[:4], 16) % 50) / 1000.0
     base = ident["latency_ms"] * {"fp32": 1.0, "fp16": 0.55, "int8": 0.4, "best": 0.38}.get(precision, 1.0) * jitter
     info("Starting inference")
@@ -460,6 +647,9 @@ def do_inference(run, opts, data):
     info("Total GPU Compute Time: %.6g s" % (iterations * base * 0.95 / 1000.0))
     info("Explanations of the performance metrics are printed in the verbose logs.")
     info("")
+    if "--exportOutput" in opts and prepared is not None:
+        session, feeds = prepared
+        export_outputs(opts["--exportOutput"], compute_outputs(run, session, feeds, precision, ver))
     return run.passed()
 
 

@@ -225,3 +225,38 @@ def test_devices_use_presigned_urls_with_an_s3_store(tmp_path, jetsons, moto_s3)
         assert (jetsons.srv(name) / "kiln/tiny/current/model.plan").exists()
         creds = [f for f in (jetsons.srv(name) / "kiln").rglob("*") if f.is_file() and b"kiln-fake-secret" in f.read_bytes()]
         assert creds == []
+
+
+def test_tensorrt_outputs_are_compared_numerically_on_the_device(tmp_path, jetsons):
+    """trtexec --loadInputs/--exportOutput on the device, compared with PyTorch's outputs there."""
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}})
+    p.doit("deploy")
+    current = jetsons.srv("orin-a") / "kiln/tiny/current"
+    smoke = json.loads((current / "manifest.json").read_text())["smoke_test"]
+    assert set(smoke["max_abs_diff"]) == {"logits", "pred_boxes"}, smoke
+    # fp16 engine: not bit-exact, within the TensorRT tolerances (trt_rtol/trt_atol defaults)
+    assert 0 < max(smoke["max_abs_diff"].values()) < 1e-2 and (smoke["rtol"], smoke["atol"]) == (1e-2, 1e-2)
+    assert smoke["latency_ms"]["p99"] > 0
+    load = jetsons.loads("orin-a")[-1]["argv"]
+    assert any(a.startswith("--loadInputs=pixel_values:") for a in load) and "--exportOutput=outputs.json" in load
+    built = json.loads(next((p.artifacts / "store/entries/engines").rglob("manifest.json")).read_text())
+    assert set(built["verification"]["max_abs_diff"]) == {"logits", "pred_boxes"}
+    assert not list((jetsons.srv("orin-a") / "kiln/.kiln/verify").glob("*"))     # scratch files removed
+    assert not (current / "input0.bin").exists()
+
+
+def test_wrong_tensorrt_outputs_fail_the_build_and_nothing_is_published(tmp_path, jetsons):
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {}})
+    p.doit("deploy")
+    first = (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name
+    engines_before = sorted((p.artifacts / "store/entries/engines").rglob("engine"))
+    jetsons.upgrade("orin-a", sim_env={"KILN_SIM_WRONG_OUTPUTS": "1"})
+    retrain(p, 0.05)
+    run = p.doit("deploy", check=False)
+    assert run.returncode != 0, run.out
+    assert "building tiny for" in run.out and "on orin-a failed" in run.out, run.out
+    assert "TensorRT engine outputs differ from the reference on orin-a" in run.out, run.out
+    assert re.search(r"rtol=0\.01 atol=0\.01: logits \(max abs diff [\d.e+-]+\)", run.out), run.out
+    assert sorted((p.artifacts / "store/entries/engines").rglob("engine")) == engines_before
+    assert len([e for e in p.events() if e["event"] == "publish"]) == 1
+    assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == first

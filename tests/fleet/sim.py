@@ -569,15 +569,25 @@ Subsystem sftp internal-sftp
         self.write_ssh_config()
         self.write_known_hosts(self.known_hosts_path)
         todo = [d for d in self.devices.values() if d.proc is None or d.proc.poll() is not None]
-        for d in todo:
-            with open(d.log, "a") as log:
-                log.write("#kiln-start\n")
-            self._launch(d)
-        try:
-            self._wait_listening(todo)
-        except BaseException:
-            self.stop()
-            raise
+        for attempt in (1, 2):
+            for d in todo:
+                with open(d.log, "a") as log:
+                    log.write("#kiln-start\n")
+                self._launch(d)
+            try:
+                self._wait_listening(todo)
+                return self
+            except RuntimeError as exc:
+                # on a loaded machine a start occasionally dies; one clean retry, then give up
+                for d in todo:
+                    self.stop_device(d.name)
+                if attempt == 2:
+                    self.stop()
+                    raise
+                print(f"fleet sim: retrying start after: {str(exc).splitlines()[0]}", file=sys.stderr)
+            except BaseException:
+                self.stop()
+                raise
         return self
 
     def start_device(self, name: str) -> None:
@@ -594,7 +604,8 @@ Subsystem sftp internal-sftp
         d = self.devices[name]
         if d.proc is None:
             return
-        ns = d.ns or _mnt_ns(d.proc.pid)
+        # a dead sshd's pid may already belong to someone else: only ask a live one for its namespace
+        ns = d.ns or (_mnt_ns(d.proc.pid) if d.proc.poll() is None else None)
         host_ns = _mnt_ns(os.getpid())
         for _ in range(3):
             pids = _pids_in_ns(ns) if ns and ns != host_ns else []

@@ -106,10 +106,10 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
 
 def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
     """Requests of the real cache-check logic on M models x K targets of K distinct classes."""
-    from kiln.context import Context
-    from kiln.probe import probe_local
-    from kiln.report import cache_ok, cache_report
-    from kiln.store import engine_entry, fingerprint_entry, onnx_record_entry, open_store
+    from kiln.pipeline.context import Context
+    from kiln.devices.fingerprint import probe_local
+    from kiln.pipeline.reports import cache_ok, cache_report
+    from kiln.stores.base import engine_entry, fingerprint_entry, onnx_record_entry, open_store
 
     m_models, k_classes = args.models, args.classes
     url = f"s3://{bucket}/cache-check"
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     with patched_env(scrubbed_aws_env()), tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
-        from kiln.s3store import S3Store
+        from kiln.stores.s3 import S3Store
 
         server = MotoS3().start()
         try:

@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .errors import HashError
+from kiln.errors import HashError
 
 #: bytes actually read for hashing in this process (the benchmark reports it)
 bytes_hashed = 0

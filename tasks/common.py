@@ -12,7 +12,7 @@ import sys
 
 from doit.exceptions import TaskFailed
 
-from kiln.context import Context
+from kiln.pipeline.context import Context
 from kiln.errors import ConfigError, KilnError
 
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from kiln.config import Model
 from kiln.errors import ExportError, KilnError
-from kiln.export import ExportPaths, create_checkpoint, export_inputs, export_model
+from kiln.pipeline.export import ExportPaths, create_checkpoint, export_inputs, export_model
 from kiln.keys import digest, read_json
-from kiln.store import onnx_entry, onnx_record_entry, reference_entry
+from kiln.stores.base import onnx_entry, onnx_record_entry, reference_entry
 
 from .common import CTX, action, say
 

@@ -7,12 +7,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from kiln.config import Target
-from kiln.device import Device
+from kiln.devices.workarea import Device
 from kiln.errors import KilnError
-from kiln.hwclass import describe_change
+from kiln.devices.hwclass import describe_change
 from kiln.keys import read_json, write_json_if_changed
-from kiln.probe import probe_local, probe_remote
-from kiln.store import fingerprint_entry
+from kiln.devices.fingerprint import probe_local, probe_remote
+from kiln.stores.base import fingerprint_entry
 
 from .common import CTX, action, say
 

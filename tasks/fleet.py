@@ -9,10 +9,10 @@ from __future__ import annotations
 from doit import create_after
 
 from kiln.config import Target
-from kiln.deploy import deploy_target
-from kiln.engines import EngineSpec, current_engine_key, ensure_engine
+from kiln.pipeline.deploy import deploy_target
+from kiln.pipeline.engines import EngineSpec, current_engine_key, ensure_engine
 from kiln.errors import DeployError, KilnError
-from kiln.hwclass import HardwareClass, hardware_class
+from kiln.devices.hwclass import HardwareClass, hardware_class
 from kiln.keys import read_json
 
 from .common import CTX, action, say
@@ -85,7 +85,7 @@ class DeployCheck:
             return False
         active = PROBES.probes[self.target.name].active  # read with the probe, on the same connection
         if active is None:
-            from kiln.device import Device
+            from kiln.devices.workarea import Device
             try:
                 active = Device(CTX.transport(self.target), self.target).active_releases(self.target.models)
             except KilnError:

@@ -7,7 +7,7 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 
 from kiln.errors import KilnError
-from kiln.report import (cache_json, cache_junit, cache_ok, cache_report, fleet_status, format_cache_table,
+from kiln.pipeline.reports import (cache_json, cache_junit, cache_ok, cache_report, fleet_status, format_cache_table,
                          format_status)
 
 from .common import CTX

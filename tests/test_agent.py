@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kiln import agent
+from kiln.device_side import agent
 
 
 def detections(rng, rows=10, classes=5):

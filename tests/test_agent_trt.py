@@ -1,5 +1,5 @@
 """The device agent's TensorRT helpers: raw --loadInputs files, parsing trtexec's
---exportOutput JSON, and comparing it with the reference (kiln/agent.py)."""
+--exportOutput JSON, and comparing it with the reference (kiln/device_side/agent.py)."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kiln import agent
-from kiln.builders import trtexec as tx
+from kiln.device_side import agent
+from kiln.backends import trtexec as tx
 
 AGENT = Path(agent.__file__)
 

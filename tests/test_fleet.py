@@ -193,7 +193,7 @@ def test_engine_that_fails_to_load_is_not_activated(tmp_path, jetsons):
     garbage = tmp_path / "garbage.plan"
     garbage.write_bytes(b"not a TensorRT plan" * 100)
     from kiln.keys import sha256_file
-    from kiln.store import LocalStore, engine_entry
+    from kiln.stores.base import LocalStore, engine_entry
     LocalStore(p.artifacts / "store").put_file(engine_entry(record["key"]), garbage, overwrite=True)
     record_file.write_text(json.dumps({**record, "sha256": sha256_file(garbage)}))
     (p.artifacts / "cache/engines" / record["key"]).unlink(missing_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln import nvidia as nv
+from kiln.devices import nvidia as nv
 from kiln.errors import ProbeError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import CommandFailed, TransportError
-from kiln.ssh import AuthenticationFailed, ConnectionPool, HostKeyError, SSHTransport, UnreachableError
+from kiln.transports.ssh import AuthenticationFailed, ConnectionPool, HostKeyError, SSHTransport, UnreachableError
 from tests.fleet.sim import PROFILES
 
 ECHO_ARGV = ["python3", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import CorruptEntry, StoreError
-from kiln.store import LocalStore, Store, engine_entry, onnx_entry, staging_entry
+from kiln.stores.base import LocalStore, Store, engine_entry, onnx_entry, staging_entry
 from tests.s3server import FAKE_SECRET, ORIGINAL_ENV, free_port, patched_env
 
 MB = 1 << 20
@@ -89,7 +89,7 @@ class S3Backend(Backend):
         self.atomic_multipart_create = kind != "moto"
 
     def make(self, **kwargs) -> Store:
-        from kiln.s3store import S3Store
+        from kiln.stores.s3 import S3Store
         kwargs.setdefault("endpoint_url", self.endpoint)
         kwargs.setdefault("max_attempts", 3)
         store = S3Store.from_url(self.url, **kwargs)
@@ -368,7 +368,7 @@ def test_missing_bucket(backend, tmp_path):
         with pytest.raises(StoreError, match="cannot use the local store folder"):
             LocalStore(blocker / "store").check()
         return
-    from kiln.s3store import S3Store
+    from kiln.stores.s3 import S3Store
     bucket = f"kiln-missing-{uuid.uuid4().hex[:10]}"
     with patched_env(backend.env):
         store = S3Store(bucket, "p", endpoint_url=backend.endpoint, max_attempts=2)
@@ -382,7 +382,7 @@ def test_missing_bucket(backend, tmp_path):
 def test_bad_credentials(backend, request):
     if not backend.s3:
         pytest.skip("a local folder has no credentials")
-    from kiln.s3store import S3Store
+    from kiln.stores.s3 import S3Store
     secret = "kiln-WRONG-secret-" + uuid.uuid4().hex
     store_url = backend.url
     with patched_env({**backend.env, "AWS_ACCESS_KEY_ID": "AKIAKILNWRONGKEY0000",
@@ -403,7 +403,7 @@ def test_bad_credentials(backend, request):
 
 
 def test_unreachable_endpoint(aws_env_scrubbed):
-    from kiln.s3store import S3Store
+    from kiln.stores.s3 import S3Store
     port = free_port()  # nothing listens there
     store = S3Store("kiln-bucket", "p", endpoint_url=f"http://127.0.0.1:{port}", max_attempts=2,
                     connect_timeout=2)
@@ -414,7 +414,7 @@ def test_unreachable_endpoint(aws_env_scrubbed):
 
 
 def test_throttling_is_retried_then_clear_error(slowdown_s3, tmp_path):
-    from kiln.s3store import S3Store
+    from kiln.stores.s3 import S3Store
     store = S3Store("kiln-bucket", "p", endpoint_url=slowdown_s3.endpoint, max_attempts=3)
     with pytest.raises(StoreError) as err:
         store.check()
@@ -430,7 +430,7 @@ def test_throttling_is_retried_then_clear_error(slowdown_s3, tmp_path):
 
 
 def test_constructing_does_no_io_and_repr_has_no_secret(moto_s3):
-    from kiln.s3store import S3Store
+    from kiln.stores.s3 import S3Store
     store = S3Store.from_url("s3://some-bucket/some/prefix", endpoint_url="http://127.0.0.1:9")
     assert (store.bucket, store.prefix) == ("some-bucket", "some/prefix")
     assert store._client is None
@@ -440,8 +440,8 @@ def test_constructing_does_no_io_and_repr_has_no_secret(moto_s3):
 
 
 def test_endpoint_from_env(moto_s3):
-    from kiln.s3store import S3Store
-    from kiln.store import open_store
+    from kiln.stores.s3 import S3Store
+    from kiln.stores.base import open_store
     bucket = moto_s3.new_bucket()
     with patched_env({"KILN_S3_ENDPOINT_URL": moto_s3.endpoint}):
         store = open_store(f"s3://{bucket}/env")

@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-from kiln.builders import trtexec as tx
-from kiln.builders.trtexec import TrtBuildConfig
+from kiln.backends import trtexec as tx
+from kiln.backends.trtexec import TrtBuildConfig
 from kiln.errors import BuildError, ConfigError
 
 T = "/usr/src/tensorrt/bin/trtexec"

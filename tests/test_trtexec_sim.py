@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.builders import trtexec as tx
-from kiln.builders.trtexec import TrtBuildConfig
+from kiln.backends import trtexec as tx
+from kiln.backends.trtexec import TrtBuildConfig
 
 SIM = Path(__file__).resolve().parent / "fleet" / "trtexec_sim.py"
 PREFIXED = re.compile(r"^\[\d\d/\d\d/\d{4}-\d\d:\d\d:\d\d\] \[([IWE])\] ")

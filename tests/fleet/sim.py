@@ -720,7 +720,7 @@ Subsystem sftp internal-sftp
 
     def transport(self, name: str, **options):
         """An SSHTransport to device `name` through this fleet's ssh_config (no I/O until used)."""
-        from kiln.ssh import SSHTransport
+        from kiln.transports.ssh import SSHTransport
         options.setdefault("ssh_config", self.ssh_config_path)
         options.setdefault("connect_timeout", 5.0)
         return SSHTransport(name, name, **options)

@@ -12,7 +12,7 @@ import platform
 import re
 from pathlib import Path
 
-from .errors import ProbeError
+from kiln.errors import ProbeError
 
 # Flags that change which kernels ONNX Runtime (and its optimised graphs) use.
 ISA_FLAGS = re.compile(
@@ -59,8 +59,8 @@ def probe_local(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
 
 def probe_remote(transport, trtexec: str | None = None, python: str = "python3") -> dict[str, object]:
     """Run the shell probe on a device (nothing needed there beyond sh) and parse it."""
-    from .errors import KilnError
-    from .nvidia import parse_probe_output, probe_argv
+    from kiln.errors import KilnError
+    from kiln.devices.nvidia import parse_probe_output, probe_argv
     try:
         result = transport.run(probe_argv(trtexec=trtexec, python=python), timeout=60)
     except KilnError as exc:

@@ -14,15 +14,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .backends import Backend, get_backend
-from .config import Model, Target
-from .context import Context
-from .device import Device
-from .errors import BuildError, CorruptEntry, KilnError, UnreachableError
-from .export import ExportPaths
-from .hwclass import HardwareClass
-from .keys import digest, read_json, write_json_if_changed
-from .store import engine_entry, engine_manifest_entry, onnx_entry, reference_entry, timing_cache_entry
+from kiln.backends.base import Backend, get_backend
+from kiln.config import Model, Target
+from kiln.pipeline.context import Context
+from kiln.devices.workarea import Device
+from kiln.errors import BuildError, CorruptEntry, KilnError, UnreachableError
+from kiln.pipeline.export import ExportPaths
+from kiln.devices.hwclass import HardwareClass
+from kiln.keys import digest, read_json, write_json_if_changed
+from kiln.stores.base import engine_entry, engine_manifest_entry, onnx_entry, reference_entry, timing_cache_entry
 
 log = logging.getLogger(__name__)
 ENGINE_FORMAT = 1

@@ -9,7 +9,7 @@ Writes never overwrite an existing entry unless asked to (`overwrite=True`,
 used only for mutable entries: recorded fingerprints, timing caches, pointers).
 A write that loses a race returns False and the caller uses the winner's entry.
 
-`S3Store` (kiln.s3store) implements the same contract; `open_store(url)` picks one.
+`S3Store` (kiln.stores.s3) implements the same contract; `open_store(url)` picks one.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from .errors import CorruptEntry, StoreError
+from kiln.errors import CorruptEntry, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +359,7 @@ def open_store(url: str, *, base_dir: Path | str = ".") -> Store:
         path = Path(parsed.netloc + parsed.path) if parsed.netloc else Path(parsed.path)
         return LocalStore(path if path.is_absolute() else Path(base_dir) / path)
     if parsed.scheme == "s3":
-        from .s3store import S3Store  # boto3 is imported only when an S3 store is used
+        from kiln.stores.s3 import S3Store  # boto3 is imported only when an S3 store is used
         return S3Store.from_url(url)
     raise StoreError(f"unsupported store url {url!r}",
                      hint="use file://<folder> or s3://<bucket>/<prefix> in [store] url")

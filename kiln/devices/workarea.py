@@ -18,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from . import agent as agent_module
-from .config import Target
-from .errors import DeployError, KilnError, TransportError
-from .store import Store, staging_entry
-from .keys import sha256_file
-from .transport import LocalTransport, Stream, Transport
+from kiln.device_side import agent as agent_module
+from kiln.config import Target
+from kiln.errors import DeployError, KilnError, TransportError
+from kiln.stores.base import Store, staging_entry
+from kiln.keys import sha256_file
+from kiln.transports.base import LocalTransport, Stream, Transport
 
 AGENT_SOURCE = Path(agent_module.__file__)
 log = logging.getLogger(__name__)

@@ -36,7 +36,7 @@ Credentials, region, profile and endpoint come from the standard AWS chain
 `KILN_S3_ENDPOINT_URL` overrides the endpoint (MinIO, moto) and switches to
 path-style addressing. Nothing of ours stores, logs or prints a secret.
 
-boto3 is imported only in this module, which kiln.store imports lazily.
+boto3 is imported only in this module, which kiln.stores.base imports lazily.
 """
 from __future__ import annotations
 
@@ -55,8 +55,8 @@ import boto3
 import botocore.exceptions
 from botocore.config import Config
 
-from .errors import CorruptEntry, StoreError
-from .store import EntryInfo, Store, check_name
+from kiln.errors import CorruptEntry, StoreError
+from kiln.stores.base import EntryInfo, Store, check_name
 
 log = logging.getLogger(__name__)
 

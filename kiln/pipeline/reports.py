@@ -10,13 +10,13 @@ import logging
 from dataclasses import asdict, dataclass, field
 from xml.sax.saxutils import quoteattr
 
-from .context import Context
-from .engines import EngineSpec, engine_key_inputs
-from .errors import ExportError, StoreError
-from .export import ExportPaths, export_inputs
-from .hwclass import describe_change, hardware_class
-from .keys import digest, read_json
-from .store import engine_entry, fingerprint_entry, onnx_record_entry
+from kiln.pipeline.context import Context
+from kiln.pipeline.engines import EngineSpec, engine_key_inputs
+from kiln.errors import ExportError, StoreError
+from kiln.pipeline.export import ExportPaths, export_inputs
+from kiln.devices.hwclass import describe_change, hardware_class
+from kiln.keys import digest, read_json
+from kiln.stores.base import engine_entry, fingerprint_entry, onnx_record_entry
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 (default) or by the TensorRT Python API script, with a per-class timing cache.
 
 Nothing here runs TensorRT on the controller; every command is built by
-kiln.builders.trtexec for the device's TensorRT version and run through the
+kiln.backends.trtexec for the device's TensorRT version and run through the
 target's transport. Build output streams live and is kept in full in the log.
 """
 from __future__ import annotations
@@ -11,13 +11,13 @@ import os
 import posixpath
 import uuid
 
-from . import agent as agent_module
-from .backends import Backend
-from .builders.trtexec import (TRT_API_BUILD_SCRIPT, TrtBuildConfig, api_build_argv, build_argv,
+from kiln.device_side import agent as agent_module
+from kiln.backends.base import Backend
+from kiln.backends.trtexec import (TRT_API_BUILD_SCRIPT, TrtBuildConfig, api_build_argv, build_argv,
                                check_trtexec_result, load_argv, parse_api_build_output)
-from .device import Device
-from .errors import BuildError, VerificationError
-from .keys import sha256_file
+from kiln.devices.workarea import Device
+from kiln.errors import BuildError, VerificationError
+from kiln.keys import sha256_file
 
 
 class TensorRTBackend(Backend):
@@ -120,7 +120,7 @@ def trt_tolerances(verify: dict) -> tuple[float, float]:
 
     fp16 (and TF32 on Ampere+/Orin even for fp32) kernels differ from PyTorch's fp32
     outputs by more than ONNX Runtime on the CPU does; exported values also carry only 6
-    significant digits (see kiln/agent.py on --exportOutput).
+    significant digits (see kiln/device_side/agent.py on --exportOutput).
     """
     rtol = max(float(verify.get("rtol", 1e-3)), float(verify.get("trt_rtol") or 0.0))
     atol = max(float(verify.get("atol", 1e-4)), float(verify.get("trt_atol") or 0.0))

@@ -15,14 +15,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from .backends import get_backend
-from .config import Target
-from .context import Context
-from .device import Device
-from .errors import CommandFailed, CorruptEntry, DeployError, KilnError
-from .export import ExportPaths
-from .keys import read_json, write_json_if_changed
-from .store import engine_entry, reference_entry
+from kiln.backends.base import get_backend
+from kiln.config import Target
+from kiln.pipeline.context import Context
+from kiln.devices.workarea import Device
+from kiln.errors import CommandFailed, CorruptEntry, DeployError, KilnError
+from kiln.pipeline.export import ExportPaths
+from kiln.keys import read_json, write_json_if_changed
+from kiln.stores.base import engine_entry, reference_entry
 
 
 def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print) -> dict:

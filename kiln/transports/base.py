@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .errors import CommandFailed, TransportError
+from kiln.errors import CommandFailed, TransportError
 
 TAIL_LINES = 20
 Stream = Callable[[str], None]
@@ -126,7 +126,7 @@ class LocalTransport(Transport):
         return result
 
     def put(self, local, remote, *, sha256=None) -> str:
-        from .store import atomic_copy
+        from kiln.stores.base import atomic_copy
         sha, _ = atomic_copy(Path(local), Path(remote))
         if sha256 and sha != sha256:
             Path(remote).unlink(missing_ok=True)
@@ -135,7 +135,7 @@ class LocalTransport(Transport):
         return sha
 
     def get(self, remote, local) -> str:
-        from .store import atomic_copy
+        from kiln.stores.base import atomic_copy
         try:
             sha, _ = atomic_copy(Path(remote), Path(local))
         except FileNotFoundError as exc:

@@ -20,11 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import agent
-from .config import Model
-from .errors import ExportError
-from .keys import HashCache, digest, sha256_file
-from .probe import package_version
+from kiln.device_side import agent
+from kiln.config import Model
+from kiln.errors import ExportError
+from kiln.keys import HashCache, digest, sha256_file
+from kiln.devices.fingerprint import package_version
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1  # bump when this module changes what it writes
@@ -225,7 +225,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
     """Export, check, write reference data; returns the record (written only if changed)."""
     import torch
 
-    from .keys import write_json_if_changed
+    from kiln.keys import write_json_if_changed
 
     start = time.time()
     torch.manual_seed(0)

@@ -1,6 +1,6 @@
 """SSH transport (fabric/paramiko) with verified host keys, and a per-target connection pool.
 
-`SSHTransport` implements the `Transport` contract of kiln.transport over one
+`SSHTransport` implements the `Transport` contract of kiln.transports.base over one
 SSH connection per target:
 
 - The connection is opened lazily on first use and reused by every call (and
@@ -46,8 +46,8 @@ import time
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
-from .errors import AuthenticationFailed, HostKeyError, TransportError, UnreachableError  # noqa: F401
-from .transport import Result, Stream, Transport, quote_argv
+from kiln.errors import AuthenticationFailed, HostKeyError, TransportError, UnreachableError  # noqa: F401
+from kiln.transports.base import Result, Stream, Transport, quote_argv
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Pure functions only: the caller runs the argv over a Transport and feeds
 INFO to stdout and WARNING/ERROR to stderr).
 
 The TensorRT Python API builder is a standalone script, `TRT_API_BUILD_SCRIPT`
-(kiln/builders/trt_api_build.py): copy it to the device and run it with the
+(kiln/device_side/trt_api_build.py): copy it to the device and run it with the
 device's python3 (`api_build_argv`), then read its last line with `parse_api_build_output`.
 """
 from __future__ import annotations
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import BuildError, ConfigError
-from ..nvidia import decode_trt_version_number
+from kiln.errors import BuildError, ConfigError
+from kiln.devices.nvidia import decode_trt_version_number
 
 log = logging.getLogger(__name__)
 
@@ -505,7 +505,7 @@ def check_trtexec_result(text: str, exit_code: int, *, target: str | None = None
 # ---------------------------------------------------------------------------- Python API builder
 
 #: Standalone build script (stdlib + tensorrt), copied to the device and run by its python3.
-TRT_API_BUILD_SCRIPT = Path(__file__).with_name("trt_api_build.py")
+TRT_API_BUILD_SCRIPT = Path(__file__).parent.parent / "device_side" / "trt_api_build.py"
 
 
 def api_build_argv(python: str, script: str, *, onnx: str, engine: str, cfg: TrtBuildConfig,

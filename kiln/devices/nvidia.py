@@ -60,7 +60,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
-from .errors import ProbeError
+from kiln.errors import ProbeError
 
 __all__ = [
     "PROBE_SCRIPT", "PROBE_FORMAT", "probe_argv", "parse_probe_output", "split_sections",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .keys import digest
+from kiln.keys import digest
 
 # backend -> fingerprint fields that decide engine compatibility
 CLASS_FIELDS = {

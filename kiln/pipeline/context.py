@@ -10,12 +10,12 @@ import threading
 import uuid
 from pathlib import Path
 
-from .config import Fleet, Target, load_fleet
-from .errors import StoreError
-from .events import EventLog
-from .keys import HashCache
-from .store import Store, open_store
-from .transport import LocalTransport, Transport
+from kiln.config import Fleet, Target, load_fleet
+from kiln.errors import StoreError
+from kiln.events import EventLog
+from kiln.keys import HashCache
+from kiln.stores.base import Store, open_store
+from kiln.transports.base import LocalTransport, Transport
 
 
 class Context:
@@ -87,7 +87,7 @@ class Context:
     def _open_transport(self, target: Target) -> Transport:
         if target.transport == "local":
             return LocalTransport(target.name, python=target.python)
-        from .ssh import SSHTransport  # paramiko/fabric load only for fleets with ssh targets
+        from kiln.transports.ssh import SSHTransport  # paramiko/fabric load only for fleets with ssh targets
 
         def path(value: str | None) -> str | None:  # relative to the fleet file, ~ expanded
             return str(self.fleet.base_dir / Path(value).expanduser()) if value else None

@@ -8,9 +8,9 @@ drives trtexec (or the TensorRT Python API) on the device.
 from __future__ import annotations
 
 import posixpath
-from .device import Device
-from .errors import BuildError, CommandFailed, VerificationError
-from .transport import Stream
+from kiln.devices.workarea import Device
+from kiln.errors import BuildError, CommandFailed, VerificationError
+from kiln.transports.base import Stream
 
 
 class Backend:
@@ -80,6 +80,6 @@ def get_backend(name: str) -> Backend:
     if name == "onnxruntime":
         return OnnxRuntimeBackend()
     if name == "tensorrt":
-        from .tensorrt import TensorRTBackend  # the trtexec helpers load only when a fleet uses TensorRT
+        from kiln.backends.tensorrt import TensorRTBackend  # the trtexec helpers load only when a fleet uses TensorRT
         return TensorRTBackend()
     raise KeyError(name)

@@ -1,0 +1,1 @@
+"""Engine backends: ONNX Runtime, TensorRT (trtexec argv and output parsing)."""

@@ -1,0 +1,1 @@
+"""What devices are: the probe, parsers of what they print, hardware classes, their working area."""

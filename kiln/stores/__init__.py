@@ -1,0 +1,1 @@
+"""Artifact stores: the contract, a local folder, S3."""

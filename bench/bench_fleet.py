@@ -37,41 +37,7 @@ TARGET_SECONDS = 3.0
 TARGET_SIZE = 20
 MIXED_PROFILES = ("orin-jp5", "orin-jp6", "xavier-jp5")
 
-
-def median_time(fn, runs: int) -> tuple[float, list]:
-    samples, results = [], []
-    for _ in range(runs):
-        start = time.perf_counter()
-        results.append(fn())
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples), results
-
-
-def settle_logins(sim, names, expected: dict[str, int], timeout: float = 5.0) -> dict[str, int]:
-    """Device-side login counts, once each device reached `expected` (sshd logs lag) and a short
-    extra wait found no more."""
-    for n in names:
-        sim.wait_logins(n, expected[n], timeout=timeout)
-    time.sleep(0.3)
-    return {n: sim.logins(n) for n in names}
-
-
-def start_fleet(root: Path, profiles: list[str], fleets: list):
-    """A started Fleet of one device per profile (registered in `fleets` first, so it is always stopped)."""
-    from tests.fleet.sim import Fleet
-    sim = Fleet(root)
-    fleets.append(sim)
-    names = []
-    for i, prof in enumerate(profiles):
-        name = f"{prof.split('-')[0]}-{i:02d}"
-        sim.add_device(name, prof)
-        names.append(name)
-    try:
-        sim.start()
-    except RuntimeError as exc:  # a busy shared machine: one retry (start() stopped what it started)
-        print(f"note: fleet start failed, retrying once: {str(exc).splitlines()[0]}", file=sys.stderr)
-        sim.start()
-    return sim, names
+from _fleet_setup import median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
 
 
 def bench_size(tmp: Path, n: int, runs: int, fleets: list, profile: str | None) -> dict:

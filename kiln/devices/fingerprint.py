@@ -1,41 +1,214 @@
 """Fingerprints: what a target says about itself.
 
-The local probe reads /proc/cpuinfo and package metadata in-process (no
-subprocess, no import of onnxruntime), so probing this machine on every run is
-cheap enough to be the up-to-date check itself. Remote targets run a shell probe
-over their transport (see kiln.nvidia.PROBE_SCRIPT) and parse its output.
+Two probes, one shape where they overlap:
+
+- `probe_local()` reads this machine in-process (/proc/cpuinfo, package metadata;
+  no subprocess, no import of onnxruntime), so probing it on every run is cheap
+  enough to be the up-to-date check itself;
+- `probe_remote(transport)` runs kiln.devices.probe_script.PROBE_SCRIPT on the
+  target (nothing needed there beyond sh) and `parse_probe_output` turns what it
+  printed into a flat fingerprint.
+
+Both read /proc/cpuinfo with the one parser (kiln.devices.cpuinfo), so the same
+machine probed either way has the same ONNX Runtime hardware class.
+
+Fingerprint keys (`parse_probe_output`); every value is a string or None (unknown),
+except cpu_flags, a list:
+
+=====================  ==========================================================
+kind                   "jetson" | "gpu" | "cpu"
+arch                   `uname -m` (aarch64, x86_64)
+cpu_model              /proc/cpuinfo "model name" of CPU 0 (ARM fallback: implementer/part)
+cpu_flags              ISA-relevant CPU flags of CPU 0: sorted list of strings ([] if unknown)
+board_model            /proc/device-tree/model (NUL stripped), e.g. "NVIDIA Jetson AGX Orin Developer Kit"
+module                 Jetson module id from device-tree compatible, e.g. "p3767-0005"
+module_name            human name of `module`, e.g. "Jetson Orin Nano Developer Kit"
+soc                    "tegra234" ... from compatible
+l4t                    L4T version "35.4.1" (/etc/nv_tegra_release, else nvidia-l4t-core deb)
+l4t_raw                first line of /etc/nv_tegra_release (or the l4t-core deb version)
+l4t_board              BOARD field of nv_tegra_release (not the SoC: Orin says t186ref)
+jetpack                "5.1.2": nvidia-jetpack deb if installed, else mapped from L4T;
+                       "ambiguous" when the mapping has rival answers; None if unknown
+jetpack_source         "dpkg" | "l4t" | None
+jetpack_raw            nvidia-jetpack deb version as printed ("6.2.1+b38")
+gpu_name               nvidia-smi name of GPU 0 (JP6 Jetson: "Orin (nvgpu)")
+gpu_count              number of GPUs nvidia-smi listed
+gpu_memory_mib         memory.total of GPU 0 in MiB, None when "[N/A]"/"Not Supported"
+gpu_pci_device_id      pci.device_id raw ("0x1EB810DE")
+driver_version         nvidia-smi driver_version
+compute_capability     "8.7": nvidia-smi compute_cap, else Jetson SoC table, else GPU name table
+compute_capability_source  "nvidia-smi" | "jetson-table" | "gpu-table" | None
+tensorrt               TensorRT major.minor.patch ("8.5.2") — the class-relevant form
+tensorrt_build         the longest version seen from the winning-or-agreeing sources ("8.5.2.2")
+cuda                   CUDA major.minor ("12.6")
+cuda_full              CUDA version from the winning source ("12.6.68")
+cudnn                  cuDNN major.minor.patch ("8.6.0")
+power_mode             nvpmodel name ("MAXN")
+power_mode_id          nvpmodel id ("0")
+onnxruntime            onnxruntime.__version__ of the device's python3
+python                 device python3 version ("3.10.12")
+version_conflicts      "tensorrt: dpkg=8.5.2 python=8.6.1; ..." when sources disagree, else None
+=====================  ==========================================================
+
+Version precedence when sources disagree (the first present wins; the losers are
+reported in `version_conflicts`, compared at the precision of the key):
+  l4t:       /etc/nv_tegra_release > nvidia-l4t-core deb
+  tensorrt:  libnvinfer deb (the installed runtime library) > NvInferVersion.h >
+             python tensorrt.__version__ > trtexec banner > "tensorrt" meta deb
+  cuda:      version.json cuda_cudart > version.json cuda_nvcc > nvcc --version >
+             version.txt > cuda-toolkit-X-Y deb > version.json "cuda" (date-stamped patch dropped)
+  cudnn:     cudnn_version header > libcudnn deb
+  jetpack:   nvidia-jetpack deb > L4T mapping (they upgrade separately, docs/devices.md §1)
+  compute capability: nvidia-smi > Jetson SoC table > discrete GPU name table
+
+Sources, formats and why each precedence is what it is: docs/devices.md.
 """
 from __future__ import annotations
 
 import importlib.metadata
 import platform
-import re
 from pathlib import Path
+from typing import Iterable
 
+from kiln.devices.cpuinfo import parse_cpuinfo
+from kiln.devices.nvidia import (
+    SMI_FIELDS_NO_CC, clean_value, deb_upstream_version, dpkg_cuda, dpkg_cudnn, dpkg_tensorrt,
+    gpu_compute_capability, jetpack_for_l4t, jetson_compute_capability, module_from_compatible,
+    parse_cuda_version_json, parse_cuda_version_txt, parse_cudnn_header, parse_device_tree_compatible,
+    parse_device_tree_model, parse_dpkg_versions, parse_nv_tegra_release, parse_nvcc_version,
+    parse_nvidia_smi, parse_nvinfer_version_header, parse_nvpmodel, parse_python_tensorrt_version,
+    parse_trtexec_banner, soc_from_compatible, truncate_version,
+)
+from kiln.devices.probe_script import probe_argv, split_sections
 from kiln.errors import ProbeError
 
-# Flags that change which kernels ONNX Runtime (and its optimised graphs) use.
-ISA_FLAGS = re.compile(
-    r"^(sse4_1|sse4_2|ssse3|avx|avx2|fma|f16c|avx_vnni|avx512\w*|amx\w*|"
-    r"asimd|asimdhp|asimddp|asimdfhm|sve|sve2|sme|i8mm|bf16|fphp|neon)$")
+__all__ = ["FINGERPRINT_KEYS", "LOCAL_KEYS", "parse_probe_output", "probe_local", "probe_remote",
+           "package_version"]
+
+FINGERPRINT_KEYS = (
+    "kind", "arch", "cpu_model", "cpu_flags", "board_model", "module", "module_name", "soc",
+    "l4t", "l4t_raw", "l4t_board", "jetpack", "jetpack_source", "jetpack_raw", "gpu_name",
+    "gpu_count", "gpu_memory_mib", "gpu_pci_device_id", "driver_version", "compute_capability",
+    "compute_capability_source", "tensorrt", "tensorrt_build", "cuda", "cuda_full", "cudnn",
+    "power_mode", "power_mode_id", "onnxruntime", "python", "version_conflicts",
+)
+#: what probe_local() reports (it looks at the CPU and ONNX Runtime only)
+LOCAL_KEYS = ("kind", "os", "arch", "cpu_model", "cpu_flags", "onnxruntime")
 
 
-def parse_cpuinfo(text: str) -> dict[str, object]:
-    """CPU model and ISA flags of the first processor in /proc/cpuinfo (x86 or ARM)."""
-    model, flags = None, []
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and model is None:
-            model = value.strip()
-        elif key in ("flags", "features") and not flags:
-            flags = sorted({f for f in value.split() if ISA_FLAGS.match(f)})
-        elif not line.strip() and flags and model:
-            break
-    return {"cpu_model": model, "cpu_flags": flags}
+def _pick(label: str, candidates: Iterable[tuple[str, str | None]], parts: int | None,
+          conflicts: list[str]) -> tuple[str | None, str | None]:
+    """First present candidate wins; returns (winner, longest agreeing form)."""
+    present = [(src, v) for src, v in candidates if v]
+    if not present:
+        return None, None
+    winner = present[0][1]
+    cut = (lambda v: truncate_version(v, parts)) if parts else (lambda v: v)
+    agreeing = [v for _, v in present if cut(v) == cut(winner)]
+    if len({cut(v) for _, v in present}) > 1:
+        conflicts.append(f"{label}: " + " ".join(f"{s}={cut(v)}" for s, v in present))
+    return cut(winner), max(agreeing, key=lambda v: len(v.split(".")))
 
+
+def parse_probe_output(text: str) -> dict[str, object]:
+    """PROBE_SCRIPT stdout -> flat fingerprint (keys: FINGERPRINT_KEYS, see the module doc).
+
+    Raises ProbeError when the text holds no probe markers at all.
+    """
+    s = split_sections(text)
+    if "probe" not in s and "uname_m" not in s:
+        raise ProbeError("probe output has no @@kiln markers; the probe script did not run",
+                         hint="run the probe with `sh -c PROBE_SCRIPT` on the target and check that sh exists",
+                         output_head=text[:200] or "<empty>")
+    fp: dict[str, object] = dict.fromkeys(FINGERPRINT_KEYS)
+    conflicts: list[str] = []
+    fp["arch"] = clean_value(s.get("uname_m"))
+    fp.update(parse_cpuinfo(s.get("cpuinfo", "")))     # the one cpuinfo parser, as probe_local
+
+    pkgs = parse_dpkg_versions(s.get("dpkg", ""))
+    tegra = parse_nv_tegra_release(s.get("nv_tegra_release", ""))
+    fp["board_model"] = parse_device_tree_model(s.get("dt_model", ""))
+    compatible = parse_device_tree_compatible(s.get("dt_compatible", ""))
+    fp["module"], fp["module_name"] = module_from_compatible(compatible)
+    fp["soc"] = soc_from_compatible(compatible)
+
+    core = pkgs.get("nvidia-l4t-core")
+    fp["l4t"], _ = _pick("l4t", [("nv_tegra_release", tegra.l4t if tegra else None),
+                                 ("dpkg", deb_upstream_version(core))], None, conflicts)
+    fp["l4t_raw"] = tegra.raw if tegra else core
+    fp["l4t_board"] = tegra.board if tegra else None
+    fp["jetpack_raw"] = pkgs.get("nvidia-jetpack")
+    if fp["jetpack_raw"]:
+        fp["jetpack"], fp["jetpack_source"] = deb_upstream_version(fp["jetpack_raw"]), "dpkg"
+    elif fp["l4t"]:
+        fp["jetpack"] = jetpack_for_l4t(fp["l4t"])
+        fp["jetpack_source"] = "l4t" if fp["jetpack"] else None
+
+    # GPU rows: full query, else the retry without compute_cap.
+    rows = parse_nvidia_smi(s.get("nvidia_smi", ""))
+    if not rows:
+        rows = parse_nvidia_smi(s.get("nvidia_smi_nocc", ""), SMI_FIELDS_NO_CC)
+    if rows:
+        gpu = rows[0]
+        fp["gpu_name"], fp["driver_version"] = gpu.name, gpu.driver_version
+        fp["gpu_memory_mib"], fp["gpu_pci_device_id"] = gpu.memory_mib, gpu.pci_device_id
+        fp["gpu_count"] = str(len(rows))
+
+    is_jetson = bool(tegra or core or fp["soc"] or "jetson" in (fp["board_model"] or "").lower())
+    fp["kind"] = "jetson" if is_jetson else ("gpu" if rows else "cpu")
+
+    # CUDA
+    cuda_json, cuda_stamped = parse_cuda_version_json(s.get("cuda_version_json", ""))
+    cuda_sources = [
+        ("version.json", cuda_json),
+        ("nvcc", parse_nvcc_version(s.get("nvcc", ""))),
+        ("version.txt", parse_cuda_version_txt(s.get("cuda_version_txt", ""))),
+        ("dpkg", dpkg_cuda(pkgs)),
+        ("version.json:cuda", truncate_version(cuda_stamped, 2)),
+    ]
+    fp["cuda"], _ = _pick("cuda", cuda_sources, 2, conflicts)
+    fp["cuda_full"] = _first(v for _, v in cuda_sources)
+
+    # TensorRT
+    banner, _build = parse_trtexec_banner(s.get("trtexec_banner", ""))
+    fp["tensorrt"], fp["tensorrt_build"] = _pick("tensorrt", [
+        ("dpkg", dpkg_tensorrt(pkgs)),
+        ("header", parse_nvinfer_version_header(s.get("nvinfer_header", ""))),
+        ("python", parse_python_tensorrt_version(s.get("python_tensorrt", ""))),
+        ("trtexec", banner),
+        ("dpkg-meta", deb_upstream_version(pkgs.get("tensorrt"))),
+    ], 3, conflicts)
+
+    fp["cudnn"], _ = _pick("cudnn", [("header", parse_cudnn_header(s.get("cudnn_header", ""))),
+                                     ("dpkg", dpkg_cudnn(pkgs))], 3, conflicts)
+
+    # Compute capability
+    if rows and rows[0].compute_cap:
+        fp["compute_capability"], fp["compute_capability_source"] = rows[0].compute_cap, "nvidia-smi"
+    elif is_jetson:
+        cc = jetson_compute_capability(fp["board_model"], fp["module_name"], fp["soc"], fp["cuda"])
+        if cc is None and fp["gpu_name"]:
+            cc = jetson_compute_capability(fp["gpu_name"], None, None, fp["cuda"])
+        fp["compute_capability"], fp["compute_capability_source"] = cc, "jetson-table" if cc else None
+    elif fp["gpu_name"]:
+        cc = gpu_compute_capability(fp["gpu_name"])
+        fp["compute_capability"], fp["compute_capability_source"] = cc, "gpu-table" if cc else None
+
+    fp["power_mode"], fp["power_mode_id"] = parse_nvpmodel(s.get("nvpmodel", ""))
+    fp["onnxruntime"] = clean_value(s.get("onnxruntime"))
+    fp["python"] = clean_value(s.get("python"))
+    fp["version_conflicts"] = "; ".join(conflicts) or None
+    return fp
+
+
+def _first(values: Iterable[str | None]) -> str | None:
+    return next((v for v in values if v), None)
+
+
+# --------------------------------------------------------------------------- probes
 
 def package_version(name: str) -> str | None:
+    """Installed version of a Python distribution in this interpreter, None if absent."""
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -43,7 +216,7 @@ def package_version(name: str) -> str | None:
 
 
 def probe_local(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
-    """Fingerprint of this machine for the ONNX Runtime backend."""
+    """Fingerprint of this machine for the ONNX Runtime backend (keys: LOCAL_KEYS)."""
     try:
         text = cpuinfo.read_text()
     except OSError as exc:
@@ -60,7 +233,6 @@ def probe_local(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
 def probe_remote(transport, trtexec: str | None = None, python: str = "python3") -> dict[str, object]:
     """Run the shell probe on a device (nothing needed there beyond sh) and parse it."""
     from kiln.errors import KilnError
-    from kiln.devices.nvidia import parse_probe_output, probe_argv
     try:
         result = transport.run(probe_argv(trtexec=trtexec, python=python), timeout=60)
     except KilnError as exc:

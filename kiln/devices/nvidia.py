@@ -1,77 +1,27 @@
-"""NVIDIA device facts: the device-side probe script and pure parsers for what it prints.
+"""Pure parsers of what NVIDIA devices print or keep in files, and the lookup tables they need.
 
-Everything here is a pure function from text to data (no I/O), except that
-`PROBE_SCRIPT` is meant to be run on the device (`probe_argv()` builds the argv).
-Raw strings are kept next to parsed values. Sources and their formats are the
-ones in /work/shared/reference/tensorrt-jetson-facts.md (cited as "facts §N").
-
-Fingerprint keys (`parse_probe_output`); every value is a string or None (unknown):
-
-=====================  ==========================================================
-kind                   "jetson" | "gpu" | "cpu"
-arch                   `uname -m` (aarch64, x86_64)
-cpu_model              /proc/cpuinfo "model name" of CPU 0 (ARM fallback: implementer/part)
-cpu_flags              ISA-relevant CPU flags of CPU 0, sorted, space-separated
-board_model            /proc/device-tree/model (NUL stripped), e.g. "NVIDIA Jetson AGX Orin Developer Kit"
-module                 Jetson module id from device-tree compatible, e.g. "p3767-0005"
-module_name            human name of `module`, e.g. "Jetson Orin Nano Developer Kit"
-soc                    "tegra234" ... from compatible
-l4t                    L4T version "35.4.1" (/etc/nv_tegra_release, else nvidia-l4t-core deb)
-l4t_raw                first line of /etc/nv_tegra_release (or the l4t-core deb version)
-l4t_board              BOARD field of nv_tegra_release (not the SoC: Orin says t186ref)
-jetpack                "5.1.2": nvidia-jetpack deb if installed, else mapped from L4T;
-                       "ambiguous" when the mapping has rival answers; None if unknown
-jetpack_source         "dpkg" | "l4t" | None
-jetpack_raw            nvidia-jetpack deb version as printed ("6.2.1+b38")
-gpu_name               nvidia-smi name of GPU 0 (JP6 Jetson: "Orin (nvgpu)")
-gpu_count              number of GPUs nvidia-smi listed
-gpu_memory_mib         memory.total of GPU 0 in MiB, None when "[N/A]"/"Not Supported"
-gpu_pci_device_id      pci.device_id raw ("0x1EB810DE")
-driver_version         nvidia-smi driver_version
-compute_capability     "8.7": nvidia-smi compute_cap, else Jetson SoC table, else GPU name table
-compute_capability_source  "nvidia-smi" | "jetson-table" | "gpu-table" | None
-tensorrt               TensorRT major.minor.patch ("8.5.2") — the class-relevant form
-tensorrt_build         the longest version seen from the winning-or-agreeing sources ("8.5.2.2")
-cuda                   CUDA major.minor ("12.6")
-cuda_full              CUDA version from the winning source ("12.6.68")
-cudnn                  cuDNN major.minor.patch ("8.6.0")
-power_mode             nvpmodel name ("MAXN")
-power_mode_id          nvpmodel id ("0")
-onnxruntime            onnxruntime.__version__ of the device's python3
-python                 device python3 version ("3.10.12")
-version_conflicts      "tensorrt: dpkg=8.5.2 python=8.6.1; ..." when sources disagree, else None
-=====================  ==========================================================
-
-Version precedence when sources disagree (the first present wins; the losers are
-reported in `version_conflicts`, compared at the precision of the key):
-  l4t:       /etc/nv_tegra_release > nvidia-l4t-core deb
-  tensorrt:  libnvinfer deb (the installed runtime library) > NvInferVersion.h >
-             python tensorrt.__version__ > trtexec banner > "tensorrt" meta deb
-  cuda:      version.json cuda_cudart > version.json cuda_nvcc > nvcc --version >
-             version.txt > cuda-toolkit-X-Y deb > version.json "cuda" (date-stamped patch dropped)
-  cudnn:     cudnn_version header > libcudnn deb
-  jetpack:   nvidia-jetpack deb > L4T mapping (they upgrade separately, facts §1)
-  compute capability: nvidia-smi > Jetson SoC table > discrete GPU name table
+Every function here is text in, data out: no I/O, no subprocess. Raw strings are
+kept next to parsed values. The formats, version sources and tables are the ones
+documented, with their sources, in docs/devices.md (cited as "§N"). The probe
+script that collects these texts is kiln.devices.probe_script; the assembly of a
+whole fingerprint (and the precedence between sources) is kiln.devices.fingerprint.
 """
 from __future__ import annotations
 
 import json
 import re
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
-
-from kiln.errors import ProbeError
+from typing import Mapping, Sequence
 
 __all__ = [
-    "PROBE_SCRIPT", "PROBE_FORMAT", "probe_argv", "parse_probe_output", "split_sections",
-    "FINGERPRINT_KEYS", "TegraRelease", "parse_nv_tegra_release", "parse_device_tree_model",
+    "TegraRelease", "parse_nv_tegra_release", "parse_device_tree_model",
     "parse_device_tree_compatible", "module_from_compatible", "soc_from_compatible",
-    "parse_dpkg_versions", "deb_upstream_version", "parse_cuda_version_json",
-    "parse_cuda_version_txt", "parse_nvcc_version", "parse_cudnn_header",
-    "parse_nvinfer_version_header", "parse_trtexec_banner", "decode_trt_version_number", "parse_python_tensorrt_version",
-    "parse_nvpmodel", "GpuRow", "parse_nvidia_smi", "jetpack_for_l4t",
-    "jetson_compute_capability", "gpu_compute_capability", "tensorrt_class_fields",
-    "describe_drift", "TENSORRT_CLASS_KEYS",
+    "parse_dpkg_versions", "deb_upstream_version", "dpkg_tensorrt", "dpkg_cudnn", "dpkg_cuda",
+    "parse_cuda_version_json", "parse_cuda_version_txt", "parse_nvcc_version", "parse_c_defines",
+    "parse_cudnn_header", "parse_nvinfer_version_header", "parse_trtexec_banner",
+    "decode_trt_version_number", "parse_python_tensorrt_version", "parse_nvpmodel",
+    "SMI_FIELDS", "SMI_FIELDS_NO_CC", "GpuRow", "parse_nvidia_smi", "jetpack_for_l4t",
+    "jetson_compute_capability", "gpu_compute_capability", "truncate_version", "clean_value",
 ]
 
 # --------------------------------------------------------------------------- helpers
@@ -79,7 +29,8 @@ __all__ = [
 _VERSION = re.compile(r"(\d+(?:\.\d+)*)")
 
 
-def _truncate(version: str | None, parts: int) -> str | None:
+def truncate_version(version: str | None, parts: int) -> str | None:
+    """Leading `parts` numeric components: ("12.6.20241114", 2) -> "12.6"; None if none."""
     if not version:
         return None
     m = _VERSION.match(version.strip())
@@ -88,7 +39,7 @@ def _truncate(version: str | None, parts: int) -> str | None:
     return ".".join(m.group(1).split(".")[:parts])
 
 
-def _clean(value: str | None) -> str | None:
+def clean_value(value: str | None) -> str | None:
     """nvidia-smi and friends say "[N/A]" / "Not Supported" for unknown."""
     if value is None:
         return None
@@ -116,7 +67,7 @@ _TEGRA = re.compile(r"#\s*R(?P<major>\d+)\s*\((?P<kind>[^)]*)\)\s*,\s*REVISION:\
 def parse_nv_tegra_release(text: str) -> TegraRelease | None:
     """/etc/nv_tegra_release: `# R35 (release), REVISION: 4.1, GCID: ..., BOARD: t186ref, ...`.
 
-    L4T = R<major> + "." + REVISION (facts §1). Extra R36 lines (KERNEL_VARIANT,
+    L4T = R<major> + "." + REVISION (docs/devices.md §1). Extra R36 lines (KERNEL_VARIANT,
     TARGET_USERSPACE_LIB_DIR) are ignored. None if no release line is found.
     """
     for line in text.splitlines():
@@ -126,8 +77,8 @@ def parse_nv_tegra_release(text: str) -> TegraRelease | None:
         fields = dict(re.findall(r"(\w+):\s*([^,]+)", m.group("rest")))
         rev = m.group("rev").rstrip(".")
         return TegraRelease(l4t=f"{m.group('major')}.{rev}", release=f"R{m.group('major')}",
-                            revision=rev, board=_clean(fields.get("BOARD")),
-                            gcid=_clean(fields.get("GCID")), raw=line.strip())
+                            revision=rev, board=clean_value(fields.get("BOARD")),
+                            gcid=clean_value(fields.get("GCID")), raw=line.strip())
     return None
 
 
@@ -142,7 +93,7 @@ def parse_device_tree_compatible(data: str) -> list[str]:
     return [e.strip() for e in re.split(r"[\x00\n]", data) if e.strip()]
 
 
-# Module ids [JS][JG] (facts §1). Key: "pNNNN" or "pNNNN-NNNN".
+# Module ids (docs/devices.md §1, sources [JS][JG]). Key: "pNNNN" or "pNNNN-NNNN".
 _MODULES = {
     "p3767-0000": "Jetson Orin NX 16GB",
     "p3767-0001": "Jetson Orin NX 8GB",
@@ -226,20 +177,20 @@ def deb_upstream_version(version: str | None) -> str | None:
     return v or None
 
 
-def _dpkg_tensorrt(pkgs: Mapping[str, str]) -> str | None:
+def dpkg_tensorrt(pkgs: Mapping[str, str]) -> str | None:
     for name in sorted((p for p in pkgs if re.fullmatch(r"libnvinfer\d+", p)), reverse=True,
                        key=lambda p: int(p[len("libnvinfer"):])):
         return deb_upstream_version(pkgs[name])
     return None
 
 
-def _dpkg_cudnn(pkgs: Mapping[str, str]) -> str | None:
+def dpkg_cudnn(pkgs: Mapping[str, str]) -> str | None:
     names = [p for p in pkgs if re.fullmatch(r"libcudnn(\d+)(-cuda-\d+)?", p)]
     names.sort(key=lambda p: int(re.match(r"libcudnn(\d+)", p).group(1)), reverse=True)
-    return _truncate(deb_upstream_version(pkgs[names[0]]), 3) if names else None
+    return truncate_version(deb_upstream_version(pkgs[names[0]]), 3) if names else None
 
 
-def _dpkg_cuda(pkgs: Mapping[str, str]) -> str | None:
+def dpkg_cuda(pkgs: Mapping[str, str]) -> str | None:
     names = [p for p in pkgs if re.fullmatch(r"cuda-toolkit-\d+-\d+", p)]
     if not names:
         return None
@@ -252,7 +203,7 @@ def _dpkg_cuda(pkgs: Mapping[str, str]) -> str | None:
 def parse_cuda_version_json(text: str) -> tuple[str | None, str | None]:
     """/usr/local/cuda/version.json -> (best version, date-stamped "cuda" version).
 
-    Prefers cuda_cudart, then cuda_nvcc (facts §2: `cuda.version` can be
+    Prefers cuda_cudart, then cuda_nvcc (docs/devices.md §2: `cuda.version` can be
     `12.6.20241114`). The second value is the raw `cuda.version`, for fallback.
     """
     try:
@@ -264,7 +215,7 @@ def parse_cuda_version_json(text: str) -> tuple[str | None, str | None]:
 
     def version_of(key: str) -> str | None:
         entry = data.get(key)
-        return _clean(entry.get("version")) if isinstance(entry, dict) and isinstance(entry.get("version"), str) else None
+        return clean_value(entry.get("version")) if isinstance(entry, dict) and isinstance(entry.get("version"), str) else None
 
     return version_of("cuda_cudart") or version_of("cuda_nvcc"), version_of("cuda")
 
@@ -283,31 +234,62 @@ def parse_nvcc_version(text: str) -> str | None:
     return m.group(2) or m.group(1)
 
 
-def _defines(text: str) -> dict[str, str]:
-    return dict(re.findall(r"^\s*#\s*define\s+(\w+)\s+(\S+)", text, re.M))
+_BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.S)
+_DEFINE = re.compile(r"[ \t]*#[ \t]*define[ \t]+([A-Za-z_]\w*)(\()?(.*)")
+
+
+def parse_c_defines(text: str) -> dict[str, str]:
+    """Object-like `#define NAME value` macros of a C header -> {NAME: value} ("" for no value).
+
+    Reads whole real headers (docs/devices.md §5): include guards (`#define
+    CUDNN_VERSION_H_` has no value, and a blank line follows it), `/* */` and `//`
+    comments (also after a value: `#define NV_TENSORRT_MAJOR 10 //!< ...`), blank
+    lines, backslash continuations. Each define is read within its own logical line,
+    so a valueless guard never swallows the next line. Function-like macros are
+    skipped. A `/*` left open (a header cut to its #define lines) ends at its line.
+    """
+    text = _BLOCK_COMMENT.sub(" ", text.replace("\r\n", "\n"))
+    text = re.sub(r"\\\n", " ", text)                       # line continuations
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.split("//", 1)[0].split("/*", 1)[0]
+        m = _DEFINE.match(line)
+        if m and not m.group(2):
+            out.setdefault(m.group(1), m.group(3).strip())
+    return out
 
 
 def _resolve(defs: Mapping[str, str], name: str) -> int | None:
+    """Integer value of macro `name`, following macro-to-macro chains
+    (TRT 10.11+: `NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE`); None for expressions and loops."""
     seen = set()
     value = defs.get(name)
-    while value is not None and not value.lstrip("-").isdigit():
-        if value in seen:
+    while value is not None:
+        value = value.strip()
+        while value.startswith("(") and value.endswith(")"):
+            value = value[1:-1].strip()
+        m = re.fullmatch(r"(-?\d+)[uUlL]*", value)
+        if m:
+            return int(m.group(1))
+        if not re.fullmatch(r"[A-Za-z_]\w*", value) or value in seen:
             return None
         seen.add(value)
         value = defs.get(value)
-    return int(value) if value is not None else None
+    return None
 
 
 def parse_cudnn_header(text: str) -> str | None:
-    """cudnn_version.h / cudnn_version_v8.h / _v9.h: CUDNN_MAJOR/MINOR/PATCHLEVEL."""
-    defs = _defines(text)
+    """cudnn_version.h / cudnn_version_v8.h / _v9.h (whole file): CUDNN_MAJOR/MINOR/PATCHLEVEL
+    -> "9.14.0"; None unless all three are integers (docs/devices.md §2, §5)."""
+    defs = parse_c_defines(text)
     parts = [_resolve(defs, k) for k in ("CUDNN_MAJOR", "CUDNN_MINOR", "CUDNN_PATCHLEVEL")]
     return ".".join(map(str, parts)) if None not in parts else None
 
 
 def parse_nvinfer_version_header(text: str) -> str | None:
-    """NvInferVersion.h -> "8.5.2.2"; resolves the 10.11+ `NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE` form."""
-    defs = _defines(text)
+    """NvInferVersion.h (whole file) -> "8.5.2.2"; resolves the 10.11+
+    `NV_TENSORRT_MAJOR TRT_MAJOR_ENTERPRISE` form (docs/devices.md §2, §5)."""
+    defs = parse_c_defines(text)
     parts = [_resolve(defs, f"NV_TENSORRT_{k}") for k in ("MAJOR", "MINOR", "PATCH", "BUILD")]
     if None in parts[:3]:
         return None
@@ -381,18 +363,18 @@ def parse_nvidia_smi(text: str, fields: Sequence[str] = SMI_FIELDS) -> list[GpuR
         if len(cells) != len(fields):
             continue
         cell = dict(zip(fields, cells))
-        mem = _clean(cell.get("memory.total"))
+        mem = clean_value(cell.get("memory.total"))
         mem_m = re.match(r"(\d+)", mem) if mem else None
-        rows.append(GpuRow(name=_clean(cell.get("name")), compute_cap=_clean(cell.get("compute_cap")),
-                           driver_version=_clean(cell.get("driver_version")),
+        rows.append(GpuRow(name=clean_value(cell.get("name")), compute_cap=clean_value(cell.get("compute_cap")),
+                           driver_version=clean_value(cell.get("driver_version")),
                            memory_mib=mem_m.group(1) if mem_m else None,
-                           pci_device_id=_clean(cell.get("pci.device_id")), raw=line.strip()))
+                           pci_device_id=clean_value(cell.get("pci.device_id")), raw=line.strip()))
     return rows
 
 
 # --------------------------------------------------------------------------- tables
 
-# L4T -> JetPack (facts §1). Rival answers map to "ambiguous".
+# L4T -> JetPack (docs/devices.md §1). Rival answers map to "ambiguous".
 _JETPACK = {
     "35.1.0": "5.0.2", "35.2.1": "5.1", "35.3.0": "5.1.1 PRE", "35.3.1": "5.1.1",
     "35.4.1": "5.1.2", "35.5.0": "5.1.3", "35.6.0": "5.1.4",
@@ -431,17 +413,17 @@ def _jetson_family(*names: str | None, soc: str | None = None) -> str | None:
 
 def jetson_compute_capability(board_model: str | None, module_name: str | None = None,
                               soc: str | None = None, cuda: str | None = None) -> str | None:
-    """Orin 8.7, Xavier 7.2, Nano 5.3, TX2 6.2 (facts §1). Thor is 10.1 with CUDA <= 12.9
+    """Orin 8.7, Xavier 7.2, Nano 5.3, TX2 6.2 (docs/devices.md §4). Thor is 10.1 with CUDA <= 12.9
     and 11.0 with CUDA >= 13, so it is None while CUDA is unknown."""
     family = _jetson_family(module_name, board_model, soc=soc)
     if family == "thor":
-        major = _truncate(cuda, 1)
+        major = truncate_version(cuda, 1)
         return None if major is None else ("11.0" if int(major) >= 13 else "10.1")
     return _FAMILY_CC.get(family or "")
 
 
 # Discrete GPUs that drivers without `compute_cap` (e.g. 470.x) still drive. Values
-# from NVIDIA's CUDA GPU list (developer.nvidia.com/cuda-gpus); not in the fact sheet.
+# from NVIDIA's CUDA GPU list (developer.nvidia.com/cuda-gpus; docs/devices.md §4).
 _GPU_CC = {
     "tesla k80": "3.7", "tesla p4": "6.1", "tesla p40": "6.1", "tesla p100-pcie-16gb": "6.0",
     "tesla v100-sxm2-16gb": "7.0", "tesla v100-sxm2-32gb": "7.0", "tesla v100-pcie-16gb": "7.0",
@@ -454,342 +436,3 @@ _GPU_CC = {
 def gpu_compute_capability(gpu_name: str | None) -> str | None:
     return _GPU_CC.get((gpu_name or "").strip().lower())
 
-
-# --------------------------------------------------------------------------- probe script
-
-PROBE_FORMAT = "1"
-
-#: POSIX sh; needs only sh, cat, tr, uname (and uses dpkg-query, nvidia-smi, nvpmodel,
-#: nvcc, trtexec, python3 when present). Never fails: missing sources are just absent.
-#: Args: $1 = trtexec path (default /usr/src/tensorrt/bin/trtexec), $2 = python (default python3).
-#: Env KILN_PROBE_ROOT prefixes every *file* path (tests run it against a fake root).
-PROBE_SCRIPT = r"""
-R="${KILN_PROBE_ROOT:-}"
-TRTEXEC="${1:-${KILN_TRTEXEC:-$R/usr/src/tensorrt/bin/trtexec}}"
-PY="${2:-python3}"
-begin() { printf '@@kiln:%s@@\n' "$1"; }
-end() { printf '\n@@kiln:end@@\n'; }
-have() { command -v "$1" >/dev/null 2>&1; }
-file_section() { # name path [nul->newline]
-  if [ -r "$2" ] && [ -f "$2" ]; then
-    begin "$1"
-    if [ -n "$3" ]; then tr '\000' '\n' < "$2" 2>/dev/null; else cat "$2" 2>/dev/null; fi
-    end
-  fi
-}
-defines_section() { # name path: only the #define lines
-  begin "$1"
-  while IFS= read -r l || [ -n "$l" ]; do
-    case "$l" in *'#'*define*) printf '%s\n' "$l" ;; esac
-  done < "$2"
-  end
-}
-begin probe; printf '%s\n' "@FORMAT@"; end
-begin uname_m; uname -m 2>/dev/null; end
-if [ -r "$R/proc/cpuinfo" ]; then
-  begin cpuinfo
-  while IFS= read -r l; do [ -z "$l" ] && break; printf '%s\n' "$l"; done < "$R/proc/cpuinfo"
-  end
-fi
-file_section nv_tegra_release "$R/etc/nv_tegra_release"
-# /proc/device-tree is a symlink to /sys/firmware/devicetree/base; read either
-for f in model compatible; do
-  for dt in "$R/proc/device-tree" "$R/sys/firmware/devicetree/base"; do
-    if [ -r "$dt/$f" ]; then file_section "dt_$f" "$dt/$f" nul; break; fi
-  done
-done
-if have dpkg-query; then
-  begin dpkg
-  dpkg-query -W -f='${db:Status-Abbrev}|${Package} ${Version}\n' nvidia-l4t-core nvidia-jetpack \
-    'libnvinfer[0-9]*' tensorrt python3-libnvinfer 'libcudnn[0-9]*' 'cuda-toolkit-[0-9]*' 2>/dev/null
-  end
-fi
-file_section cuda_version_json "$R/usr/local/cuda/version.json"
-file_section cuda_version_txt "$R/usr/local/cuda/version.txt"
-NVCC="$R/usr/local/cuda/bin/nvcc"
-[ -x "$NVCC" ] || NVCC="$(command -v nvcc 2>/dev/null)"
-if [ -n "$NVCC" ] && [ -x "$NVCC" ]; then begin nvcc; "$NVCC" --version 2>&1 </dev/null; end; fi
-for f in "$R"/usr/include/cudnn_version.h "$R"/usr/include/*-linux-gnu/cudnn_version_v9.h \
-         "$R"/usr/include/*-linux-gnu/cudnn_version_v8.h "$R"/usr/local/cuda/include/cudnn_version.h; do
-  if [ -r "$f" ]; then defines_section cudnn_header "$f"; break; fi
-done
-for f in "$R"/usr/include/*-linux-gnu/NvInferVersion.h "$R"/usr/include/NvInferVersion.h; do
-  if [ -r "$f" ]; then defines_section nvinfer_header "$f"; break; fi
-done
-if [ -f "$TRTEXEC" ] && [ -x "$TRTEXEC" ]; then
-  begin trtexec_banner
-  "$TRTEXEC" --help 2>/dev/null </dev/null | while IFS= read -r l; do
-    case "$l" in '&&&& RUNNING'*) printf '%s\n' "$l" ;; esac
-  done
-  end
-fi
-if have nvidia-smi; then
-  smi_out="$(nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total,pci.device_id --format=csv,noheader 2>&1 </dev/null)"
-  smi_rc=$?
-  if [ "$smi_rc" -eq 0 ]; then
-    begin nvidia_smi; printf '%s\n' "$smi_out"; end
-  else
-    case "$smi_out" in
-      *'not a valid field'*)
-        smi_retry="$(nvidia-smi --query-gpu=name,driver_version,memory.total,pci.device_id --format=csv,noheader 2>&1 </dev/null)" \
-          && { begin nvidia_smi_nocc; printf '%s\n' "$smi_retry"; end; } ;;
-    esac
-    begin nvidia_smi_error; printf 'rc=%s\n%s\n' "$smi_rc" "$smi_out"; end
-  fi
-fi
-if have nvpmodel; then begin nvpmodel; nvpmodel -q 2>/dev/null </dev/null; end; fi
-if have "$PY"; then
-  "$PY" - 2>/dev/null <<'KILN_PY' || true
-import sys
-print("@@kiln:python@@\n%d.%d.%d\n@@kiln:end@@" % sys.version_info[:3])
-sys.stdout.flush()
-for sec, mod in (("python_tensorrt", "tensorrt"), ("onnxruntime", "onnxruntime")):
-    try:
-        m = __import__(mod)
-    except Exception:
-        continue
-    print("@@kiln:%s@@\n%s\n@@kiln:end@@" % (sec, getattr(m, "__version__", "")))
-    sys.stdout.flush()
-KILN_PY
-fi
-exit 0
-""".replace("@FORMAT@", PROBE_FORMAT)
-
-
-def probe_argv(trtexec: str | None = None, python: str = "python3") -> list[str]:
-    """argv to run PROBE_SCRIPT through `Transport.run` (every element is quoted by the transport)."""
-    return ["sh", "-c", PROBE_SCRIPT, "kiln-probe", trtexec or "", python]
-
-
-_MARK = re.compile(r"^@@kiln:([a-z0-9_]+)@@$")
-
-
-def split_sections(text: str) -> dict[str, str]:
-    """Cut probe output into {section: text}; text has the end marker's padding newline removed."""
-    sections: dict[str, str] = {}
-    name, lines = None, []
-    for line in text.splitlines():
-        m = _MARK.match(line.strip())
-        if m and m.group(1) == "end":
-            if name is not None:
-                body = "\n".join(lines)
-                sections[name] = body[:-1] if body.endswith("\n") else body
-            name, lines = None, []
-        elif m and name is None:
-            name, lines = m.group(1), []
-        elif name is not None:
-            lines.append(line)
-    return sections
-
-
-# --------------------------------------------------------------------------- fingerprint
-
-FINGERPRINT_KEYS = (
-    "kind", "arch", "cpu_model", "cpu_flags", "board_model", "module", "module_name", "soc",
-    "l4t", "l4t_raw", "l4t_board", "jetpack", "jetpack_source", "jetpack_raw", "gpu_name",
-    "gpu_count", "gpu_memory_mib", "gpu_pci_device_id", "driver_version", "compute_capability",
-    "compute_capability_source", "tensorrt", "tensorrt_build", "cuda", "cuda_full", "cudnn",
-    "power_mode", "power_mode_id", "onnxruntime", "python", "version_conflicts",
-)
-
-# Flags that change which kernels a CPU runtime may use (x86 and ARM spellings).
-_ISA_FLAGS = frozenset("""
-sse sse2 ssse3 sse4_1 sse4_2 sse4a avx avx2 fma f16c bmi1 bmi2 popcnt movbe aes pclmulqdq sha_ni
-avx512f avx512cd avx512bw avx512dq avx512vl avx512ifma avx512vbmi avx512_vbmi2 avx512_vnni
-avx512_bitalg avx512_vpopcntdq avx512_bf16 avx512_fp16 avx_vnni avx_vnni_int8 amx_tile amx_int8
-amx_bf16 amx_fp16 vaes vpclmulqdq gfni
-fp asimd asimdhp asimddp asimdfhm asimdrdm fphp sve sve2 i8mm bf16 svei8mm svebf16 sme atomics
-""".split())
-
-
-def _cpuinfo(text: str) -> tuple[str | None, str | None]:
-    info: dict[str, str] = {}
-    for line in text.splitlines():
-        if ":" in line:
-            k, v = line.split(":", 1)
-            info.setdefault(k.strip().lower(), v.strip())
-    model = info.get("model name") or info.get("processor name") or info.get("cpu model")
-    if not model and "cpu implementer" in info:
-        model = f"ARM implementer {info['cpu implementer']} part {info.get('cpu part', '?')}"
-    flags = (info.get("flags") or info.get("features") or "").split()
-    isa = sorted(set(flags) & _ISA_FLAGS)
-    return model or None, " ".join(isa) or None
-
-
-def _pick(label: str, candidates: Iterable[tuple[str, str | None]], parts: int | None,
-          conflicts: list[str]) -> tuple[str | None, str | None]:
-    """First present candidate wins; returns (winner, longest agreeing form)."""
-    present = [(src, v) for src, v in candidates if v]
-    if not present:
-        return None, None
-    winner = present[0][1]
-    cut = (lambda v: _truncate(v, parts)) if parts else (lambda v: v)
-    agreeing = [v for _, v in present if cut(v) == cut(winner)]
-    if len({cut(v) for _, v in present}) > 1:
-        conflicts.append(f"{label}: " + " ".join(f"{s}={cut(v)}" for s, v in present))
-    return cut(winner), max(agreeing, key=lambda v: len(v.split(".")))
-
-
-def parse_probe_output(text: str) -> dict[str, str | None]:
-    """PROBE_SCRIPT stdout -> flat fingerprint (keys: FINGERPRINT_KEYS, see the module doc).
-
-    Raises ProbeError when the text holds no probe markers at all.
-    """
-    s = split_sections(text)
-    if "probe" not in s and "uname_m" not in s:
-        raise ProbeError("probe output has no @@kiln markers; the probe script did not run",
-                         hint="run the probe with `sh -c PROBE_SCRIPT` on the target and check that sh exists",
-                         output_head=text[:200] or "<empty>")
-    fp: dict[str, str | None] = dict.fromkeys(FINGERPRINT_KEYS)
-    conflicts: list[str] = []
-    fp["arch"] = _clean(s.get("uname_m"))
-    fp["cpu_model"], fp["cpu_flags"] = _cpuinfo(s.get("cpuinfo", ""))
-
-    pkgs = parse_dpkg_versions(s.get("dpkg", ""))
-    tegra = parse_nv_tegra_release(s.get("nv_tegra_release", ""))
-    fp["board_model"] = parse_device_tree_model(s.get("dt_model", ""))
-    compatible = parse_device_tree_compatible(s.get("dt_compatible", ""))
-    fp["module"], fp["module_name"] = module_from_compatible(compatible)
-    fp["soc"] = soc_from_compatible(compatible)
-
-    core = pkgs.get("nvidia-l4t-core")
-    fp["l4t"], _ = _pick("l4t", [("nv_tegra_release", tegra.l4t if tegra else None),
-                                 ("dpkg", deb_upstream_version(core))], None, conflicts)
-    fp["l4t_raw"] = tegra.raw if tegra else core
-    fp["l4t_board"] = tegra.board if tegra else None
-    fp["jetpack_raw"] = pkgs.get("nvidia-jetpack")
-    if fp["jetpack_raw"]:
-        fp["jetpack"], fp["jetpack_source"] = deb_upstream_version(fp["jetpack_raw"]), "dpkg"
-    elif fp["l4t"]:
-        fp["jetpack"] = jetpack_for_l4t(fp["l4t"])
-        fp["jetpack_source"] = "l4t" if fp["jetpack"] else None
-
-    # GPU rows: full query, else the retry without compute_cap.
-    rows = parse_nvidia_smi(s.get("nvidia_smi", ""))
-    if not rows:
-        rows = parse_nvidia_smi(s.get("nvidia_smi_nocc", ""), SMI_FIELDS_NO_CC)
-    if rows:
-        gpu = rows[0]
-        fp["gpu_name"], fp["driver_version"] = gpu.name, gpu.driver_version
-        fp["gpu_memory_mib"], fp["gpu_pci_device_id"] = gpu.memory_mib, gpu.pci_device_id
-        fp["gpu_count"] = str(len(rows))
-
-    is_jetson = bool(tegra or core or fp["soc"] or "jetson" in (fp["board_model"] or "").lower())
-    fp["kind"] = "jetson" if is_jetson else ("gpu" if rows else "cpu")
-
-    # CUDA
-    cuda_json, cuda_stamped = parse_cuda_version_json(s.get("cuda_version_json", ""))
-    cuda_sources = [
-        ("version.json", cuda_json),
-        ("nvcc", parse_nvcc_version(s.get("nvcc", ""))),
-        ("version.txt", parse_cuda_version_txt(s.get("cuda_version_txt", ""))),
-        ("dpkg", _dpkg_cuda(pkgs)),
-        ("version.json:cuda", _truncate(cuda_stamped, 2)),
-    ]
-    fp["cuda"], _ = _pick("cuda", cuda_sources, 2, conflicts)
-    fp["cuda_full"] = _first(v for _, v in cuda_sources)
-
-    # TensorRT
-    banner, _build = parse_trtexec_banner(s.get("trtexec_banner", ""))
-    fp["tensorrt"], fp["tensorrt_build"] = _pick("tensorrt", [
-        ("dpkg", _dpkg_tensorrt(pkgs)),
-        ("header", parse_nvinfer_version_header(s.get("nvinfer_header", ""))),
-        ("python", parse_python_tensorrt_version(s.get("python_tensorrt", ""))),
-        ("trtexec", banner),
-        ("dpkg-meta", deb_upstream_version(pkgs.get("tensorrt"))),
-    ], 3, conflicts)
-
-    fp["cudnn"], _ = _pick("cudnn", [("header", parse_cudnn_header(s.get("cudnn_header", ""))),
-                                     ("dpkg", _dpkg_cudnn(pkgs))], 3, conflicts)
-
-    # Compute capability
-    if rows and rows[0].compute_cap:
-        fp["compute_capability"], fp["compute_capability_source"] = rows[0].compute_cap, "nvidia-smi"
-    elif is_jetson:
-        cc = jetson_compute_capability(fp["board_model"], fp["module_name"], fp["soc"], fp["cuda"])
-        if cc is None and fp["gpu_name"]:
-            cc = jetson_compute_capability(fp["gpu_name"], None, None, fp["cuda"])
-        fp["compute_capability"], fp["compute_capability_source"] = cc, "jetson-table" if cc else None
-    elif fp["gpu_name"]:
-        cc = gpu_compute_capability(fp["gpu_name"])
-        fp["compute_capability"], fp["compute_capability_source"] = cc, "gpu-table" if cc else None
-
-    fp["power_mode"], fp["power_mode_id"] = parse_nvpmodel(s.get("nvpmodel", ""))
-    fp["onnxruntime"] = _clean(s.get("onnxruntime"))
-    fp["python"] = _clean(s.get("python"))
-    fp["version_conflicts"] = "; ".join(conflicts) or None
-    return fp
-
-
-def _first(values: Iterable[str | None]) -> str | None:
-    return next((v for v in values if v), None)
-
-
-# --------------------------------------------------------------------------- classes and drift
-
-TENSORRT_CLASS_KEYS = ("kind", "device", "compute_capability", "tensorrt", "cuda", "cudnn", "l4t")
-
-
-def tensorrt_class_fields(fp: Mapping[str, str | None], *, strict: bool = False) -> dict[str, str | None]:
-    """The fingerprint subset a TensorRT engine is married to (facts §7).
-
-    `device` is the Jetson module id (else the device-tree model) or the discrete
-    GPU name: same compute capability on another model only warns but is "not
-    recommended". TensorRT is compared at major.minor.patch (the precision every
-    source gives). Driver, power mode and JetPack are left out (JetPack is implied
-    by L4T + the library versions). With strict=True, missing essentials raise ProbeError.
-    """
-    if fp.get("kind") == "jetson":
-        device = fp.get("module") or fp.get("board_model") or fp.get("gpu_name")
-    else:
-        device = fp.get("gpu_name")
-    fields = {"kind": fp.get("kind"), "device": device,
-              "compute_capability": fp.get("compute_capability"), "tensorrt": fp.get("tensorrt"),
-              "cuda": fp.get("cuda"), "cudnn": fp.get("cudnn"),
-              "l4t": fp.get("l4t") if fp.get("kind") == "jetson" else None}
-    if strict:
-        needed = ["device", "compute_capability", "tensorrt"] + (["l4t"] if fields["kind"] == "jetson" else [])
-        missing = [k for k in needed if not fields[k]]
-        if fields["kind"] not in ("jetson", "gpu"):
-            missing.insert(0, "kind (no NVIDIA GPU found)")
-        if missing:
-            raise ProbeError("fingerprint lacks what a TensorRT hardware class needs: " + ", ".join(missing),
-                             hint="install trtexec/libnvinfer on the target or pick the onnxruntime backend; "
-                                  "re-run `doit fingerprint` afterwards")
-    return fields
-
-
-_LABELS = {
-    "kind": "device kind", "arch": "architecture", "cpu_model": "CPU", "board_model": "board",
-    "module": "module", "module_name": "module name", "soc": "SoC", "l4t": "L4T",
-    "l4t_raw": "L4T release line", "l4t_board": "L4T board", "jetpack": "JetPack", "gpu_name": "GPU",
-    "gpu_count": "GPU count", "gpu_memory_mib": "GPU memory MiB", "gpu_pci_device_id": "GPU PCI id",
-    "driver_version": "driver", "compute_capability": "compute capability", "tensorrt": "TensorRT",
-    "tensorrt_build": "TensorRT build", "cuda": "CUDA", "cuda_full": "CUDA (full)", "cudnn": "cuDNN",
-    "power_mode": "power mode", "power_mode_id": "power mode id", "onnxruntime": "ONNX Runtime",
-    "python": "Python", "device": "device",
-}
-_QUIET = {"jetpack_source", "jetpack_raw", "compute_capability_source", "version_conflicts"}
-
-
-def describe_drift(old_fp: Mapping[str, str | None], new_fp: Mapping[str, str | None]) -> list[str]:
-    """Human lines for what changed, class-relevant keys first: "TensorRT 8.5.2 → 10.3.0"."""
-    order = list(FINGERPRINT_KEYS) + sorted(set(old_fp) | set(new_fp))
-    first = ["kind", "module", "board_model", "gpu_name", "compute_capability", "tensorrt", "cuda",
-             "cudnn", "l4t"]
-    lines, seen = [], set()
-    for key in first + order:
-        if key in seen or key in _QUIET:
-            continue
-        seen.add(key)
-        a, b = old_fp.get(key), new_fp.get(key)
-        if a == b:
-            continue
-        label = _LABELS.get(key, key)
-        if key == "cpu_flags":
-            before, after = set((a or "").split()), set((b or "").split())
-            parts = [f"+{f}" for f in sorted(after - before)] + [f"-{f}" for f in sorted(before - after)]
-            lines.append("CPU flags " + " ".join(parts))
-        else:
-            lines.append(f"{label} {a if a is not None else 'unknown'} → {b if b is not None else 'unknown'}")
-    return lines

@@ -1,8 +1,8 @@
 """Parsers and probe for NVIDIA device facts.
 
-Samples are copied verbatim from /work/shared/reference/tensorrt-jetson-facts.md
-(marked "facts"); where a sample had to be assembled (e.g. a whole probe
-output), each piece is still a verbatim line from the fact sheet.
+Samples are device output quoted verbatim in docs/devices.md (with the source of
+each); where a sample had to be assembled (e.g. a whole probe output), each piece
+is still a verbatim line from there.
 """
 from __future__ import annotations
 
@@ -15,13 +15,16 @@ from pathlib import Path
 
 import pytest
 
+from kiln.devices import fingerprint as fpm
+from kiln.devices import hwclass
 from kiln.devices import nvidia as nv
+from kiln.devices import probe_script as ps
 from kiln.errors import ProbeError
 
 REPO = Path(__file__).resolve().parents[1]
 SIM = REPO / "tests" / "fleet" / "trtexec_sim.py"
 
-# ---------------------------------------------------------------- verbatim samples (facts §1-§3)
+# ---------------------------------------------------------------- verbatim samples (docs/devices.md §1-§3)
 TEGRA_R32 = "# R32 (release), REVISION: 7.1, GCID: 29818004, BOARD: t210ref, EABI: aarch64, DATE: Sat Feb 19 17:05:08 UTC 2022\n"
 TEGRA_R35 = "# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, DATE: Tue Aug  1 19:57:35 UTC 2023\n"
 TEGRA_R36 = ("# R36 (release), REVISION: 4.0, GCID: 37537400, BOARD: generic, EABI: aarch64, DATE: Fri Sep 13 04:36:44 UTC 2024\n"
@@ -248,8 +251,8 @@ def test_jetson_compute_capability():
 # ---------------------------------------------------------------- whole fingerprints
 
 def test_jp4_nano():
-    fp = nv.parse_probe_output(JP4_NANO)
-    assert set(fp) == set(nv.FINGERPRINT_KEYS)
+    fp = fpm.parse_probe_output(JP4_NANO)
+    assert set(fp) == set(fpm.FINGERPRINT_KEYS)
     assert fp["kind"] == "jetson" and fp["l4t"] == "32.7.1" and fp["l4t_board"] == "t210ref"
     assert fp["module"] == "p3450-0000" and fp["compute_capability"] == "5.3"
     assert fp["compute_capability_source"] == "jetson-table"
@@ -259,7 +262,7 @@ def test_jp4_nano():
 
 
 def test_jp5_orin_nano():
-    fp = nv.parse_probe_output(JP5_ORIN_NANO)
+    fp = fpm.parse_probe_output(JP5_ORIN_NANO)
     assert fp["kind"] == "jetson" and fp["arch"] == "aarch64"
     assert fp["board_model"] == "NVIDIA Jetson Orin Nano Developer Kit"
     assert fp["module"] == "p3767-0005" and fp["soc"] == "tegra234"
@@ -268,13 +271,13 @@ def test_jp5_orin_nano():
     assert fp["tensorrt"] == "8.5.2" and fp["tensorrt_build"] == "8.5.2.2"
     assert fp["cuda"] == "11.4" and fp["cudnn"] == "8.6.0" and fp["compute_capability"] == "8.7"
     assert fp["power_mode"] == "MAXN" and fp["power_mode_id"] == "0"
-    assert fp["cpu_flags"] == "aes asimd asimddp asimdhp asimdrdm atomics fp fphp"
+    assert fp["cpu_flags"] == ["aes", "asimd", "asimddp", "asimdhp", "asimdrdm", "atomics", "fp", "fphp"]
     assert fp["cpu_model"] == "ARM implementer 0x41 part 0xd42"
     assert fp["version_conflicts"] is None and fp["gpu_name"] is None
 
 
 def test_jp6_agx_orin_prefers_dpkg_jetpack_and_smi():
-    fp = nv.parse_probe_output(JP6_AGX_ORIN)
+    fp = fpm.parse_probe_output(JP6_AGX_ORIN)
     assert fp["kind"] == "jetson" and fp["l4t"] == "36.4.0" and fp["l4t_board"] == "generic"
     # nvidia-jetpack 6.2.1 on L4T 36.4.0 (observed): the deb wins over the L4T map (6.1)
     assert (fp["jetpack"], fp["jetpack_source"]) == ("6.2.1", "dpkg")
@@ -288,7 +291,7 @@ def test_jp6_agx_orin_prefers_dpkg_jetpack_and_smi():
 
 
 def test_discrete_t4():
-    fp = nv.parse_probe_output(T4_GPU)
+    fp = fpm.parse_probe_output(T4_GPU)
     assert fp["kind"] == "gpu" and fp["gpu_name"] == "Tesla T4" and fp["gpu_count"] == "1"
     assert fp["compute_capability"] == "7.5" and fp["gpu_memory_mib"] == "15360"
     assert fp["gpu_pci_device_id"] == "0x1EB810DE" and fp["driver_version"] == "615.71.09"
@@ -297,27 +300,28 @@ def test_discrete_t4():
 
 
 def test_old_driver_without_compute_cap_uses_table():
-    fp = nv.parse_probe_output(T4_OLD_DRIVER)
+    fp = fpm.parse_probe_output(T4_OLD_DRIVER)
     assert fp["kind"] == "gpu" and fp["driver_version"] == "470.82.01"
     assert fp["compute_capability"] == "7.5" and fp["compute_capability_source"] == "gpu-table"
     unknown = T4_OLD_DRIVER.replace("Tesla T4", "Quadro Mystery")
-    fp = nv.parse_probe_output(unknown)
+    fp = fpm.parse_probe_output(unknown)
     assert fp["compute_capability"] is None and fp["compute_capability_source"] is None
 
 
 def test_missing_sources_give_none_not_errors():
-    fp = nv.parse_probe_output(probe_text(uname_m="x86_64"))
+    fp = fpm.parse_probe_output(probe_text(uname_m="x86_64"))
     assert fp["kind"] == "cpu" and fp["arch"] == "x86_64"
-    assert all(fp[k] is None for k in nv.FINGERPRINT_KEYS if k not in ("kind", "arch"))
+    assert fp["cpu_flags"] == []   # always a list
+    assert all(fp[k] is None for k in fpm.FINGERPRINT_KEYS if k not in ("kind", "arch", "cpu_flags"))
     # a Jetson whose nv_tegra_release is gone: L4T from the l4t-core deb, JetPack mapped
-    fp = nv.parse_probe_output(probe_text(dpkg="nvidia-l4t-core 35.4.1-20230801124926\n"))
+    fp = fpm.parse_probe_output(probe_text(dpkg="nvidia-l4t-core 35.4.1-20230801124926\n"))
     assert (fp["kind"], fp["l4t"], fp["jetpack"], fp["jetpack_source"]) == ("jetson", "35.4.1", "5.1.2", "l4t")
     assert fp["l4t_raw"] == "35.4.1-20230801124926"
 
 
 def test_no_markers_is_a_probe_error():
     with pytest.raises(ProbeError) as err:
-        nv.parse_probe_output("sh: 1: Syntax error\n")
+        fpm.parse_probe_output("sh: 1: Syntax error\n")
     assert "markers" in str(err.value) and err.value.hint
 
 
@@ -329,7 +333,7 @@ def test_version_precedence_and_conflicts():
         trtexec_banner="&&&& RUNNING TensorRT.trtexec [TensorRT v100300] # trtexec --help",
         nvcc=NVCC, cuda_version_txt="CUDA Version 10.2.300",
     )
-    fp = nv.parse_probe_output(text)
+    fp = fpm.parse_probe_output(text)
     assert fp["l4t"] == "36.4.0"            # nv_tegra_release beats nvidia-l4t-core
     assert fp["tensorrt"] == "8.6.2"        # installed libnvinfer deb beats python and trtexec
     assert fp["tensorrt_build"] == "8.6.2.3"
@@ -340,53 +344,62 @@ def test_version_precedence_and_conflicts():
     assert "cuda: nvcc=12.6 version.txt=10.2" in conflicts
 
 
-def test_class_fields_and_drift():
-    jp5 = nv.parse_probe_output(JP5_ORIN_NANO)
-    fields = nv.tensorrt_class_fields(jp5, strict=True)
-    assert fields == {"kind": "jetson", "device": "p3767-0005", "compute_capability": "8.7",
-                      "tensorrt": "8.5.2", "cuda": "11.4", "cudnn": "8.6.0", "l4t": "35.4.1"}
-    assert tuple(fields) == nv.TENSORRT_CLASS_KEYS
+def test_tensorrt_class_fields_and_drift():
+    jp5 = fpm.parse_probe_output(JP5_ORIN_NANO)
+    hw = hwclass.hardware_class("tensorrt", jp5)
+    assert hw.fields == {"module": "p3767-0005", "board_model": "NVIDIA Jetson Orin Nano Developer Kit",
+                         "gpu_name": None, "compute_capability": "8.7", "tensorrt": "8.5.2", "cuda": "11.4",
+                         "cudnn": "8.6.0", "l4t": "35.4.1"}
+    assert hw.label == "p3767-0005-sm8.7-trt8.5.2"
     # power mode is not class-relevant
-    assert nv.tensorrt_class_fields({**jp5, "power_mode": "15W"}) == fields
-    t4 = nv.tensorrt_class_fields(nv.parse_probe_output(T4_GPU))
-    assert t4["device"] == "Tesla T4" and t4["l4t"] is None
+    assert hwclass.hardware_class("tensorrt", {**jp5, "power_mode": "15W"}) == hw
+    t4 = hwclass.hardware_class("tensorrt", fpm.parse_probe_output(T4_GPU))
+    assert t4.fields["gpu_name"] == "Tesla T4" and t4.fields["l4t"] is None
 
     upgraded = dict(jp5, tensorrt="10.3.0", cuda="12.6", l4t="36.4.0", power_mode=None)
-    lines = nv.describe_drift(jp5, upgraded)
-    assert lines[:3] == ["TensorRT 8.5.2 → 10.3.0", "CUDA 11.4 → 12.6", "L4T 35.4.1 → 36.4.0"]
-    assert "power mode MAXN → unknown" in lines
-    assert nv.describe_drift(jp5, dict(jp5)) == []
-    flags = nv.describe_drift({"cpu_flags": "avx avx2"}, {"cpu_flags": "avx avx512f"})
-    assert flags == ["CPU flags +avx512f -avx2"]
+    lines = hwclass.describe_change(jp5, upgraded, "tensorrt")
+    assert lines == ["CUDA 11.4 → 12.6", "L4T 35.4.1 → 36.4.0", "TensorRT 8.5.2 → 10.3.0"]
+    assert hwclass.hardware_class("tensorrt", upgraded) != hw
+    assert hwclass.describe_change(jp5, dict(jp5), "tensorrt") == []
+    flags = hwclass.describe_change({"cpu_flags": ["avx", "avx2"]}, {"cpu_flags": ["avx", "avx512f"]},
+                                    "onnxruntime")
+    assert flags == ["CPU ISA +avx512f -avx2"]
 
 
-def test_class_fields_strict_names_what_is_missing():
-    cpu = nv.parse_probe_output(probe_text(uname_m="x86_64"))
+def test_tensorrt_class_names_what_is_missing():
+    cpu = fpm.parse_probe_output(probe_text(uname_m="x86_64"))
     with pytest.raises(ProbeError) as err:
-        nv.tensorrt_class_fields(cpu, strict=True)
-    assert "no NVIDIA GPU" in str(err.value)
-    nano = nv.parse_probe_output(JP4_NANO.replace("[TensorRT v8201]", "[TensorRT vX]"))
-    with pytest.raises(ProbeError, match="tensorrt"):
-        nv.tensorrt_class_fields(nano, strict=True)
+        hwclass.hardware_class("tensorrt", cpu, target="box-1")
+    assert "no NVIDIA GPU" in str(err.value) and "box-1" in str(err.value)
+    assert 'backend = "onnxruntime"' in err.value.hint and "doit fingerprint:box-1" in err.value.hint
+    nano = fpm.parse_probe_output(JP4_NANO.replace("[TensorRT v8201]", "[TensorRT vX]"))
+    with pytest.raises(ProbeError, match="TensorRT not found"):
+        hwclass.hardware_class("tensorrt", nano)
+    no_l4t = {**fpm.parse_probe_output(JP4_NANO), "l4t": None}
+    with pytest.raises(ProbeError, match="L4T version unknown"):
+        hwclass.require_class_fields("tensorrt", no_l4t)
+    unknown_cc = fpm.parse_probe_output(T4_OLD_DRIVER.replace("Tesla T4", "Quadro Mystery"))
+    with pytest.raises(ProbeError, match="compute capability unknown"):
+        hwclass.require_class_fields("tensorrt", unknown_cc, "quadro")
 
 
 # ---------------------------------------------------------------- the probe script for real
 
 def run_probe(env=None, args=()):
-    return subprocess.run(["sh", "-c", nv.PROBE_SCRIPT, "kiln-probe", *args], capture_output=True,
+    return subprocess.run(["sh", "-c", ps.PROBE_SCRIPT, "kiln-probe", *args], capture_output=True,
                           text=True, timeout=120, env=env)
 
 
 def test_probe_script_on_this_machine_is_a_cpu():
     result = run_probe()
     assert result.returncode == 0, result.stderr
-    fp = nv.parse_probe_output(result.stdout)
+    fp = fpm.parse_probe_output(result.stdout)
     assert fp["kind"] == "cpu"
     assert fp["arch"] == os.uname().machine
     assert fp["python"] and fp["python"].startswith("3.")
     if Path("/proc/cpuinfo").exists():
         assert fp["cpu_model"]
-    assert nv.probe_argv()[:3] == ["sh", "-c", nv.PROBE_SCRIPT]
+    assert ps.probe_argv()[:3] == ["sh", "-c", ps.PROBE_SCRIPT]
 
 
 def _exe(path: Path, text: str) -> None:
@@ -438,7 +451,7 @@ def fake_jetson(tmp_path):
 def test_probe_script_in_fake_root(fake_jetson):
     result = run_probe(env=fake_jetson)
     assert result.returncode == 0, result.stderr
-    fp = nv.parse_probe_output(result.stdout)
+    fp = fpm.parse_probe_output(result.stdout)
     assert fp["kind"] == "jetson" and fp["arch"] == "aarch64"
     assert fp["board_model"] == "NVIDIA Jetson Orin Nano Developer Kit" and fp["module"] == "p3767-0005"
     assert fp["l4t"] == "36.4.0" and fp["jetpack"] == "6.1" and fp["jetpack_source"] == "l4t"
@@ -447,9 +460,9 @@ def test_probe_script_in_fake_root(fake_jetson):
     assert fp["gpu_name"] == "Orin (nvgpu)" and fp["compute_capability"] == "8.7"
     assert fp["compute_capability_source"] == "jetson-table"
     assert (fp["power_mode"], fp["power_mode_id"]) == ("15W", "1")
-    assert fp["cpu_flags"] == "aes asimd asimddp asimdhp asimdrdm atomics fp fphp"  # CPU 0 only
+    assert fp["cpu_flags"] == ["aes", "asimd", "asimddp", "asimdhp", "asimdrdm", "atomics", "fp", "fphp"]  # CPU 0 only
     assert fp["version_conflicts"] is None, fp["version_conflicts"]
-    sections = nv.split_sections(result.stdout)
+    sections = ps.split_sections(result.stdout)
     assert sections["trtexec_banner"].startswith("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] #")
     assert 'not a valid field' in sections["nvidia_smi_error"]
 
@@ -460,7 +473,7 @@ def test_probe_script_trtexec_argument(fake_jetson, tmp_path):
     shutil.copy(SIM, other)
     other.chmod(0o755)
     env = dict(fake_jetson, KILN_SIM_TRT_VERSION="10.8.0.43")
-    fp = nv.parse_probe_output(run_probe(env=env, args=(str(other),)).stdout)
+    fp = fpm.parse_probe_output(run_probe(env=env, args=(str(other),)).stdout)
     # header (10.3.0) outranks the banner; the disagreement is reported, not hidden
     assert fp["tensorrt"] == "10.3.0"
     assert "trtexec=10.8.0" in fp["version_conflicts"]
@@ -471,9 +484,9 @@ def test_probe_script_prefers_proc_device_tree(fake_jetson):
     proc_dt = root / "proc/device-tree"
     proc_dt.mkdir()
     (proc_dt / "model").write_bytes(b"NVIDIA Jetson Orin NX Engineering Reference Developer Kit\x00")
-    fp = nv.parse_probe_output(run_probe(env=fake_jetson).stdout)
+    fp = fpm.parse_probe_output(run_probe(env=fake_jetson).stdout)
     # the model string follows the flashed DTB (Orin Nanos have reported the NX string);
     # the module id comes from compatible (here only under /sys)
     assert fp["board_model"] == "NVIDIA Jetson Orin NX Engineering Reference Developer Kit"
     assert fp["module"] == "p3767-0005" and fp["compute_capability"] == "8.7"
-    assert nv.tensorrt_class_fields(fp)["device"] == "p3767-0005"
+    assert hwclass.hardware_class("tensorrt", fp).fields["module"] == "p3767-0005"

@@ -3,22 +3,21 @@
 Keys are digests of canonical JSON (sorted keys, no whitespace), never of paths,
 mtimes or dict order. File hashes are streamed and cached by (size, mtime_ns,
 inode, ctime_ns), so a no-op run reads zero bytes: the cheap check before the
-expensive one.
+expensive one. The file hash and the atomic write themselves live in kiln.files.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 from pathlib import Path
 from typing import Any
 
 from kiln.errors import HashError
+from kiln.files import atomic_write, sha256_file
 
-#: bytes actually read for hashing in this process (the benchmark reports it)
-bytes_hashed = 0
-_counter_lock = threading.Lock()
+__all__ = ["canonical_json", "digest", "sha256_file", "HashCache", "write_if_changed",
+           "write_json_if_changed", "read_json"]
 
 
 def canonical_json(value: Any) -> str:
@@ -30,29 +29,17 @@ def digest(value: Any) -> str:
     return hashlib.sha256(canonical_json(value).encode()).hexdigest()
 
 
-def sha256_file(path: Path | str) -> str:
-    """Stream a file through sha256 (no stat cache)."""
-    global bytes_hashed
-    try:
-        with open(path, "rb") as f:
-            h = hashlib.file_digest(f, "sha256")
-            size = f.tell()
-    except OSError as exc:
-        raise HashError(f"cannot read {path} to hash it: {exc.strerror}", file=str(path)) from exc
-    with _counter_lock:
-        bytes_hashed += size
-    return h.hexdigest()
-
-
 class HashCache:
     """sha256 of files, remembered by stat signature in a small JSON file.
 
     Touching a file changes its mtime, so it is re-read once; the digest comes out
-    the same and nothing downstream changes.
+    the same and nothing downstream changes. `bytes_read` counts the bytes this
+    cache actually read to hash (0 for a no-op run; the benchmark reports it).
     """
 
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
+        self.bytes_read = 0
         self._entries: dict[str, list] | None = None
         self._lock = threading.Lock()
 
@@ -77,6 +64,7 @@ class HashCache:
             return entry[4]
         sha = sha256_file(file)
         with self._lock:
+            self.bytes_read += st.st_size
             self._load()[str(file)] = signature + [sha]
             write_if_changed(self.path, canonical_json(self._entries) + "\n")
         return sha
@@ -86,17 +74,11 @@ def write_if_changed(path: Path | str, text: str) -> bool:
     """Atomically write `text` unless the file already holds exactly it. Returns True if written."""
     path = Path(path)
     try:
-        if path.read_text() == text:
+        if path.read_text(encoding="utf-8") == text:
             return False
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, text)
     return True
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import CorruptEntry, StoreError
-from kiln.stores.base import LocalStore, Store, engine_entry, onnx_entry, staging_entry
+from kiln.stores.base import Store, engine_entry, onnx_entry, staging_entry
+from kiln.stores.local import LocalStore
 from tests.s3server import FAKE_SECRET, ORIGINAL_ENV, free_port, patched_env
 
 MB = 1 << 20
@@ -441,7 +442,7 @@ def test_constructing_does_no_io_and_repr_has_no_secret(moto_s3):
 
 def test_endpoint_from_env(moto_s3):
     from kiln.stores.s3 import S3Store
-    from kiln.stores.base import open_store
+    from kiln.stores import open_store
     bucket = moto_s3.new_bucket()
     with patched_env({"KILN_S3_ENDPOINT_URL": moto_s3.endpoint}):
         store = open_store(f"s3://{bucket}/env")

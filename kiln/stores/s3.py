@@ -1,4 +1,4 @@
-"""`S3Store`: the store contract (kiln.store.Store) on any S3-compatible endpoint.
+"""`S3Store`: the store contract (kiln.stores.base.Store) on any S3-compatible endpoint.
 
 Layout: entry `<name>` is the object `<prefix>/<name>`; its sha256 is recorded as
 object metadata (`x-amz-meta-sha256`) when it is written, so `info()` is one
@@ -36,17 +36,15 @@ Credentials, region, profile and endpoint come from the standard AWS chain
 `KILN_S3_ENDPOINT_URL` overrides the endpoint (MinIO, moto) and switches to
 path-style addressing. Nothing of ours stores, logs or prints a secret.
 
-boto3 is imported only in this module, which kiln.stores.base imports lazily.
+boto3 is imported only by this module (and its helpers s3_errors, s3_transfer), which
+kiln.stores.open_store imports lazily.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
-import tempfile
 import threading
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
@@ -56,47 +54,20 @@ import botocore.exceptions
 from botocore.config import Config
 
 from kiln.errors import CorruptEntry, StoreError
+from kiln.files import atomic_file, sha256_file
 from kiln.stores.base import EntryInfo, Store, check_name
+from kiln.stores.s3_errors import (BOTO_ERRORS, ENDPOINT_ENV, is_missing, is_not_implemented,
+                                   is_precondition, store_error)
+from kiln.stores.s3_transfer import download_ranged, upload_multipart
 
 log = logging.getLogger(__name__)
 
-ENDPOINT_ENV = "KILN_S3_ENDPOINT_URL"
 META_SHA = "sha256"
 MB = 1 << 20
 MIN_PART = 5 * MB          # S3's minimum part size (all parts but the last)
-MAX_PARTS = 10_000
 
 Progress = Callable[[str, int, int], None]
 """progress(name, bytes_done, bytes_total), called from the caller's thread."""
-
-_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-               "TokenRefreshRequired", "InvalidClientTokenId", "UnrecognizedClientException",
-               "AuthorizationHeaderMalformed", "MissingSecurityHeader"}
-_DENIED_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "403", "Forbidden"}
-_BUSY_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
-               "ServiceUnavailable", "503", "InternalError", "500", "502", "504",
-               "RequestTimeout", "TooManyRequests", "429"}
-_NOT_IMPLEMENTED = {"NotImplemented", "501"}
-
-
-def _code(exc: botocore.exceptions.ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", "")) or str(
-        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
-
-
-def _status(exc: botocore.exceptions.ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-
-
-def _is_missing(exc: BaseException) -> bool:
-    return isinstance(exc, botocore.exceptions.ClientError) and (
-        _code(exc) in {"404", "NoSuchKey", "NotFound"} or _status(exc) == 404) and _code(exc) != "NoSuchBucket"
-
-
-def _is_precondition(exc: BaseException) -> bool:
-    return isinstance(exc, botocore.exceptions.ClientError) and (
-        _code(exc) == "PreconditionFailed" or _status(exc) == 412)
-
 
 class S3Store(Store):
     """An S3 bucket + prefix. Constructing one does no I/O; the client is made on first use."""
@@ -180,61 +151,10 @@ class S3Store(Store):
         check_name(name)
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def _where(self) -> str:
-        return f"bucket {self.bucket!r}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
-
-    # -- error mapping ------------------------------------------------------------
     def _error(self, exc: BaseException, action: str, name: str | None = None) -> StoreError:
-        """One StoreError for a foreign exception; the caller raises it `from exc`.
-        Messages carry codes, bucket, endpoint and entry, never credentials."""
-        where = self._where()
-        ctx = {"store": self.url, "entry": name}
-        if isinstance(exc, botocore.exceptions.NoCredentialsError):
-            return StoreError(f"no AWS credentials found to {action} in {where}",
-                              hint="set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                                   "(or run on a machine with an instance role)", **ctx)
-        if isinstance(exc, botocore.exceptions.ProfileNotFound):
-            return StoreError(f"AWS profile not found while trying to {action} in {where}",
-                              hint="check AWS_PROFILE against `aws configure list-profiles`", **ctx)
-        if isinstance(exc, (botocore.exceptions.EndpointConnectionError,
-                            botocore.exceptions.ConnectTimeoutError,
-                            botocore.exceptions.ReadTimeoutError,
-                            botocore.exceptions.ConnectionClosedError)):
-            endpoint = self.endpoint_url or "the AWS S3 endpoint"
-            return StoreError(f"cannot reach {endpoint} to {action} in bucket {self.bucket!r} "
-                              f"({type(exc).__name__}, after {self.max_attempts} attempts)",
-                              hint=f"check the network and {ENDPOINT_ENV} / AWS_ENDPOINT_URL_S3 "
-                                   "(is the server running? right host and port?)", **ctx)
-        if isinstance(exc, botocore.exceptions.ClientError):
-            code = _code(exc)
-            if code == "NoSuchBucket":
-                return StoreError(f"S3 {where} does not exist",
-                                  hint=f"create it (`aws s3 mb s3://{self.bucket}`) or fix the "
-                                       "bucket in [store] url", **ctx)
-            if code in _AUTH_CODES:
-                return StoreError(f"S3 rejected the credentials ({code}) for {where}",
-                                  hint="check AWS_PROFILE / AWS_ACCESS_KEY_ID and its secret "
-                                       "(`aws sts get-caller-identity`)", **ctx)
-            if code in _DENIED_CODES:
-                return StoreError(f"access denied ({code}) to {action} in {where}",
-                                  hint=f"grant s3:GetObject, s3:PutObject, s3:DeleteObject and "
-                                       f"s3:ListBucket on {self.url} to these credentials", **ctx)
-            if code in _BUSY_CODES or _status(exc) >= 500 or _status(exc) == 429:
-                return StoreError(f"S3 {where} is overloaded or failing ({code}) and kept failing "
-                                  f"after {self.max_attempts} attempts to {action}",
-                                  hint="retry later; raise AWS_MAX_ATTEMPTS if this is throttling",
-                                  **ctx)
-            if code in {"InvalidBucketName", "PermanentRedirect", "AuthorizationHeaderMalformed",
-                        "IllegalLocationConstraintException"}:
-                return StoreError(f"S3 refused the request for {where} ({code})",
-                                  hint="check the bucket name and AWS_REGION for this bucket", **ctx)
-            return StoreError(f"S3 error {code} while trying to {action} in {where}",
-                              hint="see the chained exception; check the bucket and permissions",
-                              **ctx)
-        if isinstance(exc, botocore.exceptions.BotoCoreError):
-            return StoreError(f"S3 client error ({type(exc).__name__}) while trying to {action} "
-                              f"in {where}", hint="see the chained exception", **ctx)
-        return StoreError(f"{type(exc).__name__} while trying to {action} in {where}", **ctx)
+        """One StoreError for a foreign exception; the caller raises it `from exc`."""
+        return store_error(exc, action, url=self.url, bucket=self.bucket, endpoint_url=self.endpoint_url,
+                           max_attempts=self.max_attempts, name=name)
 
     # -- Store contract -----------------------------------------------------------
     def check(self) -> None:
@@ -242,17 +162,15 @@ class S3Store(Store):
         try:
             self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1,
                                         Prefix=f"{self.prefix}/" if self.prefix else "")
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except BOTO_ERRORS as exc:
             raise self._error(exc, "list the store") from exc
 
     def _head(self, name: str) -> dict | None:
         try:
             return self.client.head_object(Bucket=self.bucket, Key=self._key(name))
-        except botocore.exceptions.ClientError as exc:
-            if _is_missing(exc):
+        except BOTO_ERRORS as exc:
+            if is_missing(exc):
                 return None
-            raise self._error(exc, "read the entry's record", name) from exc
-        except botocore.exceptions.BotoCoreError as exc:
             raise self._error(exc, "read the entry's record", name) from exc
 
     def info(self, name: str) -> EntryInfo | None:
@@ -275,13 +193,12 @@ class S3Store(Store):
         try:
             sha = self._upload(name, key, path, size, sha256, conditional)
         except botocore.exceptions.ClientError as exc:
-            if conditional and _is_precondition(exc):
+            if conditional and is_precondition(exc):
                 log.debug("lost the race for %s: another writer stored it first", name)
                 return False
-            if conditional and self._conditional is None and (
-                    _code(exc) in _NOT_IMPLEMENTED or _status(exc) == 501):
-                log.warning("S3 %s does not support conditional writes; falling back to "
-                            "HEAD-then-PUT (racy)", self._where())
+            if conditional and self._conditional is None and is_not_implemented(exc):
+                log.warning("S3 bucket %r does not support conditional writes; falling back to "
+                            "HEAD-then-PUT (racy)", self.bucket)
                 self._conditional = False
                 return self.put_file(name, path, sha256=sha256, overwrite=overwrite)
             raise self._error(exc, "store the entry", name) from exc
@@ -320,47 +237,12 @@ class S3Store(Store):
                                    Metadata={META_SHA: sha}, **cond)
             self._report(name, len(data), size)
             return sha
-        sha = expected or _hash_file(path)
-        part_size = max(self.part_size, -(-size // MAX_PARTS))
-        upload_id = self.client.create_multipart_upload(
-            Bucket=self.bucket, Key=key, Metadata={META_SHA: sha})["UploadId"]
-        try:
-            digest, done, parts = hashlib.sha256(), 0, []
-            window: deque = deque()
-            with ThreadPoolExecutor(self.max_workers, thread_name_prefix="kiln-s3-put") as pool, \
-                    open(path, "rb") as f:
-                number = 0
-                while chunk := f.read(part_size):
-                    digest.update(chunk)
-                    number += 1
-                    window.append((number, len(chunk), pool.submit(
-                        self.client.upload_part, Bucket=self.bucket, Key=key, UploadId=upload_id,
-                        PartNumber=number, Body=chunk)))
-                    del chunk
-                    while len(window) >= self.max_workers + 2:
-                        done += self._collect_part(window, parts)
-                        self._report(name, done, size)
-                while window:
-                    done += self._collect_part(window, parts)
-                    self._report(name, done, size)
-            self._refuse_mismatch(name, sha, digest.hexdigest())
-            self.client.complete_multipart_upload(
-                Bucket=self.bucket, Key=key, UploadId=upload_id,
-                MultipartUpload={"Parts": parts}, **cond)
-        except BaseException:
-            try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
-                log.warning("could not abort the multipart upload of %s (%s); a bucket lifecycle "
-                            "rule for incomplete uploads will clean it up", name, type(exc).__name__)
-            raise
+        sha = expected or sha256_file(path)
+        upload_multipart(self.client, self.bucket, key, path, size=size, metadata={META_SHA: sha},
+                         part_size=self.part_size, max_workers=self.max_workers, conditional=cond,
+                         verify=lambda actual: self._refuse_mismatch(name, sha, actual),
+                         report=lambda done: self._report(name, done, size))
         return sha
-
-    @staticmethod
-    def _collect_part(window: deque, parts: list) -> int:
-        number, length, future = window.popleft()
-        parts.append({"PartNumber": number, "ETag": future.result()["ETag"]})
-        return length
 
     def _refuse_mismatch(self, name: str, expected: str | None, actual: str) -> None:
         if expected and actual != expected:
@@ -384,10 +266,10 @@ class S3Store(Store):
                 actual = self._download(name, self._key(name), head["ETag"], size, dest,
                                         recorded, sha256)
             except botocore.exceptions.ClientError as exc:
-                if _is_precondition(exc) and attempt == 1:
+                if is_precondition(exc) and attempt == 1:
                     log.debug("entry %s changed during the download; retrying", name)
                     continue
-                if _is_missing(exc):
+                if is_missing(exc):
                     raise KeyError(name) from None
                 raise self._error(exc, "read the entry", name) from exc
             except botocore.exceptions.BotoCoreError as exc:
@@ -406,80 +288,38 @@ class S3Store(Store):
 
     def _download(self, name: str, key: str, etag: str, size: int, dest: Path,
                   recorded: str, expected: str | None) -> str:
-        """Ranged, parallel, hashed in order into a temp file; renamed to `dest` only if verified."""
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-        try:
-            digest = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out:
-                if size < self.multipart_threshold:
-                    body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)["Body"]
-                    try:
-                        while chunk := body.read(MB):
-                            digest.update(chunk)
-                            out.write(chunk)
-                    finally:
-                        body.close()
-                    self._report(name, size, size)
-                else:
-                    self._download_parts(name, key, etag, size, out, digest)
-                out.flush()
-                os.fsync(out.fileno())
+        """Hashed in order into a temp file; renamed to `dest` only if verified."""
+        digest = hashlib.sha256()
+        with atomic_file(dest) as out:
+            if size < self.multipart_threshold:
+                body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)["Body"]
+                try:
+                    while chunk := body.read(MB):
+                        digest.update(chunk)
+                        out.write(chunk)
+                finally:
+                    body.close()
+                self._report(name, size, size)
+            else:
+                done = download_ranged(self.client, self.bucket, key, etag, size=size, out=out,
+                                       digest=digest, part_size=self.part_size,
+                                       max_workers=self.max_workers,
+                                       report=lambda n: self._report(name, n, size))
+                if done != size:
+                    raise StoreError(f"entry {name} came back short ({done} of {size} bytes)",
+                                     hint="retry; the server or the network cut the transfer",
+                                     store=self.url)
             actual = digest.hexdigest()
             if (recorded and actual != recorded) or (expected and actual != expected):
-                Path(tmp).unlink(missing_ok=True)
-                self._drop_corrupt(name, recorded, actual, "downloaded bytes")
-            os.replace(tmp, dest)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+                self._drop_corrupt(name, recorded, actual, "downloaded bytes")  # raises: dest untouched
         return actual
-
-    def _download_parts(self, name, key, etag, size, out, digest) -> None:
-        def fetch(start: int, end: int) -> bytes:
-            body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag,
-                                          Range=f"bytes={start}-{end}")["Body"]
-            try:
-                return body.read()
-            finally:
-                body.close()
-
-        done = 0
-        window: deque = deque()
-        with ThreadPoolExecutor(self.max_workers, thread_name_prefix="kiln-s3-get") as pool:
-            try:
-                for start in range(0, size, self.part_size):
-                    window.append(pool.submit(fetch, start, min(start + self.part_size, size) - 1))
-                    while len(window) >= self.max_workers + 2:
-                        done += self._write_part(window.popleft(), out, digest)
-                        self._report(name, done, size)
-                while window:
-                    done += self._write_part(window.popleft(), out, digest)
-                    self._report(name, done, size)
-            except BaseException:
-                for future in window:
-                    future.cancel()
-                raise
-        if done != size:
-            raise StoreError(f"entry {name} came back short ({done} of {size} bytes)",
-                             hint="retry; the server or the network cut the transfer",
-                             store=self.url)
-
-    @staticmethod
-    def _write_part(future, out, digest) -> int:
-        data = future.result()
-        digest.update(data)
-        out.write(data)
-        return len(data)
 
     def delete(self, name: str) -> None:
         try:
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
-        except botocore.exceptions.ClientError as exc:
-            if not _is_missing(exc):
+        except BOTO_ERRORS as exc:
+            if not is_missing(exc):
                 raise self._error(exc, "delete the entry", name) from exc
-        except botocore.exceptions.BotoCoreError as exc:
-            raise self._error(exc, "delete the entry", name) from exc
 
     def list(self, prefix: str = "") -> list[str]:
         base = f"{self.prefix}/" if self.prefix else ""
@@ -488,7 +328,7 @@ class S3Store(Store):
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=base + prefix):
                 names.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except BOTO_ERRORS as exc:
             raise self._error(exc, "list entries") from exc
         return sorted(names)
 
@@ -499,11 +339,11 @@ class S3Store(Store):
         return self._presign("get_object", name, expires)
 
     def presign_put(self, staging_name: str, expires: int = 900) -> str:
-        """A URL that lets a device PUT bytes to a `staging/` name (see kiln.store.staging_entry)
+        """A URL that lets a device PUT bytes to a `staging/` name (see kiln.stores.base.staging_entry)
         for `expires` seconds. The bytes reach the cache only through `promote()`."""
         if not staging_name.startswith("staging/"):
             raise StoreError(f"presigned uploads go to staging/ only, not {staging_name!r}",
-                             hint="use kiln.store.staging_entry(token) and promote() after verifying",
+                             hint="use kiln.stores.base.staging_entry(token) and promote() after verifying",
                              store=self.url)
         return self._presign("put_object", staging_name, expires)
 
@@ -514,18 +354,8 @@ class S3Store(Store):
         try:
             return self.client.generate_presigned_url(
                 method, Params={"Bucket": self.bucket, "Key": self._key(name)}, ExpiresIn=expires)
-        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        except BOTO_ERRORS as exc:
             raise self._error(exc, "presign a URL", name) from exc
 
     # promote(staging_name, final_name, sha256) comes from Store: download-verify, then
     # put_file the verified local copy (see the module docstring for why not a server-side copy).
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(MB)
-    view = memoryview(buf)
-    with open(path, "rb") as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()

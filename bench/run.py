@@ -9,7 +9,8 @@ new benchmark is picked up by just adding the file. The common flags are handed 
 that declares them in its `--help` (`--runs` to all that have it, `--size-mb`/`--models`/
 `--classes` to bench_store.py, ...); `--pass NAME=ARGS` hands arbitrary arguments to one of them.
 Output streams live; the summary at the end repeats each benchmark's result lines (targets,
-ratios, request counts), its exit code and wall time. Exit code: non-zero if any benchmark failed.
+ratios, request counts; a benchmark that prints `summary: ...` lines, e.g. bench_scope.py, gets
+exactly those, unabridged), its exit code and wall time. Exit code: non-zero if any benchmark failed.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-ORDER = ["pipeline", "store", "fleet"]  # the rest follow by name
+ORDER = ["pipeline", "store", "fleet", "scope"]  # the rest follow by name
 COMMON = {  # run.py flag -> the same flag of a benchmark, passed only where the benchmark has it
     "runs": "--runs",
     "size_mb": "--size-mb",
@@ -36,6 +37,8 @@ COMMON = {  # run.py flag -> the same flag of a benchmark, passed only where the
 KEY_LINE = re.compile(r"\[target|target[: ]|MISSED|\bOK\b|\d\.\d+x\b|\bratio\b|requests|builds:|bytes hashed|\(baseline\)|"
                       r"SKIPPED|ERROR|Traceback", re.I)
 SUMMARY_LINES = 10  # per benchmark, to stay on one screen
+# a benchmark that prints `summary: ...` lines gets exactly those (and any errors) in the summary
+SUMMARY_LINE = re.compile(r"^summary:|ERROR|Traceback|SKIPPED|INFEASIBLE")
 
 
 def discover() -> list[tuple[str, Path]]:
@@ -81,8 +84,13 @@ def run_one(name: str, script: Path, argv: list[str]) -> dict:
         proc.terminate()
         proc.wait()
         raise
+    wrap = any(l.startswith("summary:") for l in lines)  # summary lines are shown whole (verdict at the end)
+    if wrap:
+        key = [l.strip().removeprefix("summary:").strip() for l in lines if SUMMARY_LINE.search(l)]
+    else:
+        key = [l.strip() for l in lines if KEY_LINE.search(l)]
     return {"name": name, "argv": argv, "rc": rc, "seconds": time.perf_counter() - start,
-            "key": [l.strip() for l in lines if KEY_LINE.search(l)], "tail": lines[-3:]}
+            "key": key, "tail": lines[-3:], "wrap": wrap}
 
 
 def summary(results: list[dict], total: float) -> str:
@@ -92,7 +100,7 @@ def summary(results: list[dict], total: float) -> str:
         out.append(f"bench_{r['name']}.py  {verdict}  {r['seconds']:.0f} s")
         shown = r["key"] or r["tail"]
         for line in shown[:SUMMARY_LINES]:
-            out.append(f"  {line[:110]}")
+            out.append(f"  {line[:110] if not r['wrap'] else line}")
         if len(shown) > SUMMARY_LINES:
             out.append(f"  ... {len(shown) - SUMMARY_LINES} more result lines above")
     failed = [r["name"] for r in results if r["rc"] != 0]

@@ -23,7 +23,10 @@ from kiln.devices.fingerprint import package_version, parse_probe_output, probe_
 from kiln.devices.nvidia import parse_c_defines, parse_cudnn_header, parse_nvinfer_version_header
 from kiln.devices.probe_script import CUDNN_HEADERS, PROBE_SCRIPT, split_sections
 from kiln.errors import ProbeError
-from kiln.transports.base import LocalTransport
+try:
+    from kiln.transports.local import LocalTransport
+except ImportError:   # before the transports split
+    from kiln.transports.base import LocalTransport
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = Path(__file__).resolve().parent / "samples"

@@ -298,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # a benchmark reports, it does not crash the suite runner
         import traceback
         traceback.print_exc()
-        summary.append(f"ERROR: scope benchmark failed: {type(exc).__name__}: {str(exc)[:300]}")
+        lines = [l for l in str(exc).strip().splitlines() if l.strip()] or [""]
+        why = lines[0][:150] + (f" ... {lines[-1].strip()[:200]}" if len(lines) > 1 else "")
+        summary.append(f"summary: ERROR: scope benchmark failed: {type(exc).__name__}: {why}")
         failed = True
     finally:
         for sim in fleets:

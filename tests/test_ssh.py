@@ -1,4 +1,5 @@
-"""SSHTransport against real OpenSSH servers (the simulated fleet in tests/fleet)."""
+"""SSHTransport against real OpenSSH servers (the simulated fleet in tests/fleet), and the
+same contract checks against LocalTransport (one runner contract, two transports)."""
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from kiln.errors import CommandFailed, TransportError
-from kiln.transports.ssh import AuthenticationFailed, ConnectionPool, HostKeyError, SSHTransport, UnreachableError
+from kiln.errors import AuthenticationFailed, CommandFailed, HostKeyError, TransportError, UnreachableError
+from kiln.transports.base import Transport
+from kiln.transports.lines import LineSink
+from kiln.transports.local import LocalTransport
+from kiln.transports.ssh import SSHTransport
 from tests.fleet.sim import PROFILES
 
 ECHO_ARGV = ["python3", "-c", "import json, sys; print(json.dumps(sys.argv[1:]))"]
@@ -334,31 +338,27 @@ def test_one_connection_for_many_calls(fleet, tmp_path):
     assert fleet.logins("orin-02") - before == 1
 
 
-def test_pool_shares_one_connection_per_device_across_threads(fleet):
-    before = {n: fleet.logins(n) for n in ("orin-01", "xavier-01")}
+def test_one_transport_shared_by_many_threads_opens_one_connection(fleet):
+    """The run context keeps one transport per target and its tasks use it from many threads."""
+    before = fleet.logins("xavier-01")
     errors: list[BaseException] = []
-    with ConnectionPool() as pool:
-        def work(name: str, i: int) -> None:
+    with fleet.transport("xavier-01") as t:
+        def work(i: int) -> None:
             try:
-                t = pool.transport(name, name, ssh_config=fleet.ssh_config_path, connect_timeout=5)
-                with t:  # close() on a pooled transport must not drop the shared connection
-                    res = t.run(["sh", "-c", f"sleep 0.05; echo {i}"])
-                assert res.stdout == f"{i}\n"
+                assert t.run(["sh", "-c", f"sleep 0.05; echo {i}"]).stdout == f"{i}\n"
             except BaseException as exc:  # pragma: no cover - reported below
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work, args=(name, i))
-                   for i in range(12) for name in ("orin-01", "xavier-01")]
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(20)]  # > max_channels
         for th in threads:
             th.start()
         for th in threads:
             th.join()
         assert not errors, errors
-        assert pool.connections_opened() == {"orin-01": 1, "xavier-01": 1}
-        with pytest.raises(TransportError, match="different connection settings"):
-            pool.transport("orin-01", "orin-01", ssh_config=fleet.ssh_config_path, connect_timeout=9)
+        assert t.connections_opened == 1
+    assert not t.is_connected  # close() really closes
     time.sleep(0.1)
-    assert {n: fleet.logins(n) - before[n] for n in before} == {"orin-01": 1, "xavier-01": 1}
+    assert fleet.logins("xavier-01") - before == 1
 
 
 # --------------------------------------------------------------------------- device views
@@ -450,3 +450,76 @@ def test_reflashed_device_is_refused_until_known_hosts_is_updated(new_fleet, tmp
     new = sim.write_known_hosts(tmp_path / "new_known_hosts")
     with sim.transport("reflash", known_hosts=new) as t:
         assert t.run(["true"]).ok
+
+
+# --------------------------------------------------------------------------- local, same contract
+
+@pytest.fixture(params=["local", "ssh"])
+def any_transport(request, tmp_path) -> Transport:
+    if request.param == "local":
+        with LocalTransport("here") as t:
+            yield t
+        return
+    with request.getfixturevalue("fleet").transport("cpu-01") as t:
+        yield t
+
+
+def test_contract_run_stream_and_failure(any_transport, tmp_path):
+    t = any_transport
+    hostile = ["$(touch x)", "a b", "it's", "ünï ✓", ""]
+    assert json.loads(t.run(ECHO_ARGV + hostile).stdout) == hostile
+    seen: list[str] = []
+    res = t.run(["sh", "-c", "printf 'a\\nb'; printf 'e\\377\\n' >&2; exit 4"], check=False,
+                stream=seen.append)
+    assert (res.exit_code, res.stdout, res.stderr) == (4, "a\nb", "e\ufffd\n")
+    assert sorted(seen) == ["a", "b", "e\ufffd"]
+    with pytest.raises(CommandFailed) as info:
+        t.run(["sh", "-c", "echo nope >&2; exit 9"])
+    assert info.value.exit_code == 9 and "nope" in info.value.output_tail
+
+
+def test_contract_timeout_kills_children_too(any_transport):
+    t0 = time.monotonic()
+    with pytest.raises(TransportError, match="timed out after 0.5s"):
+        # the shell forks sleep, which holds the output pipes: it must die with the shell
+        any_transport.run(["sh", "-c", "sleep 30; echo never"], timeout=0.5)
+    assert time.monotonic() - t0 < 3
+
+
+def test_contract_put_get_verified_and_atomic(any_transport, fleet_or_local_root, tmp_path):
+    t, root = any_transport, fleet_or_local_root(any_transport)
+    src = tmp_path / "tool.sh"
+    src.write_text("#!/bin/sh\necho ok\n")
+    src.chmod(0o750)
+    sha = hashlib.sha256(src.read_bytes()).hexdigest()
+    remote = f"{root}/kiln/contract/tool.sh"
+    assert t.put(src, remote, sha256=sha) == sha
+    assert t.run([remote]).stdout == "ok\n"  # mode kept
+    src.write_text("changed")
+    with pytest.raises(TransportError, match="does not match its expected sha256"):
+        t.put(src, remote, sha256=sha)
+    back = tmp_path / "back" / "tool.sh"
+    assert t.get(remote, back) == sha  # the previous file is still in place
+    assert back.read_text() == "#!/bin/sh\necho ok\n"
+    assert [p.name for p in back.parent.iterdir()] == ["tool.sh"]
+    with pytest.raises(TransportError, match="does not exist on target"):
+        t.get(f"{root}/kiln/contract/missing", tmp_path / "back" / "missing")
+    assert [p.name for p in back.parent.iterdir()] == ["tool.sh"]
+    with pytest.raises(TransportError, match="no such local file"):
+        t.put(tmp_path / "absent", remote)
+
+
+@pytest.fixture
+def fleet_or_local_root(tmp_path):
+    return lambda t: str(tmp_path / "local-root") if isinstance(t, LocalTransport) else "/srv"
+
+
+def test_line_sink_splits_decodes_and_takes_the_pid_mark_out():
+    seen: list[str] = []
+    sink = LineSink(seen.append, pid_mark="\x1epid:")
+    for chunk in (b"\x1epid:4", b"2\nfir", b"st\n\xc3", b"\xa9t\xc3\xa9\n", b"last"):
+        sink.feed(chunk)
+    assert seen == ["first", "\u00e9t\u00e9"]  # a character split across chunks; "last" not yet
+    sink.close()
+    assert seen == ["first", "\u00e9t\u00e9", "last"]
+    assert sink.pid == 42 and sink.text == "first\n\u00e9t\u00e9\nlast"

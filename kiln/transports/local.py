@@ -1,0 +1,86 @@
+"""`LocalTransport`: the Transport contract on this machine. Commands run without a shell."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from kiln.errors import TransportError
+from kiln.files import atomic_copy, atomic_file, copy_hashing
+from kiln.transports.base import Result, Transport, quote_argv
+from kiln.transports.lines import LineSink
+
+CHUNK = 1 << 16
+
+
+def _pump(pipe, sink: LineSink) -> None:
+    with pipe:
+        for data in iter(lambda: pipe.read1(CHUNK), b""):
+            sink.feed(data)
+    sink.close()
+
+
+class LocalTransport(Transport):
+    """This machine. Commands run without a shell; files are copied atomically."""
+
+    def __init__(self, target: str = "local", python: str | None = None) -> None:
+        self.target = target
+        self.python = python or sys.executable
+
+    def run(self, argv, *, timeout=None, check=True, stream=None, env=None) -> Result:
+        command = quote_argv(argv)
+        full_env = {**os.environ, **env} if env else None
+        try:
+            proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
+        except OSError as exc:
+            raise TransportError(f"cannot start {argv[0]!r} on target {self.target}: {exc.strerror}",
+                                 target=self.target, command=command) from exc
+        out, err = LineSink(stream), LineSink(stream)
+        pumps = [threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
+                 threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True)]
+        for t in pumps:
+            t.start()
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:  # the whole process group: a child left holding the pipes would block the pumps
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+            for t in pumps:
+                t.join()
+            raise TransportError(f"command timed out after {timeout}s on target {self.target}",
+                                 target=self.target, command=command,
+                                 hint="raise the timeout for this target or check why it hangs")
+        for t in pumps:
+            t.join()
+        result = Result(command, code, out.text, err.text)
+        if check and code != 0:
+            raise self._fail(result, f"command {Path(str(argv[0])).name}")
+        return result
+
+    def put(self, local, remote, *, sha256=None) -> str:
+        try:
+            fin = open(local, "rb")
+        except FileNotFoundError as exc:
+            raise TransportError(f"cannot upload {local}: no such local file", target=self.target) from exc
+        mode = os.fstat(fin.fileno()).st_mode & 0o777  # kept, as over SSH
+        with fin, atomic_file(remote, mode=mode) as fout:
+            sha, _ = copy_hashing(fin, fout)
+            if sha256 and sha != sha256:  # refused inside atomic_file: the previous file stays
+                raise TransportError(f"local file {local} does not match its expected sha256; not uploaded",
+                                     target=self.target, expected=sha256, actual=sha)
+        return sha
+
+    def get(self, remote, local) -> str:
+        try:
+            sha, _ = atomic_copy(remote, local)
+        except FileNotFoundError as exc:
+            raise TransportError(f"{remote} does not exist on target {self.target}",
+                                 target=self.target) from exc
+        return sha

@@ -519,3 +519,37 @@ def test_false_from_put_always_means_a_readable_entry(backend, tmp_path):
     store.put_file("engines/aa/k2/engine", src, sha256=sha(data))
     assert store.get_file("engines/aa/k2/engine", tmp_path / "d2").sha256 == sha(data)
     assert (tmp_path / "d2").read_bytes() == data
+
+
+# -- the controller's one file hash and one atomic write (kiln.files), used by every store ------
+
+def test_atomic_file_publishes_only_on_success(tmp_path):
+    from kiln.files import atomic_file, atomic_write, sha256_file
+    dest = tmp_path / "sub" / "record.json"
+    atomic_write(dest, "old ✓")
+    with pytest.raises(ValueError):
+        with atomic_file(dest) as f:
+            f.write(b"half-written")
+            raise ValueError("refuse these bytes")
+    assert dest.read_text() == "old ✓"
+    assert [p.name for p in dest.parent.iterdir()] == ["record.json"]  # temp removed
+    with atomic_file(dest, mode=0o600) as f:
+        f.write(b"new")
+        assert dest.read_text() == "old ✓"  # not visible before the block ends
+    assert dest.read_bytes() == b"new" and (dest.stat().st_mode & 0o777) == 0o600
+    assert sha256_file(dest) == sha(b"new")
+
+
+def test_hash_cache_reads_a_file_once(tmp_path):
+    from kiln.errors import HashError
+    from kiln.keys import HashCache
+    data = os.urandom(100_000)
+    src = write(tmp_path / "ckpt.pt", data)
+    cache = HashCache(tmp_path / "cache" / "hashes.json")
+    assert cache.sha256(src) == sha(data) and cache.bytes_read == len(data)
+    again = HashCache(tmp_path / "cache" / "hashes.json")  # a new run: the recorded stat matches
+    assert again.sha256(src) == sha(data) and again.bytes_read == 0
+    os.utime(src, ns=(1, 1))  # touched: re-read once, same digest
+    assert again.sha256(src) == sha(data) and again.bytes_read == len(data)
+    with pytest.raises(HashError):
+        again.sha256(tmp_path / "missing.pt")

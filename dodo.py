@@ -1,17 +1,14 @@
 """enginekiln: `doit list` to see the tasks, `doit deploy:<target>` to ship. See README.md."""
-import os
+from tasks import Project
 
-from tasks import *  # noqa: F401,F403  (task creators)
-from tasks.reporter import SummaryReporter
+project = Project.load()  # reads the fleet file (KILN_TARGETS); exits 2 with a clear message if it is wrong
 
-_artifacts = os.environ.get("KILN_ARTIFACTS", "artifacts")
-os.makedirs(_artifacts, exist_ok=True)
+task_checkpoint = project.task_checkpoint
+task_export = project.task_export
+task_fingerprint = project.task_fingerprint
+task_engine = project.task_engine
+task_deploy = project.task_deploy
+task_cache_check = project.task_cache_check
+task_status = project.task_status
 
-DOIT_CONFIG = {
-    "default_tasks": ["deploy"],
-    "dep_file": os.path.join(_artifacts, ".doit.db"),
-    "backend": "json",
-    "continue": True,          # like make -k: one failing device does not stop the fleet
-    "par_type": "thread",      # `doit -n N` shares one SSH connection per device
-    "reporter": SummaryReporter,
-}
+DOIT_CONFIG = project.doit_config()

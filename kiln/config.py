@@ -339,3 +339,19 @@ def _checked_name(src: _Source, keys: list[str], name: str, what: str) -> None:
     if not NAME_RE.match(name):
         raise src.error(keys, f"invalid {what} name {name!r}",
                         "names are 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit")
+
+
+def check_artifacts(path: Path) -> Path:
+    """Create the artifacts folder if needed; a path that cannot hold artifacts is a ConfigError."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"artifacts folder {path} is not a folder",
+                          hint="point KILN_ARTIFACTS at a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the artifacts folder {path}: {exc.strerror}",
+                          hint="point KILN_ARTIFACTS at a writable folder") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"artifacts folder {path} is not writable",
+                          hint="fix its permissions or point KILN_ARTIFACTS at a writable folder")
+    return path

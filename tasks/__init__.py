@@ -1,5 +1,2 @@
-"""doit task creators. `dodo.py` imports everything from here."""
-from .export import task_checkpoint, task_export  # noqa: F401
-from .fingerprint import task_fingerprint  # noqa: F401
-from .fleet import task_fleet  # noqa: F401
-from .report import task_cache_check, task_status  # noqa: F401
+"""doit task creators: turn the fleet file and library calls into task dicts (see project.py)."""
+from .project import Project  # noqa: F401

@@ -1,4 +1,4 @@
-"""Glue shared by the task creators: the run context, action wrapping, logging.
+"""Glue shared by the task creators: action wrapping and console lines.
 
 Task creators only build dicts; the work happens in kiln's functions, called
 from actions. A KilnError inside an action becomes a doit TaskFailed (the work
@@ -12,23 +12,11 @@ import sys
 
 from doit.exceptions import TaskFailed
 
-from kiln.pipeline.context import Context
-from kiln.errors import ConfigError, KilnError
+from kiln.errors import KilnError
 
 
-def _load_context() -> Context:
-    try:
-        return Context.load()
-    except ConfigError as exc:
-        # before any work starts, and without a traceback: the message says what to fix
-        print(f"enginekiln: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-CTX = _load_context()
-
-
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """Warnings of the library on stderr, once per process."""
     root = logging.getLogger("kiln")
     if root.handlers:
         return
@@ -37,9 +25,6 @@ def _setup_logging() -> None:
     console.setLevel(logging.WARNING)
     console.setFormatter(logging.Formatter("kiln: %(levelname)s: %(message)s"))
     root.addHandler(console)
-
-
-_setup_logging()
 
 
 def say(line: str) -> None:
@@ -59,3 +44,9 @@ def action(fn):
             return TaskFailed(str(exc))
         return result if isinstance(result, dict) else None
     return run
+
+
+def check(fn):
+    """Wrap a library predicate as a doit `uptodate` callable. A task doit has no saved values
+    for (never run here, or `doit forget`) is not up to date, whatever the records say."""
+    return lambda task, values: bool(values) and fn()

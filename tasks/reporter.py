@@ -1,18 +1,51 @@
-"""doit's console output, plus a closing summary: what ran, what was up to date, who failed and why."""
+"""doit's console output, plus a closing summary: what ran, what was up to date, who failed and why.
+
+The reporter is also where a run starts and ends: `initialize` receives the tasks the
+command selected (doit's own answer, no re-parsing of sys.argv), so the probes those
+tasks need start at once in parallel; `complete_run` closes the run's connections.
+"""
 from __future__ import annotations
 
 import time
 
 from doit.reporter import ConsoleReporter
 
+from kiln.pipeline.context import Context
+from kiln.pipeline.fingerprints import probe_in_background
+
+
+def reporter_for(ctx: Context) -> type:
+    class Reporter(SummaryReporter):
+        context = ctx
+    return Reporter
+
+
+def selected_closure(tasks: dict, selected: list[str]) -> set[str]:
+    """Every task a run of `selected` may execute (their task_dep closure)."""
+    seen, todo = set(), list(selected)
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in tasks:
+            continue
+        seen.add(name)
+        todo.extend(tasks[name].task_dep)
+    return seen
+
 
 class SummaryReporter(ConsoleReporter):
+    context: Context
+
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
         self.ran: list[str] = []
         self.uptodate: list[str] = []
         self.failed: dict[str, str] = {}
         self.started = time.time()
+
+    def initialize(self, tasks, selected_tasks):
+        super().initialize(tasks, selected_tasks)
+        wanted = {n.split(":", 1)[1] for n in selected_closure(tasks, selected_tasks) if n.startswith("fingerprint:")}
+        probe_in_background(self.context, [t for n, t in self.context.fleet.targets.items() if n in wanted])
 
     def add_success(self, task):
         if task.actions and task.name[0] != "_":
@@ -33,20 +66,30 @@ class SummaryReporter(ConsoleReporter):
         else:
             self.failed[task.name] = first[0] if first else fail.get_name()
 
-    @staticmethod
-    def _why_this_run() -> dict[str, str]:
+    def _why_this_run(self) -> dict[str, str]:
         """The last decision of each task in this run, from the event log."""
-        from .common import CTX
+        return {e["task"]: f"{e['event']}: {e['why']}" for e in self.context.events.emitted
+                if e["event"] not in ("skip", "fail")}
+
+    def complete_run(self):
+        try:
+            super().complete_run()
+            self._summary()
+        finally:
+            self.context.close()
+
+    def _engines_ensured_by_deploys(self) -> dict[str, str]:
+        """Engines a deploy made sure of itself (a class first seen in this run has no engine task)."""
         out = {}
-        for e in CTX.events.emitted:
-            if e["event"] not in ("skip", "fail"):
+        for e in self.context.events.emitted:
+            if e["task"].startswith("engine:") and e["task"] not in self.ran and e["event"] in ("cache-hit", "publish"):
                 out[e["task"]] = f"{e['event']}: {e['why']}"
         return out
 
-    def complete_run(self):
-        super().complete_run()
+    def _summary(self) -> None:
+        engines = self._engines_ensured_by_deploys()
         interesting = [n for n in self.ran + list(self.failed) if n.split(":")[0] in ("engine", "deploy", "export")]
-        if not interesting and not self.failed:
+        if not interesting and not self.failed and not engines:
             if self.uptodate:
                 self.write(f"enginekiln: nothing to do, {len(self.uptodate)} tasks up to date "
                            f"({time.time() - self.started:.1f} s)\n")
@@ -58,7 +101,8 @@ class SummaryReporter(ConsoleReporter):
         for name in self.ran:
             if name.split(":")[0] in ("engine", "deploy", "export", "fingerprint"):
                 self.write(f"  ok      {name}" + (f": {why[name]}" if name in why else "") + "\n")
-        for name, why in self.failed.items():
-            self.write(f"  FAILED  {name}: {why}\n")
-        from .common import CTX
-        self.write(f"why each decision was taken: {CTX.events.path}\n")
+        for name, decision in engines.items():
+            self.write(f"  engine  {name}: {decision}\n")
+        for name, reason in self.failed.items():
+            self.write(f"  FAILED  {name}: {reason}\n")
+        self.write(f"why each decision was taken: {self.context.events.path}\n")

@@ -36,6 +36,14 @@ class Run:
     def ran_group(self, group: str) -> set[str]:
         return {t for t in self.ran() if t.split(":")[0] == group}
 
+    def engines(self, *events: str) -> dict[str, str]:
+        """Engines this run made sure of, {engine:<model>@<class>: "cache-hit" | "publish"}: their own
+        tasks, or a deploy that needed an engine for a class first seen in this run."""
+        out = {}
+        for name, event in re.findall(r"^  (?:ok     |engine ) (engine:\S+?): (cache-hit|publish|build)\b", self.out, re.M):
+            out[name] = event
+        return {n: e for n, e in out.items() if not events or e in events}
+
 
 class Project:
     def __init__(self, root: Path, models: dict[str, int] | None = None, extra: str = "",

@@ -50,7 +50,7 @@ def test_identical_devices_share_one_build_and_a_second_run_does_nothing(tmp_pat
     p = fleet_project(tmp_path, jetsons, {n: {"groups": ["jetsons"]} for n in ORINS + ["xavier"]})
     first = p.doit("-n", "4", "deploy")
     assert builds(jetsons, ORINS + ["xavier"]) == 2, first.out   # counted on the devices
-    assert len(first.ran_group("engine")) == 2, first.out
+    assert list(first.engines().values()) == ["publish", "publish"], first.out
     assert first.ran_group("deploy") >= {f"deploy:{n}" for n in ORINS + ["xavier"]}
     for name in ORINS + ["xavier"]:
         current = jetsons.srv(name) / "kiln/tiny/current"
@@ -95,7 +95,8 @@ def test_an_unreachable_device_fails_alone(tmp_path, jetsons):
     assert run.returncode != 0
     assert {"deploy:orin-a", "deploy:orin-c"} <= run.ran()
     failed = [l for l in run.out.splitlines() if l.startswith("  FAILED  ") and "not run: depends on" not in l]
-    assert len(failed) == 1 and failed[0].startswith("  FAILED  deploy:orin-b: cannot deploy to orin-b: its probe failed"), run.out
+    assert len(failed) == 1 and failed[0].startswith("  FAILED  fingerprint:orin-b: cannot probe orin-b"), run.out
+    assert "  FAILED  deploy:orin-b: not run: depends on failed fingerprint:orin-b" in run.out, run.out
     assert (jetsons.srv("orin-a") / "kiln/tiny/current").exists()
     assert not (jetsons.srv("orin-b") / "kiln/tiny/current").exists()
     # deploying another target is not spoiled by the offline one
@@ -193,8 +194,12 @@ def test_engine_that_fails_to_load_is_not_activated(tmp_path, jetsons):
     garbage = tmp_path / "garbage.plan"
     garbage.write_bytes(b"not a TensorRT plan" * 100)
     from kiln.keys import sha256_file
-    from kiln.stores.base import LocalStore, engine_entry
-    LocalStore(p.artifacts / "store").put_file(engine_entry(record["key"]), garbage, overwrite=True)
+    from kiln.stores.base import LocalStore, engine_entry, engine_manifest_entry
+    store = LocalStore(p.artifacts / "store")
+    store.put_file(engine_entry(record["key"]), garbage, overwrite=True)
+    manifest = json.loads(store.get_bytes(engine_manifest_entry(record["key"])))
+    store.put_bytes(engine_manifest_entry(record["key"]),
+                    json.dumps({**manifest, "sha256": sha256_file(garbage)}).encode(), overwrite=True)
     record_file.write_text(json.dumps({**record, "sha256": sha256_file(garbage)}))
     (p.artifacts / "cache/engines" / record["key"]).unlink(missing_ok=True)
     run = p.doit("deploy", check=False)

@@ -18,7 +18,7 @@ def project(tmp_path):
     p = Project(tmp_path)
     first = p.doit("deploy:local")
     assert {"export:tiny", "deploy:local", "fingerprint:local", "checkpoint:tiny"} <= first.ran()
-    assert len(first.ran_group("engine")) == 1
+    assert len(first.engines()) == 1
     return p
 
 
@@ -55,7 +55,7 @@ def test_changed_weights_rebuild_export_engine_and_switch_release(project):
                           f"torch.save(sd, {str(project.checkpoint())!r})")
     run = project.doit("deploy:local")
     assert "export:tiny" in run.ran() and "deploy:local" in run.ran()
-    assert len(run.ran_group("engine")) == 1
+    assert len(run.engines()) == 1
     after = project.active()
     assert after and after != before
     assert project.previous() == before  # kept for rollback
@@ -72,7 +72,7 @@ def test_resaved_identical_weights_reexport_but_nothing_downstream(project):
     assert project.checkpoint().read_bytes() != old_bytes
     run = project.doit("deploy:local")
     assert "export:tiny" in run.ran(), run.out
-    assert not run.ran_group("engine") and "deploy:local" not in run.ran(), run.out
+    assert not run.engines() and "deploy:local" not in run.ran(), run.out
     assert "same ONNX bytes" in run.out
     assert project.active() == before
 
@@ -83,7 +83,7 @@ def test_build_option_of_one_model_rebuilds_only_its_engine(tmp_path):
     text = p.fleet.read_text().replace('[models.other]\n', '[models.other]\nbuild = { ort_optimization = "extended" }\n')
     p.fleet.write_text(text)
     run = p.doit("deploy:local")
-    assert {t.split("@")[0] for t in run.ran_group("engine")} == {"engine:other"}, run.out
+    assert {t.split("@")[0] for t in run.engines("publish")} == {"engine:other"}, run.out
     assert "export:other" not in run.ran() and "export:tiny" not in run.ran()
     assert "deploy:local" in run.ran()
 
@@ -148,7 +148,10 @@ def test_failing_smoke_test_keeps_the_previous_release(project):
     code = ("import sys; sys.path.insert(0, '.'); from kiln.stores.base import LocalStore, engine_entry;"
             f"s = LocalStore({str(project.artifacts / 'store')!r});"
             f"s.put_file(engine_entry({new['key']!r}), {str(project.root / 'deploy/tiny/releases' / before / 'model.ort.onnx')!r}, overwrite=True);"
-            "print(s.info(engine_entry(" + repr(new["key"]) + ")).sha256)")
+            "import json; from kiln.stores.base import engine_manifest_entry as m;"
+            f"k = {new['key']!r}; sha = s.info(engine_entry(k)).sha256;"
+            "s.put_bytes(m(k), json.dumps({**json.loads(s.get_bytes(m(k))), 'sha256': sha}).encode(), overwrite=True);"
+            "print(sha)")
     poisoned_sha = python(code).strip()
     record_file = next((project.artifacts / "engines").glob("tiny@*.json"))
     record_file.write_text(json.dumps({**new, "sha256": poisoned_sha}))
@@ -264,7 +267,7 @@ def test_a_flipped_byte_in_a_stored_engine_is_caught_and_rebuilt(project):
     assert run.returncode != 0 and "is corrupt in the store" in run.out, run.out
     assert project.active() == before
     again = project.doit("deploy:local")
-    assert len(again.ran_group("engine")) == 1 and "deploy:local" in again.ran()
+    assert len(again.engines()) == 1 and "deploy:local" in again.ran()
     assert project.active() == key
     assert_store_consistent(project)
 

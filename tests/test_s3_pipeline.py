@@ -116,7 +116,7 @@ def test_second_checkout_reuses_the_engine_from_s3(moto_s3, bucket, tmp_path):
     second = S3Project(tmp_path / "checkout-b", moto_s3, bucket, prefix)
 
     run = first.doit("deploy:local")
-    assert len(run.ran_group("engine")) == 1 and "deploy:local" in run.ran(), run.out
+    assert len(run.engines()) == 1 and "deploy:local" in run.ran(), run.out
     assert {"build", "publish", "deploy"} <= set(first.kinds())
     key = first.engine_record()["key"]
     assert first.stored_engines() == [key]
@@ -125,8 +125,7 @@ def test_second_checkout_reuses_the_engine_from_s3(moto_s3, bucket, tmp_path):
     assert not (first.artifacts / "store").exists()  # nothing went to a local store by accident
 
     run = second.doit("deploy:local")
-    engine_tasks = run.ran_group("engine")
-    assert len(engine_tasks) == 1, run.out  # the engine task ran ...
+    assert list(run.engines().values()) == ["cache-hit"], run.out  # the engine was ensured ...
     assert "cache hit" in run.out, run.out  # ... and reported a hit
     kinds = second.kinds()
     assert "build" not in kinds and "publish" not in kinds, second.events()
@@ -178,7 +177,7 @@ def test_flipped_byte_in_a_stored_engine_is_caught_then_rebuilt(moto_s3, bucket,
     second, key, engine_obj = corrupt_engine_then_fresh_checkout(moto_s3, bucket, tmp_path)
     run = second.doit("deploy:local", check=False)
     assert run.returncode == 0, run.out
-    assert len(run.ran_group("engine")) == 1, run.out
+    assert len(run.engines()) == 1, run.out
     builds = [e for e in second.events() if e["event"] == "build"]
     assert builds and builds[-1]["key"] == key, second.events()
     assert second.active() == key

@@ -23,7 +23,8 @@ from kiln.config import Target
 from kiln.errors import DeployError, KilnError, TransportError
 from kiln.stores.base import Store, staging_entry
 from kiln.keys import sha256_file
-from kiln.transports.base import LocalTransport, Stream, Transport
+from kiln.transports.base import Stream, Transport
+from kiln.transports.local import LocalTransport
 
 AGENT_SOURCE = Path(agent_module.__file__)
 log = logging.getLogger(__name__)

@@ -1,21 +1,38 @@
 """One run's shared machinery: the fleet, the store, the hash cache, the event log,
-and one transport per target (opened on first use, reused by all its tasks).
+one transport per target (opened on first use, reused by all its tasks), and
+once-per-run results (a probe, an engine) shared by the threads of a run.
 
-Constructing a Context does no I/O beyond reading the fleet file; the store and
-transports are created when first needed, so `doit list` stays instant.
+Constructing a Context does no I/O: the store and transports are created when first
+needed, and a thread pool only when something asks to run in the background, so
+`doit list` stays instant. `close()` ends it all; a Context is also a context manager.
 """
 from __future__ import annotations
 
 import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable, Hashable, Iterable
 
 from kiln.config import Fleet, Target, load_fleet
 from kiln.errors import StoreError
 from kiln.events import EventLog
 from kiln.keys import HashCache
-from kiln.stores.base import Store, open_store
-from kiln.transports.base import LocalTransport, Transport
+from kiln.stores import open_store
+from kiln.stores.base import Store
+from kiln.transports.base import Transport
+from kiln.transports.local import LocalTransport
+
+#: remote probes started at once when a command names many targets
+MAX_PARALLEL = 16
+
+
+class _Once:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.done = False
+        self.value: Any = None
+        self.error: BaseException | None = None
 
 
 class Context:
@@ -27,11 +44,19 @@ class Context:
         self.hashes = HashCache(self.artifacts / "cache" / "hashes.json")
         self._transports: dict[str, Transport] = {}
         self._store: Store | StoreError | None = None
+        self._once: dict[Hashable, _Once] = {}
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
     @classmethod
     def load(cls, fleet_file: Path | str | None = None, artifacts: Path | str | None = None) -> "Context":
         return cls(load_fleet(fleet_file, artifacts))
+
+    def __enter__(self) -> "Context":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- where things live in artifacts/ -------------------------------------------
     def fingerprint_file(self, target: str) -> Path:
@@ -97,8 +122,47 @@ class Context:
                             connect_timeout=target.connect_timeout, command_timeout=target.command_timeout,
                             python=target.python)
 
+    # -- once per run ----------------------------------------------------------------
+    def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """`compute()` the first time `key` is asked for in this run; every later (or
+        concurrent) call gets the same value, or the same exception, without computing again."""
+        with self._lock:
+            entry = self._once.setdefault(key, _Once())
+        with entry.lock:
+            if not entry.done:
+                try:
+                    entry.value = compute()
+                except Exception as exc:  # noqa: BLE001 - kept and re-raised to every caller
+                    entry.error = exc
+                entry.done = True
+        if entry.error is not None:
+            raise entry.error
+        return entry.value
+
+    def forget(self, key: Hashable) -> None:
+        """Drop a once-per-run result (the thing it describes has just changed)."""
+        with self._lock:
+            self._once.pop(key, None)
+
+    def in_background(self, jobs: Iterable[Callable[[], Any]]) -> None:
+        """Start jobs on the run's thread pool (created on first use); their results are not
+        awaited here: jobs are `once()` computations that the tasks then wait for."""
+        jobs = list(jobs)
+        if not jobs:
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="kiln")
+            pool = self._pool
+        for job in jobs:
+            pool.submit(job)
+
     def close(self) -> None:
         with self._lock:
-            for t in self._transports.values():
-                t.close()
+            pool, self._pool = self._pool, None
+            transports = list(self._transports.values())
             self._transports.clear()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for t in transports:
+            t.close()

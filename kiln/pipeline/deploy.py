@@ -17,12 +17,53 @@ from pathlib import Path
 
 from kiln.backends.base import get_backend
 from kiln.config import Target
-from kiln.pipeline.context import Context
 from kiln.devices.workarea import Device
 from kiln.errors import CommandFailed, CorruptEntry, DeployError, KilnError
-from kiln.pipeline.export import ExportPaths
 from kiln.keys import read_json, write_json_if_changed
+from kiln.pipeline.context import Context
+from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_spec, ensure_engine
+from kiln.pipeline.export import ExportPaths
+from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
 from kiln.stores.base import engine_entry, reference_entry
+
+
+def target_engines(ctx: Context, target: Target) -> list[EngineSpec]:
+    """The engines `target` runs, for its class by its recorded fingerprint (no device contacted)."""
+    hw = require_class(ctx, target)
+    fingerprint = recorded_fingerprint(ctx, target)
+    return [engine_spec(ctx, ctx.fleet.models[m], hw, fingerprint, deploying=target) for m in target.models]
+
+
+def deploy_is_current(ctx: Context, target: Target) -> bool:
+    """Up to date iff the recorded deployment names the engines the target should run now,
+    and the device agrees (its active releases are read with its probe, on one connection)."""
+    try:
+        wanted = {spec.model.name: current_engine_key(ctx, spec) for spec in target_engines(ctx, target)}
+    except KilnError:
+        return False
+    deployed = read_json(ctx.deployment_record(target.name)) or {}
+    if None in wanted.values() or deployed.get("releases") != wanted:
+        return False
+    active = probe_target(ctx, target).active
+    if active is None:  # a local target, or the probe failed: ask the device itself
+        try:
+            active = Device(ctx.transport(target), target).active_releases(target.models)
+        except KilnError:
+            return False
+    if active != wanted:
+        return False
+    ctx.events.emit(f"deploy:{target.name}", "skip", target=target.name, why="the wanted releases are active")
+    return True
+
+
+def ensure_deployed(ctx: Context, target: Target, say=print) -> dict:
+    """Engines for the target's class (from the store, else built on one builder of the class),
+    then staged, verified and activated on the target. Needs its fingerprint recorded."""
+    engines = {spec.model.name: ensure_engine(ctx, spec, say=say) for spec in target_engines(ctx, target)}
+    result = deploy_target(ctx, target, engines, say=say)
+    if not result["changed"]:
+        say(f"  {target.name}: releases already active")
+    return result
 
 
 def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print) -> dict:

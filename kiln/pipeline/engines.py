@@ -2,8 +2,10 @@
 
 `engine_key` is computed from inputs only (engine bytes may differ between two
 builds: optimisers are not deterministic). `ensure_engine` is the cache-first
-path: a store hit means no build; a miss is built on one reachable member of the
-class, verified there against the reference outputs, and only then published.
+path: a store hit means no build; a miss is built on one builder of the class,
+verified there against the reference outputs, and only then published. Within a
+run each key is ensured once (`Context.once`), so parallel deploys to ten
+identical devices wait for one build.
 """
 from __future__ import annotations
 
@@ -16,12 +18,13 @@ from pathlib import Path
 
 from kiln.backends.base import Backend, get_backend
 from kiln.config import Model, Target
-from kiln.pipeline.context import Context
+from kiln.devices.hwclass import HardwareClass, hardware_class
 from kiln.devices.workarea import Device
 from kiln.errors import BuildError, CorruptEntry, KilnError, UnreachableError
-from kiln.pipeline.export import ExportPaths
-from kiln.devices.hwclass import HardwareClass
 from kiln.keys import digest, read_json, write_json_if_changed
+from kiln.pipeline.context import Context
+from kiln.pipeline.export import ExportPaths
+from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
 from kiln.stores.base import engine_entry, engine_manifest_entry, onnx_entry, reference_entry, timing_cache_entry
 
 log = logging.getLogger(__name__)
@@ -32,7 +35,8 @@ ENGINE_FORMAT = 1
 class EngineSpec:
     model: Model
     hwclass: HardwareClass
-    members: tuple[Target, ...]  # targets of this class that want this model, reachable this run
+    fingerprint: dict                # of a member: the builder version comes from it
+    builders: tuple[Target, ...]     # who may build it, in order of preference
 
     @property
     def task_name(self) -> str:
@@ -43,40 +47,55 @@ class EngineSpec:
         return get_backend(self.hwclass.backend)
 
 
-def engine_key_inputs(spec: EngineSpec, onnx_record: dict, fingerprint: dict) -> dict:
+def engine_spec(ctx: Context, model: Model, hwclass: HardwareClass, fingerprint: dict,
+                deploying: Target | None = None) -> EngineSpec:
+    """The engine of `model` for `hwclass`. Builders: the class's `builder = true` members
+    (by recorded fingerprints), then the target being deployed; with no target being
+    deployed (an `engine:` task), every recorded member in fleet-file order."""
+    classes = recorded_classes(ctx)
+    members = [t for t in ctx.fleet.targets.values() if classes.get(t.name, None) is not None
+               and classes[t.name].id == hwclass.id]
+    builders = [t for t in members if t.builder]
+    if deploying is not None:
+        builders += [] if deploying in builders else [deploying]
+    else:
+        builders += [t for t in members if t not in builders]
+    return EngineSpec(model, hwclass, fingerprint, tuple(builders))
+
+
+def engine_key_inputs(spec: EngineSpec, onnx_record: dict) -> dict:
     backend = spec.backend
     return {"format": ENGINE_FORMAT, "onnx_sha256": onnx_record["onnx_sha256"],
             "class": spec.hwclass.digest, "build": backend.build_settings(spec.model.build),
-            "builder": backend.builder_version(fingerprint)}
+            "builder": backend.builder_version(spec.fingerprint)}
 
 
 def current_engine_key(ctx: Context, spec: EngineSpec) -> str | None:
     """The key the engine should have now, or None if the ONNX was never exported."""
     record = read_json(ExportPaths.for_model(ctx.artifacts, spec.model.name).record)
-    if record is None:
-        return None
-    fingerprint = read_json(ctx.fingerprint_file(spec.members[0].name))
-    return digest(engine_key_inputs(spec, record, fingerprint))
+    return digest(engine_key_inputs(spec, record)) if record is not None else None
 
 
-def choose_builder(spec: EngineSpec) -> list[Target]:
-    """Designated builders first, then the others in fleet-file order."""
-    return sorted(spec.members, key=lambda t: not t.builder)
+def engine_is_current(ctx: Context, spec: EngineSpec) -> bool:
+    """The local engine record names the key the engine should have now (no store access)."""
+    record = read_json(ctx.engine_record(spec.model.name, spec.hwclass.id))
+    key = current_engine_key(ctx, spec)
+    return record is not None and key is not None and record["key"] == key
 
 
 def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
     """Make sure the store holds a verified engine for `spec`; returns its record."""
-    model, task = spec.model, f"engine:{spec.task_name}"
-    paths = ExportPaths.for_model(ctx.artifacts, model.name)
-    onnx_record = read_json(paths.record)
+    onnx_record = read_json(ExportPaths.for_model(ctx.artifacts, spec.model.name).record)
     if onnx_record is None:
-        raise BuildError(f"model {model.name} has not been exported", model=model.name,
-                         hint=f"run `doit export:{model.name}` first")
-    fingerprint = read_json(ctx.fingerprint_file(spec.members[0].name))
-    inputs = engine_key_inputs(spec, onnx_record, fingerprint)
-    key = digest(inputs)
-    store = ctx.store
+        raise BuildError(f"model {spec.model.name} has not been exported", model=spec.model.name,
+                         hint=f"run `doit export:{spec.model.name}` first")
+    key = digest(engine_key_inputs(spec, onnx_record))
+    return ctx.once(("engine", key), lambda: _ensure(ctx, spec, key, onnx_record, say))
 
+
+def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
+    model, task = spec.model, f"engine:{spec.task_name}"
+    store = ctx.store
     manifest = _stored_manifest(ctx, key)
     if manifest is not None:
         ctx.events.emit(task, "cache-hit", key=key, why=f"engine for {spec.hwclass.id} already in {store.url}")
@@ -84,16 +103,40 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
         return _write_record(ctx, spec, key, manifest)
 
     errors = []
-    for target in choose_builder(spec):
+    for target in spec.builders:
+        if not _still_in_class(ctx, spec, target):
+            errors.append(f"{target.name}: no longer in class {spec.hwclass.id}")
+            continue
         try:
-            manifest = _build_on(ctx, spec, target, key, inputs, onnx_record, paths, say)
+            manifest = _build_on(ctx, spec, target, key, engine_key_inputs(spec, onnx_record), onnx_record, say)
         except UnreachableError as exc:
             errors.append(f"{target.name}: {exc.message}")
-            log.warning("builder %s unreachable, trying the next member of %s", target.name, spec.hwclass.id)
+            log.warning("builder %s unreachable, trying the next builder of %s", target.name, spec.hwclass.id)
             continue
         return _write_record(ctx, spec, key, manifest)
-    raise BuildError(f"no member of hardware class {spec.hwclass.id} could build {model.name}: " + "; ".join(errors),
-                     model=model.name, hint="bring one of the class's devices online, then run again")
+    tried = "; ".join(errors) or "the class has no recorded member"
+    raise BuildError(f"no builder of hardware class {spec.hwclass.id} could build {model.name}: {tried}",
+                     model=model.name, hint="bring one of the class's devices online (or run "
+                                            "`doit fingerprint:<target>` for it), then run again")
+
+
+def _still_in_class(ctx: Context, spec: EngineSpec, target: Target) -> bool:
+    """A builder chosen by its recorded fingerprint is probed first (on the connection the
+    build uses anyway): an engine built on a device that changed would be married to the wrong
+    hardware."""
+    probe = probe_target(ctx, target)
+    if probe.error is not None:
+        return True  # unreachable: the build attempt says so, and the next builder is tried
+    recorded = recorded_class(ctx, target)
+    try:
+        now = hardware_class(target.backend, probe.fingerprint, tuple(target.class_fields), target=target.name)
+    except KilnError:
+        return False
+    if now.id != spec.hwclass.id:
+        log.warning("%s is recorded in class %s but is now %s; not building on it (run `doit fingerprint:%s`)",
+                    target.name, recorded.id if recorded else "?", now.id, target.name)
+        return False
+    return True
 
 
 def _stored_manifest(ctx: Context, key: str) -> dict | None:
@@ -121,7 +164,7 @@ def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> d
 
 
 def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: dict, onnx_record: dict,
-              paths: ExportPaths, say) -> dict:
+              say) -> dict:
     task = f"engine:{spec.task_name}"
     store, backend = ctx.store, spec.backend
     device = Device(ctx.transport(target), target)
@@ -132,7 +175,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
 
     # ONNX and reference come from the store, verified, so any controller can build
     onnx_sha = onnx_record["onnx_sha256"]
-    onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, paths)
+    onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, ExportPaths.for_model(ctx.artifacts, spec.model.name))
     onnx_remote = device.ensure_input(onnx_local, onnx_sha, ".onnx", store=store, entry=onnx_entry(onnx_sha))
     ref_remote = device.ensure_input(ref_local, onnx_record["reference_sha256"], ".npz", store=store,
                                      entry=reference_entry(onnx_sha))
@@ -152,7 +195,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 say(f"    [{target.name}] {line}")
         try:
             facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
-                                  read_json(ctx.fingerprint_file(target.name)), stream=stream,
+                                  probe_target(ctx, target).fingerprint or spec.fingerprint, stream=stream,
                                   timing_cache=timing_remote)
             report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
         except KilnError as exc:

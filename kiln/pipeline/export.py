@@ -22,8 +22,8 @@ from pathlib import Path
 
 from kiln.device_side import agent
 from kiln.config import Model
-from kiln.errors import ExportError
-from kiln.keys import HashCache, digest, sha256_file
+from kiln.errors import ExportError, KilnError
+from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.fingerprint import package_version
 
 log = logging.getLogger(__name__)
@@ -287,3 +287,59 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
                                              "ort_max_abs_diff": report["max_abs_diff"],
                                              "ort_rows_permuted": report["permuted"]})
     return {**record, "changed": changed, "seconds": seconds, "max_abs_diff": report["max_abs_diff"]}
+
+
+# -- the export step of a run: up-to-date check, export, publish -------------------------
+
+def export_is_current(ctx, model: Model) -> bool:
+    """True iff the export key (checkpoint hash, factory source, options, versions) equals
+    the one recorded by the last export and its files exist. Imports no torch."""
+    paths = ExportPaths.for_model(ctx.artifacts, model.name)
+    provenance = read_json(paths.provenance)
+    if provenance is None or not (paths.onnx.exists() and paths.reference.exists() and paths.record.exists()):
+        return False
+    try:
+        key = digest(export_inputs(model, ctx.hashes))
+    except ExportError:
+        return False  # the export itself reports it properly
+    if key != provenance["export_key"]:
+        return False
+    ctx.events.emit(f"export:{model.name}", "skip", key=key,
+                    why="checkpoint, factory source, export options and versions unchanged")
+    return True
+
+
+def ensure_export(ctx, model: Model, say=print) -> dict:
+    """Export `model` and publish its ONNX, reference data and record to the store."""
+    from kiln.stores.base import onnx_entry, onnx_record_entry, reference_entry
+
+    store = ctx.store  # a missing bucket or bad credentials fail here, before minutes of export
+    paths = ExportPaths.for_model(ctx.artifacts, model.name)
+    inputs = export_inputs(model, ctx.hashes)
+    before = read_json(paths.provenance) or {}
+    why = _why_export(before.get("inputs"), inputs)
+    say(f"  exporting {model.name} ({why})")
+    result = export_model(model, paths, inputs)
+    try:
+        store.put_file(onnx_entry(result["onnx_sha256"]), paths.onnx, sha256=result["onnx_sha256"])
+        store.put_file(reference_entry(result["onnx_sha256"]), paths.reference, sha256=result["reference_sha256"])
+        store.put_file(onnx_record_entry(model.name), paths.record, overwrite=True)
+    except KilnError:
+        # not published: forget the export so the next run is not "up to date" and publishes it
+        paths.provenance.unlink(missing_ok=True)
+        raise
+    outcome = "new ONNX" if result["changed"] else "same ONNX bytes as before: nothing downstream rebuilds"
+    ctx.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
+                    why=f"{why}; {outcome}")
+    diff = max(result["max_abs_diff"].values())
+    say(f"  {model.name}: ONNX {result['onnx_sha256'][:12]} ({result['onnx_size'] / 1e6:.1f} MB, opset {result['opset']}), "
+        f"ONNX Runtime vs PyTorch max abs diff {diff:.2e}, {result['seconds']:.1f} s; {outcome}")
+    return result
+
+
+def _why_export(old: dict | None, new: dict) -> str:
+    if not old:
+        return "first export"
+    changed = [k for k in sorted(new) if old.get(k) != new.get(k)]
+    names = {"checkpoint_sha256": "checkpoint changed", "factory_source_sha256": "factory source changed"}
+    return ", ".join(names.get(k, f"{k} changed") for k in changed) or "outputs missing"

@@ -12,9 +12,9 @@ from xml.sax.saxutils import quoteattr
 
 from kiln.pipeline.context import Context
 from kiln.pipeline.engines import EngineSpec, engine_key_inputs
-from kiln.errors import ExportError, StoreError
+from kiln.errors import ExportError, ProbeError, StoreError
 from kiln.pipeline.export import ExportPaths, export_inputs
-from kiln.devices.hwclass import describe_change, hardware_class
+from kiln.devices.hwclass import HardwareClass, describe_change, hardware_class
 from kiln.keys import digest, read_json
 from kiln.stores.base import engine_entry, fingerprint_entry, onnx_record_entry
 
@@ -63,17 +63,28 @@ def cache_report(ctx: Context) -> list[CacheRow]:
                 missing = "no recorded fingerprint" if fingerprint is None else "model never exported"
                 unknown.append(CacheRow(model_name, None, "unknown", None, [target.name], missing))
                 continue
-            hw = hardware_class(target.backend, fingerprint, tuple(target.class_fields))
+            hw = _class_of(target, fingerprint)
+            if hw is None:
+                unknown.append(CacheRow(model_name, None, "unknown", None, [target.name],
+                                        "recorded fingerprint forms no hardware class"))
+                continue
             row = rows.get((model_name, hw.id))
             if row is None:
-                spec = EngineSpec(ctx.fleet.models[model_name], hw, (target,))
-                key = digest(engine_key_inputs(spec, onnx, fingerprint))
+                spec = EngineSpec(ctx.fleet.models[model_name], hw, fingerprint, (target,))
+                key = digest(engine_key_inputs(spec, onnx))
                 hit = ctx.store.info(engine_entry(key)) is not None
                 row = rows[(model_name, hw.id)] = CacheRow(
                     model_name, hw.id, "hit" if hit else "miss", key, [],
                     "engine in the store" if hit else f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class")
             row.targets.append(target.name)
     return sorted(rows.values(), key=lambda r: (r.model, r.hardware_class)) + unknown
+
+
+def _class_of(target, fingerprint: dict) -> HardwareClass | None:
+    try:
+        return hardware_class(target.backend, fingerprint, tuple(target.class_fields))
+    except ProbeError:
+        return None
 
 
 def cache_ok(rows: list[CacheRow]) -> bool:
@@ -119,7 +130,7 @@ def fleet_status(ctx: Context) -> list[dict]:
         previous = read_json(ctx.previous_fingerprint_file(target.name))
         probe_error = read_json(ctx.probe_error_file(target.name))
         deployed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})
-        hw = hardware_class(target.backend, fingerprint, tuple(target.class_fields)) if fingerprint else None
+        hw = _class_of(target, fingerprint) if fingerprint else None
         drift = describe_change(previous, fingerprint, target.backend, tuple(target.class_fields)) \
             if previous and fingerprint else []
         for model_name in target.models:
@@ -136,8 +147,8 @@ def fleet_status(ctx: Context) -> list[dict]:
                 why.append(exc.message)
             key = None
             if hw and onnx:
-                spec = EngineSpec(model, hw, (target,))
-                key = digest(engine_key_inputs(spec, onnx, fingerprint))
+                spec = EngineSpec(model, hw, fingerprint, (target,))
+                key = digest(engine_key_inputs(spec, onnx))
                 record = read_json(ctx.engine_record(model_name, hw.id))
                 if record is None or record["key"] != key:
                     why.append(f"engine for class {hw.id} not built yet")

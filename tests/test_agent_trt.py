@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from kiln.device_side import agent
-from kiln.backends import trtexec as tx
+from kiln.backends import trt_config as tc, trtexec as tx, trtexec_output as txo
 
 AGENT = Path(agent.__file__)
 
@@ -136,7 +136,7 @@ def test_load_inputs_spec_quoting_and_refusals():
     argv = tx.load_argv("t", "/e", load_inputs={"images": "C:/data/in.bin"})
     assert argv[-1] == "--loadInputs='images':C:/data/in.bin"      # ':' in the file: quote the name
     for bad in ({"images": "a,b.bin"}, {"images": "it's.bin"}, {"a:b": "x.bin"}, {"images": ""}):
-        with pytest.raises(tx.BuildConfigError):
+        with pytest.raises(tc.BuildConfigError):
             tx.load_argv("t", "/e", load_inputs=bad)
 
 
@@ -163,7 +163,7 @@ def test_sim_round_trip_through_onnx(tmp_path):
                         export_output=str(tmp_path / "out.json"))
     for extra, ok in (({}, True), ({"KILN_SIM_WRONG_OUTPUTS": "1"}, False)):
         proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env={**env, **extra})
-        assert proc.returncode == 0 and tx.parse_trtexec_output(proc.stdout).latency_ms, proc.stderr
+        assert proc.returncode == 0 and txo.parse_trtexec_output(proc.stdout).latency_ms, proc.stderr
         text = (tmp_path / "out.json").read_text()
         assert text.startswith('[\n  { "name" : "y"\n  , "dimensions" : "1x2x4x4"\n  , "values" : [ ')
         report = agent.trt_compare(str(ref), str(tmp_path / "out.json"), 1e-2, 1e-2, True)

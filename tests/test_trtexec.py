@@ -1,18 +1,20 @@
 """trtexec builder: argv per TensorRT version, parsing of real-format output, failure reasons.
 
-Output samples are verbatim from /work/shared/reference/tensorrt-jetson-facts.md §5.
+Output samples are verbatim from docs/trtexec.md §4 and §5.
 """
 from __future__ import annotations
 
 import json
 import py_compile
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from kiln.backends import trtexec as tx
-from kiln.backends.trtexec import TrtBuildConfig
+from kiln.backends import trt_config as tc, trtexec as tx, trtexec_output as txo
+from kiln.backends.trt_config import TrtBuildConfig
 from kiln.errors import BuildError, ConfigError
 
 T = "/usr/src/tensorrt/bin/trtexec"
@@ -74,7 +76,7 @@ def test_config_defaults_and_canonical_dict():
     ({"timing_cache": "yes"}, "timing_cache"),
 ])
 def test_config_errors_name_the_field(kwargs, field):
-    with pytest.raises(tx.BuildConfigError) as err:
+    with pytest.raises(tc.BuildConfigError) as err:
         TrtBuildConfig(**kwargs)
     assert err.value.context["field"] == field
     assert isinstance(err.value, ConfigError) and isinstance(err.value, BuildError)
@@ -126,9 +128,9 @@ def test_argv_timing_cache_off_and_version_gated_flags():
     cfg = TrtBuildConfig(timing_cache=False)
     assert not any("timingCache" in a for a in tx.build_argv(T, "m", "e", cfg, "10.3.0", timing_cache="/tc"))
     cfg = TrtBuildConfig(extra_flags=("--stripWeights",))
-    with pytest.raises(tx.BuildConfigError, match="not available in TensorRT 8.6.2"):
+    with pytest.raises(tc.BuildConfigError, match="not available in TensorRT 8.6.2"):
         tx.build_argv(T, "m", "e", cfg, "8.6.2")
-    with pytest.raises(tx.BuildConfigError, match="not a TensorRT version"):
+    with pytest.raises(tc.BuildConfigError, match="not a TensorRT version"):
         tx.build_argv(T, "m", "e", TrtBuildConfig(), "latest")
 
 
@@ -137,16 +139,16 @@ def test_load_argv():
     argv = tx.load_argv(T, "/e.plan", warmup_ms=200, iterations=50, percentile=99.9, shapes={"images": [1, 3, 64, 64]})
     assert argv == [T, "--loadEngine=/e.plan", "--warmUp=200", "--iterations=50", "--percentile=99.9",
                     "--shapes=images:1x3x64x64"]
-    with pytest.raises(tx.BuildConfigError):
+    with pytest.raises(tc.BuildConfigError):
         tx.load_argv(T, "/e.plan", percentile=150)
-    with pytest.raises(tx.BuildConfigError):
+    with pytest.raises(tc.BuildConfigError):
         tx.load_argv(T, "/e.plan", iterations=-1)
 
 
 # ------------------------------------------------------------------ output parsing
 
 def test_parse_fact_sheet_summary():
-    r = tx.parse_trtexec_output(SUMMARY_JP5)
+    r = txo.parse_trtexec_output(SUMMARY_JP5)
     assert r.status == "PASSED" and r.passed
     assert r.tensorrt_version == "8.5.2" and r.tensorrt_build is None
     assert r.command == "trtexec --onnx=./yolox_s_leaky.onnx --saveEngine=./fp16.trt --fp16"
@@ -160,31 +162,31 @@ def test_latency_is_anchored():
     text = ("[02/26/2024-10:43:06] [I] H2D Latency: min = 0.1 ms, max = 0.2 ms, mean = 0.15 ms, median = 0.15 ms, "
             "percentile(90%) = 0.19 ms, percentile(95%) = 0.19 ms, percentile(99%) = 0.2 ms\n"
             "[02/26/2024-10:43:06] [I] D2H Latency: min = 0.3 ms, max = 0.4 ms, mean = 0.35 ms, median = 0.35 ms\n")
-    assert tx.parse_trtexec_output(text).latency_ms == {}
-    after = tx.parse_trtexec_output(SUMMARY_JP5.replace("Total Host", "H2D Latency: min = 0.1 ms\n[I] Total Host"))
+    assert txo.parse_trtexec_output(text).latency_ms == {}
+    after = txo.parse_trtexec_output(SUMMARY_JP5.replace("Total Host", "H2D Latency: min = 0.1 ms\n[I] Total Host"))
     assert after.latency_ms["min"] == 10.642
 
 
 def test_parse_build_lines_and_10x_banner():
     text = "&&&& RUNNING TensorRT.trtexec [TensorRT v100800] [b43] # trtexec --onnx=m.onnx\n" + BUILD_LINES
-    r = tx.parse_trtexec_output(text)
+    r = txo.parse_trtexec_output(text)
     assert (r.tensorrt_version, r.tensorrt_build, r.status) == ("10.8.0", "43", "unknown")
     assert r.build_seconds == 111.4 and r.engine_size_mib == 101.811
     assert (r.selected_device, r.compute_capability) == ("Xavier", "7.2")
-    only_trt = tx.parse_trtexec_output("[I] [TRT] Engine generation completed in 10.6392 seconds.\n")
+    only_trt = txo.parse_trtexec_output("[I] [TRT] Engine generation completed in 10.6392 seconds.\n")
     assert only_trt.build_seconds == 10.6392
 
 
 def test_dump_profile_without_summary():
     text = "[I] === Profile (309 iterations ) ===\n&&&& PASSED TensorRT.trtexec [TensorRT v100300] # trtexec\n"
-    r = tx.parse_trtexec_output(text)
+    r = txo.parse_trtexec_output(text)
     assert r.passed and r.latency_ms == {} and r.throughput_qps is None
 
 
 # ------------------------------------------------------------------ failures
 
-def failed(lines: str) -> tx.TrtexecReport:
-    return tx.parse_trtexec_output(
+def failed(lines: str) -> txo.TrtexecReport:
+    return txo.parse_trtexec_output(
         "&&&& RUNNING TensorRT.trtexec [TensorRT v8502] # trtexec\n"
         "[I] [TRT] No importer registered for op: GridSample. Attempting to import as plugin.\n"
         + lines + "\n[E] Engine set up failed\n&&&& FAILED TensorRT.trtexec [TensorRT v8502] # trtexec\n")
@@ -209,24 +211,24 @@ def test_errors_collected():
     ("[E] Failed to parse onnx file", ["could not be parsed"]),
 ])
 def test_explain_failure(lines, words):
-    text = tx.explain_failure(failed(lines), 1)
+    text = txo.explain_failure(failed(lines), 1)
     for w in words:
         assert w in text, text
     assert "Hint:" in text and "\n" not in text
 
 
 def test_explain_signal_and_unknown():
-    assert "signal 9" in tx.explain_failure(tx.TrtexecReport(), -9)
-    assert "signal 9" in tx.explain_failure(tx.TrtexecReport(), 137)
-    text = tx.explain_failure(failed("[E] Something new broke"), 1)
+    assert "signal 9" in txo.explain_failure(txo.TrtexecReport(), -9)
+    assert "signal 9" in txo.explain_failure(txo.TrtexecReport(), 137)
+    text = txo.explain_failure(failed("[E] Something new broke"), 1)
     assert "exit code 1" in text and "Engine set up failed" in text
 
 
 def test_check_trtexec_result_raises_build_error():
-    report = tx.check_trtexec_result(SUMMARY_JP5, 0)
+    report = txo.check_trtexec_result(SUMMARY_JP5, 0)
     assert report.passed
-    with pytest.raises(tx.TrtexecFailed) as err:
-        tx.check_trtexec_result("&&&& RUNNING TensorRT.trtexec [TensorRT v8502] # x\n" + E_DEVICE
+    with pytest.raises(txo.TrtexecFailed) as err:
+        txo.check_trtexec_result("&&&& RUNNING TensorRT.trtexec [TensorRT v8502] # x\n" + E_DEVICE
                                 + "\n&&&& FAILED TensorRT.trtexec [TensorRT v8502] # x\n", 1, target="orin-01")
     e = err.value
     assert isinstance(e, BuildError) and e.exit_code == 1 and e.context["target"] == "orin-01"
@@ -257,7 +259,7 @@ def test_api_script_compiles():
 def test_api_script_rejects_bad_args(arg, words):
     r = run_script(arg)
     assert r.returncode == 2
-    result = tx.parse_api_build_output(r.stdout)
+    result = txo.parse_api_build_output(r.stdout)
     assert result["ok"] is False and words in result["error"]
 
 
@@ -268,7 +270,7 @@ def test_api_script_valid_args_reach_tensorrt_import(tmp_path):
     argv = tx.api_build_argv(sys.executable, str(tx.TRT_API_BUILD_SCRIPT), onnx=str(onnx),
                              engine=str(tmp_path / "e.plan"), cfg=cfg, timing_cache=str(tmp_path / "tc"))
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
-    result = tx.parse_api_build_output(r.stdout)
+    result = txo.parse_api_build_output(r.stdout)
     # TensorRT cannot be installed here: the arguments were accepted, the import is what failed
     assert r.returncode == 3 and "tensorrt is not importable" in result["error"]
     assert not (tmp_path / "e.plan").exists()
@@ -279,16 +281,65 @@ def test_api_script_valid_args_reach_tensorrt_import(tmp_path):
 
 
 def test_api_build_argv_refuses_trtexec_flags():
-    with pytest.raises(tx.BuildConfigError, match="extra_flags"):
+    with pytest.raises(tc.BuildConfigError, match="extra_flags"):
         tx.api_build_argv("python3", "s.py", onnx="m", engine="e", cfg=TrtBuildConfig(extra_flags=("--noTF32",)))
     with pytest.raises(BuildError, match="no result line"):
-        tx.parse_api_build_output("Traceback ...\n")
+        txo.parse_api_build_output("Traceback ...\n")
 
 
 def test_multiline_error_joined_but_help_text_is_not():
     r = failed(E_PLUGIN)
     assert any("importFallbackPluginImporter: [8] UNSUPPORTED_NODE: Assertion failed" in e for e in r.errors)
-    r = tx.parse_trtexec_output(E_UNKNOWN + "\n=== Model Options ===\n  --onnx=<file>               ONNX model\n"
+    r = txo.parse_trtexec_output(E_UNKNOWN + "\n=== Model Options ===\n  --onnx=<file>               ONNX model\n"
                                 "&&&& FAILED TensorRT.trtexec [TensorRT v100300] # trtexec --workspace=2048\n")
     assert r.errors == ["Unknown option: --workspace 2048"]
     assert (r.status, r.tensorrt_version) == ("FAILED", "10.3.0")
+
+
+# ------------------------------------------------------------------ the repo stands alone
+
+REPO = Path(__file__).resolve().parent.parent
+MINE = [*sorted((REPO / "kiln/backends").glob("*.py")), REPO / "kiln/device_side/trt_api_build.py",
+        REPO / "kiln/device_side/agent.py", REPO / "tests/fleet/trtexec_sim.py", REPO / "docs/trtexec.md",
+        *sorted(REPO.glob("tests/test_trtexec*.py")), REPO / "tests/test_agent_trt.py"]
+
+
+def test_trtexec_facts_are_cited_from_the_repo_and_every_cited_section_exists():
+    sections = {int(n) for n in re.findall(r"^## §(\d+) ", (REPO / "docs/trtexec.md").read_text(), re.M)}
+    assert sections == set(range(1, len(sections) + 1)) and len(sections) >= 9
+    cited = set()
+    for path in MINE:
+        text = path.read_text()
+        assert "/work/" + "shared" not in text and "../" + "shared" not in text, path
+        assert "facts " + "§" not in text, path
+        cited |= {int(n) for n in re.findall(r"docs/trtexec\.md §(\d+)", text)}
+    assert cited and cited <= sections, cited - sections
+
+
+def test_backend_modules_stay_small_and_get_backend_loads_tensorrt_lazily():
+    for path in (REPO / "kiln/backends").glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, path
+    code = ("import sys; from kiln.backends.base import Backend, get_backend; "
+            "b = get_backend('onnxruntime'); assert isinstance(b, Backend), b; "
+            "assert not any(m.startswith(('kiln.backends.tensorrt', 'kiln.backends.trt')) for m in sys.modules); "
+            "t = get_backend('tensorrt'); assert t.name == 'tensorrt'; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_tensorrt_build_settings_are_validated_by_trt_build_config_only():
+    from kiln.backends.tensorrt import TensorRTBackend
+    settings = TensorRTBackend().build_settings({"precision": "fp16", "optimization_level": 4, "timing_cache": True,
+                                                 "extra_flags": ["--noTF32"], "ort_optimization": "all"})
+    assert settings == {"precision": "fp16", "workspace_mib": None, "shapes": None, "builder_optimization_level": 4,
+                        "extra_flags": ["--noTF32"]}
+    with pytest.raises(tc.BuildConfigError) as err:
+        TensorRTBackend().build_settings({"precision": "fp16", "extra_flags": ["--workspace=64"]})
+    assert err.value.context.get("field") == "extra_flags" and "allowed:" in (err.value.hint or "")
+    cfg = TrtBuildConfig(extra_flags=("--stripAllWeights",))
+    assert cfg.check_version("10.1.0") == (10, 1, 0)
+    with pytest.raises(tc.BuildConfigError, match="not available in TensorRT 10.0.1"):
+        cfg.check_version("10.0.1")
+    cfg.check_tool("trtexec")
+    with pytest.raises(tc.BuildConfigError, match="python-api builder cannot apply them"):
+        cfg.check_tool("python-api")

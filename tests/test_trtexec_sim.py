@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kiln.backends import trtexec as tx
-from kiln.backends.trtexec import TrtBuildConfig
+from kiln.backends import trtexec as tx, trtexec_output as txo
+from kiln.backends.trt_config import TrtBuildConfig
 
 SIM = Path(__file__).resolve().parent / "fleet" / "trtexec_sim.py"
 PREFIXED = re.compile(r"^\[\d\d/\d\d/\d{4}-\d\d:\d\d:\d\d\] \[([IWE])\] ")
@@ -27,12 +27,12 @@ class Sim:
                     "KILN_SIM_BUILD_SECONDS": "0.05", **{f"KILN_SIM_{k.upper()}": v for k, v in ident.items()}}
 
     def run(self, argv: list[str], shebang: bool = False,
-            **env: str) -> tuple[subprocess.CompletedProcess, tx.TrtexecReport]:
+            **env: str) -> tuple[subprocess.CompletedProcess, txo.TrtexecReport]:
         # through this interpreter by default (the pyenv shim behind `env python3` is slow)
         cmd = [str(SIM), *argv] if shebang else [sys.executable, str(SIM), *argv]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60,
                               env={**self.env, **env}, cwd=self.tmp)
-        return proc, tx.parse_trtexec_output(proc.stdout + "\n" + proc.stderr)
+        return proc, txo.parse_trtexec_output(proc.stdout + "\n" + proc.stderr)
 
     def builds(self) -> list[dict]:
         log = self.state / "builds.log"
@@ -104,12 +104,12 @@ def test_load_refuses_other_version_and_compute(tmp_path, onnx):
     proc, report = Sim(tmp_path, trt_version="10.8.0.43", compute="8.7").run([f"--loadEngine={engine}"])
     assert proc.returncode == 1 and report.status == "FAILED"
     assert_stream_split(proc)
-    reason = tx.explain_failure(report, proc.returncode)
+    reason = txo.explain_failure(report, proc.returncode)
     assert "plan says 10.3.0.30" in reason and "device runs 10.8.0.43" in reason
 
     proc, report = Sim(tmp_path, trt_version="10.3.0.30", compute="7.2", gpu="Xavier").run([f"--loadEngine={engine}"])
     assert proc.returncode == 1
-    assert "built for compute capability 8.7 but this GPU is 7.2" in tx.explain_failure(report, 1)
+    assert "built for compute capability 8.7 but this GPU is 7.2" in txo.explain_failure(report, 1)
 
     proc, report = Sim(tmp_path, trt_version="10.3.0.30", compute="8.7", gpu="Orin NX").run([f"--loadEngine={engine}"])
     assert proc.returncode == 0 and report.passed
@@ -121,7 +121,7 @@ def test_load_refuses_bad_magic_and_missing_file(tmp_path):
     bad.write_bytes(b"\x00" * 64)
     sim = Sim(tmp_path, trt_version="8.6.2")
     proc, report = sim.run([f"--loadEngine={bad}"])
-    assert proc.returncode == 1 and "bad magic tag" in tx.explain_failure(report, 1)
+    assert proc.returncode == 1 and "bad magic tag" in txo.explain_failure(report, 1)
     assert any("Magic tag does not match" in e for e in report.errors)
     proc, report = sim.run([f"--loadEngine={tmp_path / 'nope.plan'}"])
     assert proc.returncode == 1 and report.status == "FAILED"
@@ -139,7 +139,7 @@ def test_unknown_options_like_the_real_cli(tmp_path, onnx, version, argv, option
     assert proc.returncode == 1 and report.status == "FAILED"
     assert report.errors[0].startswith(f"Unknown option: {option}")
     assert "=== Build Options ===" in proc.stdout             # help text follows
-    assert "does not know the option " + option in tx.explain_failure(report, 1)
+    assert "does not know the option " + option in txo.explain_failure(report, 1)
     assert Sim(tmp_path).builds() == []
 
 
@@ -156,7 +156,7 @@ def test_invalid_onnx_fails_with_parser_errors(tmp_path, content, words):
     bad.write_bytes(content)
     proc, report = Sim(tmp_path).run([f"--onnx={bad}", f"--saveEngine={tmp_path / 'e.plan'}", "--buildOnly"])
     assert proc.returncode == 1 and "Failed to parse onnx file" in report.errors
-    assert words in tx.explain_failure(report, 1)
+    assert words in txo.explain_failure(report, 1)
     assert not (tmp_path / "e.plan").exists()
 
 
@@ -166,9 +166,9 @@ def test_unsupported_op_and_oom(tmp_path, onnx, version):
     proc, report = sim.run([f"--onnx={onnx}", "--skipInference" if version.startswith("10.") else "--buildOnly"],
                            KILN_SIM_UNSUPPORTED_OPS="Relu")
     assert proc.returncode == 1
-    assert "cannot import operator Relu" in tx.explain_failure(report, 1)
+    assert "cannot import operator Relu" in txo.explain_failure(report, 1)
     proc, report = sim.run([f"--onnx={onnx}"], KILN_SIM_FAIL="oom")
-    assert proc.returncode == 1 and "out of memory" in tx.explain_failure(report, 1)
+    assert proc.returncode == 1 and "out of memory" in txo.explain_failure(report, 1)
     assert sim.builds() == []
 
 
@@ -188,5 +188,5 @@ def test_timing_cache_speeds_up_second_build_and_config_file(tmp_path, onnx):
 
 def test_kiln_check_result_on_sim_output(tmp_path, onnx):
     proc, _ = Sim(tmp_path, trt_version="8.6.2").run([f"--onnx={onnx}", "--skipInference"])
-    report = tx.check_trtexec_result(proc.stdout + proc.stderr, proc.returncode)
+    report = txo.check_trtexec_result(proc.stdout + proc.stderr, proc.returncode)
     assert report.passed

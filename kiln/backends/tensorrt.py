@@ -3,7 +3,10 @@
 
 Nothing here runs TensorRT on the controller; every command is built by
 kiln.backends.trtexec for the device's TensorRT version and run through the
-target's transport. Build output streams live and is kept in full in the log.
+target's transport, and its output is read by kiln.backends.trtexec_output.
+Build settings are validated only by TrtBuildConfig (kiln.backends.trt_config).
+Build output streams live and is kept in full in the log. trtexec's behaviour:
+docs/trtexec.md.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import uuid
 
 from kiln.device_side import agent as agent_module
 from kiln.backends.base import Backend
-from kiln.backends.trtexec import (TRT_API_BUILD_SCRIPT, TrtBuildConfig, api_build_argv, build_argv,
-                               check_trtexec_result, load_argv, parse_api_build_output)
+from kiln.backends.trt_config import TrtBuildConfig
+from kiln.backends.trtexec import TRT_API_BUILD_SCRIPT, api_build_argv, build_argv, load_argv
+from kiln.backends.trtexec_output import check_trtexec_result, parse_api_build_output
 from kiln.devices.workarea import Device
 from kiln.errors import BuildError, VerificationError
 from kiln.keys import sha256_file
@@ -25,6 +29,7 @@ class TensorRTBackend(Backend):
     engine_file = "model.plan"
 
     def build_settings(self, build: dict) -> dict:
+        """The engine-defining settings, validated by TrtBuildConfig (the only validator)."""
         settings = TrtBuildConfig.from_mapping(build).to_dict()
         settings.pop("timing_cache", None)  # speeds the build up; does not define the engine
         return settings
@@ -40,6 +45,7 @@ class TensorRTBackend(Backend):
             raise BuildError(f"{device.target} reports no TensorRT version", target=device.target,
                              hint="install TensorRT (JetPack ships it) or check the fingerprint with `doit status`")
         cfg = TrtBuildConfig.from_mapping({**settings, "timing_cache": timing_cache is not None})
+        cfg.check_tool(target.build_tool)
         device.mkdir(out_dir)
         engine = posixpath.join(out_dir, self.engine_file)
         if target.build_tool == "python-api":
@@ -70,7 +76,8 @@ class TensorRTBackend(Backend):
         2. one trtexec run: --loadEngine + --loadInputs + --exportOutput (+ --shapes, needed
            for dynamic engines, checked against static ones from 10.x) times the engine and
            writes the outputs of its last iteration as JSON; run from the scratch folder so
-           the --loadInputs spec holds plain relative names (',' "'" ':' would split it);
+           the --loadInputs spec holds plain relative names (',' "'" ':' would split it;
+           docs/trtexec.md §6);
         3. the agent compares that JSON with the reference outputs (`trt-compare`, the
            same compare_outputs as ONNX Runtime engines and the export check).
         A plan for another TensorRT/GPU, a broken plan or outputs beyond the tolerances

@@ -162,7 +162,7 @@ def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5
 
 # -- TensorRT engines (trtexec runs them; the agent feeds and checks) ---------------------
 #
-# trtexec's own formats (NVIDIA/TensorRT, same in tags 8.5.2, v8.6.1, v10.3.0 and v10.16):
+# trtexec's own formats (docs/trtexec.md §6; NVIDIA/TensorRT, same in tags 8.5.2, v8.6.1, v10.3.0 and v10.16):
 # * --loadInputs=name:file[,name:file]: each file is the raw bytes of one input tensor in the
 #   engine's input type, C order (samples/trtexec/README.md "Using custom input data":
 #   `np.ones((1,3,244,244), dtype=np.float32).tofile("data.bin")`); the size must be the

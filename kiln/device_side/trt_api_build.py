@@ -128,7 +128,7 @@ def build(args, trt):
     logger = trt.Logger(trt.Logger.VERBOSE if args.get("verbose") else trt.Logger.WARNING)
     builder = trt.Builder(logger)
     if ver[0] >= 10:
-        network = builder.create_network(0)            # explicit batch is the only mode in 10.x
+        network = builder.create_network(0)            # explicit batch is the only mode in 10.x (docs/trtexec.md §8)
     else:
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH))
     parser = trt.OnnxParser(network, logger)
@@ -156,7 +156,7 @@ def build(args, trt):
             profile.set_shape(name, spec["min"], spec["opt"], spec["max"])
         config.add_optimization_profile(profile)
 
-    # trtexec passes ignore_mismatch=False up to 10.0 and True from 10.1 (timingCache.cpp)
+    # trtexec passes ignore_mismatch=False up to 10.0 and True from 10.1 (docs/trtexec.md §7)
     ignore_mismatch = ver >= (10, 1, 0)
     cache_path = args.get("timing_cache")
     if cache_path:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A stand-in for TensorRT's trtexec, for simulated devices in tests (no GPU, no TensorRT).
 
-It follows the real CLI contract (/work/shared/reference/tensorrt-jetson-facts.md §4-§6):
+It follows the real CLI contract (docs/trtexec.md §1-§5; files §6, plans §9):
 `--name=value` flags checked per simulated TensorRT version (unknown ->
 `[E] Unknown option: --foo <value>` + help + `&&&& FAILED`, exit 1; `--workspace`
 and `--buildOnly` are unknown from 10.0), the `&&&& RUNNING TensorRT.trtexec

@@ -98,11 +98,11 @@ VERIFY_KEYS = {
                     doc="absolute tolerance for TensorRT engines; the looser of this and atol applies"),
 }
 BUILD_KEYS = {
-    "precision": Key((str,), default="fp16", check=_one_of(("fp32", "fp16", "int8", "best")),
-                     doc="TensorRT precision (ignored by the ONNX Runtime backend)"),
-    "workspace_mib": Key((int,), check=_positive, doc="TensorRT workspace memory pool, MiB"),
-    "optimization_level": Key((int,), check=lambda v: None if 0 <= v <= 5 else "must be 0..5",
-                              doc="TensorRT builder optimisation level (8.6+)"),
+    # TensorRT values are checked by kiln.backends.trt_config.TrtBuildConfig (the one validator of
+    # TensorRT build settings), for the models a tensorrt target runs: kiln.backends.base.check_build_settings
+    "precision": Key((str,), default="fp16", doc="TensorRT precision: fp32, fp16, int8 or best"),
+    "workspace_mib": Key((int,), doc="TensorRT workspace memory pool, MiB"),
+    "optimization_level": Key((int,), doc="TensorRT builder optimisation level 0..5 (8.6+)"),
     "timing_cache": Key((bool,), default=True, doc="reuse a per-class timing cache from the store"),
     "shapes": Key((dict,), doc="TensorRT optimisation profile: { input = { min = [..], opt = [..], max = [..] } }"),
     "extra_flags": Key((list,), default=[], doc="extra trtexec flags from an allowlist, e.g. [\"--noTF32\"]"),
@@ -191,6 +191,14 @@ class Fleet:
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    def error_at(self, keys: list[str], problem: str, fix: str) -> ConfigError:
+        """An error about `keys` of this fleet file, pointing at its line when it can be found."""
+        try:
+            text = self.path.read_text()
+        except OSError:
+            text = ""
+        return _Source(self.path, text).error(keys, problem, fix)
 
     def groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}

@@ -119,3 +119,24 @@ def test_doit_reports_a_bad_fleet_before_any_work(tmp_path):
     assert "targets.local.port: must be an integer" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "artifacts" / "logs").exists()
+
+
+@pytest.mark.parametrize("change, expected", [
+    (("precision = \"fp16\"", "precision = \"fp8\""), "precision"),
+    (("workspace_mib = 2048", "workspace_mib = 0"), "workspace_mib"),
+    (("workspace_mib = 2048", "workspace_mib = 2048\noptimization_level = 9"), "optimization_level"),
+])
+def test_tensorrt_build_settings_are_checked_when_the_fleet_is_loaded(tmp_path, change, expected):
+    """One validator (TrtBuildConfig), run for the models a tensorrt target uses, before any work."""
+    from kiln.pipeline.context import Context
+    path = tmp_path / "targets.toml"
+    path.write_text(textwrap.dedent(GOOD).replace(*change, 1))
+    load_fleet(path, tmp_path / "artifacts")  # types are fine: the schema alone accepts it
+    with pytest.raises(ConfigError) as err:
+        Context.load(path, tmp_path / "artifacts")
+    message = str(err.value)
+    assert f"{path}:" in message and "models.det.build" in message and expected in message, message
+    # a model that only CPU targets run is not held to TensorRT's rules
+    cpu_only = textwrap.dedent(GOOD).replace(*change, 1).replace("backend = \"tensorrt\"", "backend = \"onnxruntime\"")
+    path.write_text(cpu_only)
+    Context.load(path, tmp_path / "artifacts")

@@ -194,7 +194,8 @@ def test_engine_that_fails_to_load_is_not_activated(tmp_path, jetsons):
     garbage = tmp_path / "garbage.plan"
     garbage.write_bytes(b"not a TensorRT plan" * 100)
     from kiln.keys import sha256_file
-    from kiln.stores.base import LocalStore, engine_entry, engine_manifest_entry
+    from kiln.stores.base import engine_entry, engine_manifest_entry
+    from kiln.stores.local import LocalStore
     store = LocalStore(p.artifacts / "store")
     store.put_file(engine_entry(record["key"]), garbage, overwrite=True)
     manifest = json.loads(store.get_bytes(engine_manifest_entry(record["key"])))

@@ -123,7 +123,7 @@ def test_engine_that_disagrees_with_the_reference_is_not_published(project):
            "a['output.pred_boxes'] = a['output.pred_boxes'] + 0.5; agent.save_arrays(p, a)")
     # make the store serve the falsified reference as well (its sha is re-recorded like a real publish)
     record = json.loads((project.artifacts / "onnx/tiny.json").read_text())
-    python("import sys, hashlib; sys.path.insert(0, '.'); from kiln.stores.base import LocalStore, reference_entry;"
+    python("import sys, hashlib; sys.path.insert(0, '.'); from kiln.stores.local import LocalStore; from kiln.stores.base import reference_entry;"
            f"s = LocalStore({str(project.artifacts / 'store')!r}); n = reference_entry({record['onnx_sha256']!r});"
            f"p = {str(project.artifacts / 'onnx/tiny.reference.npz')!r}; s.put_file(n, p, overwrite=True)")
     record["reference_sha256"] = python(
@@ -145,7 +145,7 @@ def test_failing_smoke_test_keeps_the_previous_release(project):
     new = json.loads(next((project.artifacts / "engines").glob("tiny@*.json")).read_text())
     assert new["key"] != before
     # replace the new engine in the store with the old one (a "poisoned" cache entry)
-    code = ("import sys; sys.path.insert(0, '.'); from kiln.stores.base import LocalStore, engine_entry;"
+    code = ("import sys; sys.path.insert(0, '.'); from kiln.stores.local import LocalStore; from kiln.stores.base import engine_entry;"
             f"s = LocalStore({str(project.artifacts / 'store')!r});"
             f"s.put_file(engine_entry({new['key']!r}), {str(project.root / 'deploy/tiny/releases' / before / 'model.ort.onnx')!r}, overwrite=True);"
             "import json; from kiln.stores.base import engine_manifest_entry as m;"

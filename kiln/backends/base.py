@@ -44,3 +44,21 @@ def get_backend(name: str) -> Backend:
         from kiln.backends.tensorrt import TensorRTBackend  # the trtexec helpers load only when a fleet uses TensorRT
         return TensorRTBackend()
     raise KeyError(name)
+
+
+def check_build_settings(fleet) -> None:
+    """Every model's build settings, checked by the backends of the targets that run it, before any
+    work starts; a bad value is a ConfigError pointing at the fleet file's line."""
+    from kiln.errors import ConfigError
+
+    checked: set[tuple[str, str]] = set()
+    for target in fleet.targets.values():
+        for model in target.models:
+            if (model, target.backend) in checked:
+                continue
+            checked.add((model, target.backend))
+            try:
+                get_backend(target.backend).build_settings(fleet.models[model].build)
+            except ConfigError as exc:
+                keys = ["models", model, "build"] + ([str(exc.context["field"])] if "field" in exc.context else [])
+                raise fleet.error_at(keys, exc.message, exc.hint or "fix this build setting") from exc

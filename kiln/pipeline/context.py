@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
+from kiln.backends.base import check_build_settings
 from kiln.config import Fleet, Target, load_fleet
 from kiln.errors import StoreError
 from kiln.events import EventLog
@@ -50,7 +51,9 @@ class Context:
 
     @classmethod
     def load(cls, fleet_file: Path | str | None = None, artifacts: Path | str | None = None) -> "Context":
-        return cls(load_fleet(fleet_file, artifacts))
+        fleet = load_fleet(fleet_file, artifacts)
+        check_build_settings(fleet)
+        return cls(fleet)
 
     def __enter__(self) -> "Context":
         return self

@@ -154,15 +154,3 @@ class Store(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
-
-
-# Names that used to live here, for modules that still import them from kiln.stores.base
-# (resolved on first access, so this module imports nothing of its implementations).
-_MOVED = {"LocalStore": "kiln.stores.local", "open_store": "kiln.stores", "atomic_copy": "kiln.files"}
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        import importlib
-        return getattr(importlib.import_module(_MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

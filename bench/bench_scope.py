@@ -58,20 +58,28 @@ def verdict(ok: bool) -> str:
 
 # -- 1. doit deploy:<one> in N-device fleets -------------------------------------------------------
 
-def start_largest_feasible(tmp: Path, n: int, floor: int, profile: str, fleets: list):
-    """Start n devices; if that fails here, try smaller fleets (never below `floor`)."""
+def start_largest_feasible(tmp: Path, n: int, floor: int, profile: str, fleets: list, attempts: int = 2):
+    """Start n devices (`attempts` tries, each with the simulator's own retries: a start that fails
+    on a busy shared machine is usually transient); if n cannot start here, try smaller fleets (never
+    down to `floor`, the previous size). Returns (sim, names, seconds to start, [(size, why)] failed)."""
     tried = []
     while True:
-        t0 = time.perf_counter()
-        try:
-            sim, names = start_fleet(tmp / f"fleet{n}", [profile] * n, fleets, prefix="dev")
-            return sim, names, time.perf_counter() - t0, tried
-        except RuntimeError as exc:
-            tried.append((n, str(exc).splitlines()[0][:120]))
-            smaller = n * 3 // 4
-            if smaller <= floor or smaller == n:
-                raise
-            n = smaller
+        for attempt in range(attempts):
+            t0 = time.perf_counter()
+            try:
+                sim, names = start_fleet(tmp / f"fleet{n}-{len(tried)}-{attempt}", [profile] * n, fleets,
+                                         prefix="dev")
+                return sim, names, time.perf_counter() - t0, tried
+            except RuntimeError as exc:
+                lines = [l.strip() for l in str(exc).splitlines() if l.strip()]
+                why = lines[0][:100] + (f" ... {lines[-1][:160]}" if len(lines) > 1 else "")
+                print(f"note: starting {n} simulated devices failed (attempt {attempt + 1}/{attempts}): {why}",
+                      flush=True)
+        tried.append((n, why))
+        smaller = n * 3 // 4
+        if smaller <= floor or smaller == n:
+            raise RuntimeError(f"cannot start {n} simulated devices here: {why}")
+        n = smaller
 
 
 def setup_size(tmp: Path, n: int, floor: int, args, fleets: list) -> dict:

@@ -80,6 +80,18 @@ def atomic_file(path: Path | str, *, mode: int = FILE_MODE) -> Iterator[BinaryIO
     fsync_dir(path.parent)
 
 
+def move_into_place(src: Path | str, dest: Path | str) -> None:
+    """Publish a finished file written elsewhere on the same filesystem (e.g. by a tool into a
+    temp folder): fsync it, rename it over `dest`, fsync the folder."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(src, dest)
+    fsync_dir(Path(dest).parent)
+
+
 def atomic_write(path: Path | str, data: bytes | str) -> None:
     """Write `data` (str is UTF-8 encoded) to `path` atomically."""
     with atomic_file(path) as f:

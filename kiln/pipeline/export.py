@@ -23,6 +23,7 @@ from pathlib import Path
 from kiln.device_side import agent
 from kiln.config import Model
 from kiln.errors import ExportError, KilnError
+from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.fingerprint import package_version
 
@@ -104,11 +105,8 @@ def create_checkpoint(model: Model) -> Path:
     import torch
     torch.manual_seed(model.seed or 0)
     module = build_module(model)
-    model.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{model.checkpoint.name}.", dir=model.checkpoint.parent)
-    os.close(fd)
-    torch.save(module.state_dict(), tmp)
-    os.replace(tmp, model.checkpoint)
+    with atomic_file(model.checkpoint) as f:
+        torch.save(module.state_dict(), f)
     return model.checkpoint
 
 
@@ -274,8 +272,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
         agent.save_arrays(str(ref_tmp), {**{f"input.{k}": v for k, v in feeds.items()},
                                          **{f"output.{k}": v for k, v in expected.items()}})
         onnx_sha, ref_sha = sha256_file(onnx_tmp), sha256_file(ref_tmp)
-        os.replace(onnx_tmp, paths.onnx)
-        os.replace(ref_tmp, paths.reference)
+        move_into_place(onnx_tmp, paths.onnx)
+        move_into_place(ref_tmp, paths.reference)
 
     record = {"model": model.name, "onnx_sha256": onnx_sha, "onnx_size": paths.onnx.stat().st_size,
               "reference_sha256": ref_sha, "opset": opset, "inputs": {k: list(v) for k, v in model.inputs.items()},

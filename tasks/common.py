@@ -50,3 +50,10 @@ def check(fn):
     """Wrap a library predicate as a doit `uptodate` callable. A task doit has no saved values
     for (never run here, or `doit forget`) is not up to date, whatever the records say."""
     return lambda task, values: bool(values) and fn()
+
+
+def step(name: str, doc: str, run, is_current, task_dep=()) -> dict:
+    """A task whose work is `run()` (a library call returning the values doit keeps) and whose
+    up-to-date check is `is_current()`."""
+    return {"name": name, "doc": doc, "actions": [action(run)], "uptodate": [check(is_current)],
+            "task_dep": list(task_dep), "verbosity": 2}

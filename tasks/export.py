@@ -4,7 +4,7 @@ from __future__ import annotations
 from kiln.pipeline.context import Context
 from kiln.pipeline.export import create_checkpoint, ensure_export, export_is_current
 
-from .common import action, check, say
+from .common import action, say, step
 
 
 def checkpoint_tasks(ctx: Context):
@@ -19,9 +19,11 @@ def checkpoint_tasks(ctx: Context):
 
 def export_tasks(ctx: Context):
     yield {"name": None, "doc": "export every model to ONNX"}
-    for model in ctx.fleet.models.values():
-        yield {"name": model.name, "doc": f"export {model.name} to ONNX",
-               "actions": [action(lambda m=model: {"onnx_sha256": ensure_export(ctx, m, say=say)["onnx_sha256"]})],
-               "uptodate": [check(lambda m=model: export_is_current(ctx, m))],
-               "task_dep": [f"checkpoint:{model.name}"] if model.seed is not None else [],
-               "verbosity": 2}
+    yield from (_export_task(ctx, model) for model in ctx.fleet.models.values())
+
+
+def _export_task(ctx: Context, model) -> dict:
+    after = [f"checkpoint:{model.name}"] if model.seed is not None else []
+    return step(model.name, f"export {model.name} to ONNX",
+                lambda: {"onnx_sha256": ensure_export(ctx, model, say=say)["onnx_sha256"]},
+                lambda: export_is_current(ctx, model), after)

@@ -16,7 +16,7 @@ from kiln.pipeline.engines import engine_is_current, engine_spec, ensure_engine
 from kiln.pipeline.fingerprints import (fingerprint_is_current, record_fingerprint, recorded_classes,
                                         recorded_fingerprint)
 
-from .common import action, check, say
+from .common import say, step
 
 
 def _record(ctx: Context, target) -> dict:
@@ -26,10 +26,12 @@ def _record(ctx: Context, target) -> dict:
 
 def fingerprint_tasks(ctx: Context):
     yield {"name": None, "doc": "probe every target"}
-    for target in ctx.fleet.targets.values():
-        yield {"name": target.name, "doc": f"probe {target.name} ({target.transport}, {target.backend})",
-               "actions": [action(lambda t=target: _record(ctx, t))],
-               "uptodate": [check(lambda t=target: fingerprint_is_current(ctx, t))], "verbosity": 2}
+    yield from (_fingerprint_task(ctx, target) for target in ctx.fleet.targets.values())
+
+
+def _fingerprint_task(ctx: Context, target) -> dict:
+    return step(target.name, f"probe {target.name} ({target.transport}, {target.backend})",
+                lambda: _record(ctx, target), lambda: fingerprint_is_current(ctx, target))
 
 
 def engine_tasks(ctx: Context):
@@ -43,20 +45,25 @@ def engine_tasks(ctx: Context):
     for (model, _), members in sorted(served.items()):
         first = ctx.fleet.targets[members[0]]
         spec = engine_spec(ctx, ctx.fleet.models[model], classes[first.name], recorded_fingerprint(ctx, first))
-        yield {"name": spec.task_name, "doc": f"engine for {model} on {spec.hwclass.id}, serves {', '.join(members)}",
-               "actions": [action(lambda s=spec: {"key": ensure_engine(ctx, s, say=say)["key"]})],
-               "uptodate": [check(lambda s=spec: engine_is_current(ctx, s))],
-               "task_dep": [f"export:{model}"], "verbosity": 2}
+        yield _engine_task(ctx, spec, members)
+
+
+def _engine_task(ctx: Context, spec, members: list[str]) -> dict:
+    return step(spec.task_name, f"engine for {spec.model.name} on {spec.hwclass.id}, serves {', '.join(members)}",
+                lambda: {"key": ensure_engine(ctx, spec, say=say)["key"]},
+                lambda: engine_is_current(ctx, spec), [f"export:{spec.model.name}"])
 
 
 def deploy_tasks(ctx: Context):
     yield {"name": None, "doc": "deploy every target"}
-    for target in ctx.fleet.targets.values():
-        yield {"name": target.name, "doc": f"deploy {', '.join(target.models)} to {target.name}",
-               "actions": [action(lambda t=target: {"releases": ensure_deployed(ctx, t, say=say)["releases"]})],
-               "uptodate": [check(lambda t=target: deploy_is_current(ctx, t))],
-               "task_dep": [f"fingerprint:{target.name}"] + [f"export:{m}" for m in target.models],
-               "verbosity": 2}
+    yield from (_deploy_task(ctx, target) for target in ctx.fleet.targets.values())
     for group, members in sorted(ctx.fleet.groups().items()):
         yield {"name": group, "doc": f"deploy the group {group}: {', '.join(members)}",
                "actions": None, "task_dep": [f"deploy:{m}" for m in members]}
+
+
+def _deploy_task(ctx: Context, target) -> dict:
+    return step(target.name, f"deploy {', '.join(target.models)} to {target.name}",
+                lambda: {"releases": ensure_deployed(ctx, target, say=say)["releases"]},
+                lambda: deploy_is_current(ctx, target),
+                [f"fingerprint:{target.name}"] + [f"export:{m}" for m in target.models])

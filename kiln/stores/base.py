@@ -29,30 +29,22 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*(/[A-Za-z0-9][A-Za-z0-9._@=+-
 
 # -- layout: the one place that says where things live in a store -------------
 
-def onnx_entry(onnx_sha256: str) -> str:
-    return f"onnx/{onnx_sha256[:2]}/{onnx_sha256}.onnx"
+def _by_digest(folder: str, leaf: str):
+    """Entry names for things named by a digest, sharded by its first two characters."""
+    return lambda digest: f"{folder}/{digest[:2]}/{digest}{leaf}"
 
 
-def reference_entry(onnx_sha256: str) -> str:
-    """Fixed inputs and PyTorch outputs that every engine of this ONNX is checked against."""
-    return f"onnx/{onnx_sha256[:2]}/{onnx_sha256}.reference.npz"
+onnx_entry = _by_digest("onnx", ".onnx")
+#: fixed inputs and PyTorch outputs that every engine of this ONNX is checked against
+reference_entry = _by_digest("onnx", ".reference.npz")
+engine_entry = _by_digest("engines", "/engine")
+engine_manifest_entry = _by_digest("engines", "/manifest.json")
+timing_cache_entry = _by_digest("timing-caches", ".cache")  # by class digest
 
 
 def onnx_record_entry(model: str) -> str:
     """Pointer to the model's current ONNX (its export record), for CI workers."""
     return f"models/{model}/onnx.json"
-
-
-def engine_entry(engine_key: str) -> str:
-    return f"engines/{engine_key[:2]}/{engine_key}/engine"
-
-
-def engine_manifest_entry(engine_key: str) -> str:
-    return f"engines/{engine_key[:2]}/{engine_key}/manifest.json"
-
-
-def timing_cache_entry(class_digest: str) -> str:
-    return f"timing-caches/{class_digest[:2]}/{class_digest}.cache"
 
 
 def fingerprint_entry(target: str) -> str:

@@ -190,3 +190,28 @@ def test_the_library_works_from_python_without_doit(tmp_path):
     assert run.ran() <= {"export:tiny", "fingerprint:local", "deploy:local", "checkpoint:tiny"}
     assert "building engine" not in run.out and "exporting" in run.out or "exporting" not in run.out
     assert json.loads((p.artifacts / "deployments" / "local.json").read_text())["releases"] == {"tiny": record["key"]}
+
+
+IMPORT_ALL = textwrap.dedent("""
+    import atexit, pkgutil, importlib, socket, sys, threading
+    # third-party libraries first: what they do when imported (boto3/urllib3 opens an IPv6 socket
+    # to test support and registers an exit hook) is theirs; what happens after is ours
+    for lib in ("boto3", "botocore.config", "paramiko", "fabric", "numpy"):
+        importlib.import_module(lib)
+    opened, hooks = [], atexit._ncallbacks()
+    socket.socket.__init__ = (lambda init: lambda self, *a, **k: opened.append(a) or init(self, *a, **k))(socket.socket.__init__)
+    sys.path.insert(0, ".")
+    import kiln
+    names = [m.name for m in pkgutil.walk_packages(kiln.__path__, "kiln.")]
+    for name in names:
+        importlib.import_module(name)
+    print(repr((len(names), opened, threading.active_count(), atexit._ncallbacks() - hooks)))
+""")
+
+
+def test_importing_every_library_module_creates_nothing():
+    proc = subprocess.run([sys.executable, "-c", IMPORT_ALL], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    modules, opened, threads, exit_hooks = eval(proc.stdout.strip().splitlines()[-1])
+    assert modules >= 30, modules
+    assert (opened, threads, exit_hooks) == ([], 1, 0)

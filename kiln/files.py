@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
 
@@ -66,6 +65,7 @@ def atomic_file(path: Path | str, *, mode: int = FILE_MODE) -> Iterator[BinaryIO
     file is removed and `path` is untouched (raise inside the block to refuse bytes)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile  # here: it pulls in random and shutil, which a no-op run never needs
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:

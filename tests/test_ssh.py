@@ -523,3 +523,20 @@ def test_line_sink_splits_decodes_and_takes_the_pid_mark_out():
     sink.close()
     assert seen == ["first", "\u00e9t\u00e9", "last"]
     assert sink.pid == 42 and sink.text == "first\n\u00e9t\u00e9\nlast"
+
+
+def test_read_links_is_the_same_locally_and_over_ssh(fleet, tmp_path):
+    """One contract: where each symlink points, None for a plain file or a missing path."""
+    from kiln.transports.local import LocalTransport
+    with fleet.transport("cpu-01") as ssh:
+        root = f"/srv/kiln-links-{tmp_path.name}"
+        ssh.run(["sh", "-c", 'mkdir -p "$1/a b" && ln -sfn "releases/k 1" "$1/a b/current" && touch "$1/file"',
+                 "x", root])
+        paths = [f"{root}/a b/current", f"{root}/file", f"{root}/missing"]
+        remote = ssh.read_links(paths)
+    local_root = tmp_path / "links"
+    (local_root / "a b").mkdir(parents=True)
+    (local_root / "a b" / "current").symlink_to("releases/k 1")
+    (local_root / "file").touch()
+    local = LocalTransport().read_links([f"{local_root}/a b/current", f"{local_root}/file", f"{local_root}/missing"])
+    assert list(remote.values()) == list(local.values()) == ["releases/k 1", None, None]

@@ -65,8 +65,7 @@ Sources, formats and why each precedence is what it is: docs/devices.md.
 """
 from __future__ import annotations
 
-import importlib.metadata
-import platform
+import os
 from pathlib import Path
 from typing import Iterable
 
@@ -209,6 +208,7 @@ def _first(values: Iterable[str | None]) -> str | None:
 
 def package_version(name: str) -> str | None:
     """Installed version of a Python distribution in this interpreter, None if absent."""
+    import importlib.metadata  # doit has it loaded already; a library user may not need it
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -221,7 +221,7 @@ def probe_local(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
         text = cpuinfo.read_text()
     except OSError as exc:
         raise ProbeError(f"cannot read {cpuinfo}: {exc.strerror}", target="local") from exc
-    fp: dict[str, object] = {"kind": "cpu", "os": platform.system().lower(), "arch": platform.machine()}
+    fp: dict[str, object] = {"kind": "cpu", "os": os.uname().sysname.lower(), "arch": os.uname().machine}
     fp.update(parse_cpuinfo(text))
     fp["onnxruntime"] = package_version("onnxruntime")
     if fp["onnxruntime"] is None:

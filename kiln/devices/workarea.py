@@ -18,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
-from kiln.device_side import agent as agent_module
 from kiln.config import Target
 from kiln.errors import DeployError, KilnError, TransportError
 from kiln.stores.base import Store, staging_entry
@@ -26,7 +25,7 @@ from kiln.keys import sha256_file
 from kiln.transports.base import Stream, Transport
 from kiln.transports.local import LocalTransport
 
-AGENT_SOURCE = Path(agent_module.__file__)
+AGENT_SOURCE = Path(__file__).parent.parent / "device_side" / "agent.py"  # sent, never imported here
 log = logging.getLogger(__name__)
 
 
@@ -142,10 +141,5 @@ class Device:
 
     def active_releases(self, models: Sequence[str]) -> dict[str, str | None]:
         """Which release each model has active on the device (one round trip, no agent)."""
-        script = 'for m in "$@"; do printf "%s=%s\\n" "$m" "$(readlink "$0/$m/current" 2>/dev/null)"; done'
-        out = self.transport.run(["sh", "-c", script, self.root, *models]).stdout
-        active = {}
-        for line in out.splitlines():
-            model, _, link = line.partition("=")
-            active[model] = posixpath.basename(link) if link else None
-        return active
+        links = self.transport.read_links([self.path(m, "current") for m in models])
+        return {m: posixpath.basename(link) if link else None for m, link in zip(models, links.values())}

@@ -9,8 +9,7 @@ needed, and a thread pool only when something asks to run in the background, so
 from __future__ import annotations
 
 import threading
-import uuid
-from concurrent.futures import ThreadPoolExecutor
+import os
 from pathlib import Path
 from typing import Any, Callable, Hashable, Iterable
 
@@ -40,13 +39,13 @@ class Context:
     def __init__(self, fleet: Fleet) -> None:
         self.fleet = fleet
         self.artifacts = fleet.artifacts
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = os.urandom(6).hex()
         self.events = EventLog(self.artifacts / "logs" / "events.jsonl", run=self.run_id)
         self.hashes = HashCache(self.artifacts / "cache" / "hashes.json")
         self._transports: dict[str, Transport] = {}
         self._store: Store | StoreError | None = None
         self._once: dict[Hashable, _Once] = {}
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool = None  # a ThreadPoolExecutor, made on first use
         self._lock = threading.Lock()
 
     @classmethod
@@ -155,6 +154,7 @@ class Context:
             return
         with self._lock:
             if self._pool is None:
+                from concurrent.futures import ThreadPoolExecutor
                 self._pool = ThreadPoolExecutor(MAX_PARALLEL, thread_name_prefix="kiln")
             pool = self._pool
         for job in jobs:

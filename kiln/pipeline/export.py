@@ -13,14 +13,12 @@ import importlib
 import importlib.util
 import logging
 import os
-import tempfile
 import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.device_side import agent
 from kiln.config import Model
 from kiln.errors import ExportError, KilnError
 from kiln.files import atomic_file, move_into_place
@@ -223,6 +221,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
     """Export, check, write reference data; returns the record (written only if changed)."""
     import torch
 
+    from kiln.device_side import agent
     from kiln.keys import write_json_if_changed
 
     start = time.time()
@@ -245,6 +244,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
     expected = {n: o.detach().numpy() for n, o in zip(model.outputs, outputs)}
 
     paths.onnx.parent.mkdir(parents=True, exist_ok=True)
+    import tempfile
     with tempfile.TemporaryDirectory(dir=paths.onnx.parent, prefix=f".{model.name}.export-") as tmp:
         onnx_tmp = Path(tmp) / "model.onnx"
         try:

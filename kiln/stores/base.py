@@ -18,7 +18,6 @@ import abc
 import hashlib
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,6 +109,7 @@ class Store(abc.ABC):
 
     # -- small payloads ---------------------------------------------------------
     def put_bytes(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:
+        import tempfile
         with tempfile.NamedTemporaryFile(prefix=".kiln-put-", delete=False) as tmp:
             tmp.write(data)
         try:
@@ -119,6 +119,7 @@ class Store(abc.ABC):
             os.unlink(tmp.name)
 
     def get_bytes(self, name: str) -> bytes:
+        import tempfile
         with tempfile.TemporaryDirectory(prefix="kiln-get-") as tmp:
             dest = Path(tmp) / "entry"
             self.get_file(name, dest)
@@ -130,6 +131,7 @@ class Store(abc.ABC):
         the verified bytes as `final_name` (never overwriting); the staging entry is removed
         either way. Returns True if written, False if `final_name` already existed.
         Raises KeyError if nothing is staged, CorruptEntry if the staged bytes do not match."""
+        import tempfile
         with tempfile.TemporaryDirectory(prefix="kiln-promote-") as tmp:
             verified = Path(tmp) / "staged"
             try:

@@ -63,6 +63,12 @@ class Transport(abc.ABC):
     def get(self, remote: str, local: Path | str) -> str:
         """Download `remote` to `local` atomically; returns its sha256."""
 
+    def read_links(self, paths: Sequence[str]) -> dict[str, str | None]:
+        """Where each symlink in `paths` points (None: not a link), in one round trip."""
+        script = 'for p in "$@"; do printf "%s\\n" "$(readlink -- "$p" 2>/dev/null)"; done'
+        lines = self.run(["sh", "-c", script, "kiln-readlink", *paths]).stdout.split("\n")
+        return {p: (lines[i] or None) if i < len(lines) else None for i, p in enumerate(paths)}
+
     def close(self) -> None:
         pass
 

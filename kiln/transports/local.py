@@ -30,6 +30,16 @@ class LocalTransport(Transport):
         self.target = target
         self.python = python or sys.executable
 
+    def read_links(self, paths):
+        """Read here, without a shell: a no-op run on this machine starts no process."""
+        links = {}
+        for path in paths:
+            try:
+                links[path] = os.readlink(path)
+            except OSError:
+                links[path] = None
+        return links
+
     def run(self, argv, *, timeout=None, check=True, stream=None, env=None) -> Result:
         command = quote_argv(argv)
         full_env = {**os.environ, **env} if env else None

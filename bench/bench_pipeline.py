@@ -51,8 +51,8 @@ def main() -> int:
     print(f"doit list                   {listing * 1000:8.0f} ms  {listing / baseline:5.2f}x baseline")
 
     code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
-            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']); import kiln.keys as k;"
-            "print('BYTES', k.bytes_hashed, file=sys.stderr); sys.exit(rc)")
+            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']); import dodo;"
+            "print('BYTES', dodo.project.ctx.hashes.bytes_read, file=sys.stderr); sys.exit(rc)")
     proc = subprocess.run([py, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     hashed = int(proc.stderr.split("BYTES")[1].split()[0])
     print(f"bytes hashed by a no-op run {hashed:8d}     [must be 0: {'OK' if hashed == 0 else 'MISSED'}]")

@@ -37,7 +37,7 @@ TARGET_SECONDS = 3.0
 TARGET_SIZE = 20
 MIXED_PROFILES = ("orin-jp5", "orin-jp6", "xavier-jp5")
 
-from _fleet_setup import median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
+from _fleet_setup import as_users_run, median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
 
 
 def bench_size(tmp: Path, n: int, runs: int, fleets: list, profile: str | None) -> dict:
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="devices of the mixed 3-class fleet for the build count (default: largest size, 0 = skip)")
     ap.add_argument("--profile", action="store_true", help="profile the no-op of the largest size")
     args = ap.parse_args(argv)
+    as_users_run()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     mixed = max(sizes + [0]) if args.mixed is None else args.mixed
     if mixed and mixed < len(MIXED_PROFILES):

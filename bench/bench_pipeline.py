@@ -32,11 +32,15 @@ def timed(argv: list[str], runs: int, env=None) -> float:
     return statistics.median(samples)
 
 
+from _fleet_setup import as_users_run  # noqa: E402
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--hash-mb", type=int, default=1024)
     args = ap.parse_args()
+    as_users_run()
     py = sys.executable
     print("== pipeline benchmarks (medians of %d runs) ==" % args.runs)
 

@@ -107,7 +107,7 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
 def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
     """Requests of the real cache-check logic on M models x K targets of K distinct classes."""
     from kiln.pipeline.context import Context
-    from kiln.devices.fingerprint import probe_local
+    from kiln.devices.local_probe import probe_local
     from kiln.pipeline.reports import cache_ok, cache_report
     from kiln.stores.base import engine_entry, fingerprint_entry, onnx_record_entry, open_store
 

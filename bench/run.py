@@ -73,7 +73,8 @@ def run_one(name: str, script: Path, argv: list[str]) -> dict:
     lines: list[str] = []
     proc = subprocess.Popen([sys.executable, "-u", str(script), *argv], cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**{k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"},
+                                 "PYTHONUNBUFFERED": "1"})  # see _fleet_setup.as_users_run
     try:
         for line in proc.stdout:
             sys.stdout.write(line)

@@ -19,7 +19,8 @@ import pytest
 
 from kiln.devices import hwclass
 from kiln.devices.cpuinfo import ISA_FLAGS, parse_cpuinfo
-from kiln.devices.fingerprint import package_version, parse_probe_output, probe_local, probe_remote
+from kiln.devices.fingerprint import parse_probe_output, probe_remote
+from kiln.devices.local_probe import package_version, probe_local
 from kiln.devices.nvidia import parse_c_defines, parse_cudnn_header, parse_nvinfer_version_header
 from kiln.devices.probe_script import CUDNN_HEADERS, PROBE_SCRIPT, split_sections
 from kiln.errors import ProbeError
@@ -341,3 +342,12 @@ def test_no_file_of_devices_cites_a_path_outside_the_repo():
         assert "/work/" + "shared" not in text and "../" + "shared" not in text, path
         assert "facts " + "§" not in text, path
     assert "docs/devices.md §" in (REPO / "kiln/devices/nvidia.py").read_text()
+
+
+def test_package_version_agrees_with_importlib_metadata_for_every_installed_distribution():
+    import importlib.metadata
+    dists = {d.metadata["Name"]: d.version for d in importlib.metadata.distributions()}
+    assert len(dists) > 20
+    wrong = {n: (package_version(n), v) for n, v in dists.items() if package_version(n) != v}
+    assert wrong == {}
+    assert package_version("no-such-distribution-kiln") is None

@@ -65,8 +65,6 @@ Sources, formats and why each precedence is what it is: docs/devices.md.
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Iterable
 
 from kiln.devices.cpuinfo import parse_cpuinfo
@@ -81,8 +79,7 @@ from kiln.devices.nvidia import (
 from kiln.devices.probe_script import probe_argv, split_sections
 from kiln.errors import ProbeError
 
-__all__ = ["FINGERPRINT_KEYS", "LOCAL_KEYS", "parse_probe_output", "probe_local", "probe_remote",
-           "package_version"]
+__all__ = ["FINGERPRINT_KEYS", "parse_probe_output", "probe_remote"]
 
 FINGERPRINT_KEYS = (
     "kind", "arch", "cpu_model", "cpu_flags", "board_model", "module", "module_name", "soc",
@@ -92,9 +89,6 @@ FINGERPRINT_KEYS = (
     "power_mode", "power_mode_id", "onnxruntime", "python", "version_conflicts",
 )
 #: what probe_local() reports (it looks at the CPU and ONNX Runtime only)
-LOCAL_KEYS = ("kind", "os", "arch", "cpu_model", "cpu_flags", "onnxruntime")
-
-
 def _pick(label: str, candidates: Iterable[tuple[str, str | None]], parts: int | None,
           conflicts: list[str]) -> tuple[str | None, str | None]:
     """First present candidate wins; returns (winner, longest agreeing form)."""
@@ -205,30 +199,6 @@ def _first(values: Iterable[str | None]) -> str | None:
 
 
 # --------------------------------------------------------------------------- probes
-
-def package_version(name: str) -> str | None:
-    """Installed version of a Python distribution in this interpreter, None if absent."""
-    import importlib.metadata  # doit has it loaded already; a library user may not need it
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def probe_local(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, object]:
-    """Fingerprint of this machine for the ONNX Runtime backend (keys: LOCAL_KEYS)."""
-    try:
-        text = cpuinfo.read_text()
-    except OSError as exc:
-        raise ProbeError(f"cannot read {cpuinfo}: {exc.strerror}", target="local") from exc
-    fp: dict[str, object] = {"kind": "cpu", "os": os.uname().sysname.lower(), "arch": os.uname().machine}
-    fp.update(parse_cpuinfo(text))
-    fp["onnxruntime"] = package_version("onnxruntime")
-    if fp["onnxruntime"] is None:
-        raise ProbeError("onnxruntime is not installed on this machine", target="local",
-                         hint="install onnxruntime (make demo does) to build CPU engines here")
-    return fp
-
 
 def probe_remote(transport, trtexec: str | None = None, python: str = "python3") -> dict[str, object]:
     """Run the shell probe on a device (nothing needed there beyond sh) and parse it."""

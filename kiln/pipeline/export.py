@@ -23,7 +23,7 @@ from kiln.config import Model
 from kiln.errors import ExportError, KilnError
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
-from kiln.devices.fingerprint import package_version
+from kiln.devices.local_probe import package_version
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1  # bump when this module changes what it writes

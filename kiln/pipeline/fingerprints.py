@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 
 from kiln.config import Target
-from kiln.devices.fingerprint import probe_local, probe_remote
+from kiln.devices.local_probe import probe_local
 from kiln.devices.hwclass import HardwareClass, describe_change, hardware_class
 from kiln.devices.workarea import Device
 from kiln.errors import KilnError, ProbeError
@@ -40,6 +40,7 @@ def _probe(ctx: Context, target: Target) -> Probe:
         if target.transport == "local":
             probe.fingerprint = probe_local()
         else:
+            from kiln.devices.fingerprint import probe_remote  # the NVIDIA parsers load for remote targets only
             transport = ctx.transport(target)
             probe.fingerprint = probe_remote(transport, trtexec=target.trtexec, python=target.python)
             probe.active = Device(transport, target).active_releases(target.models)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -73,7 +72,7 @@ class LocalStore(Store):
         entry.parent.mkdir(parents=True, exist_ok=True)
         link_target = os.path.relpath(blob, entry.parent)
         if overwrite:
-            tmp_link = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.link")  # unique per writer
+            tmp_link = entry.with_name(f".{entry.name}.{os.urandom(8).hex()}.link")  # unique per writer
             os.symlink(link_target, tmp_link)
             os.replace(tmp_link, entry)
         else:
@@ -107,7 +106,7 @@ class LocalStore(Store):
         put back if it turns out to be live (a writer re-created it in between)."""
         if os.path.exists(entry):
             return False
-        aside = entry.with_name(f".{entry.name}.{uuid.uuid4().hex}.stale")
+        aside = entry.with_name(f".{entry.name}.{os.urandom(8).hex()}.stale")
         try:
             os.rename(entry, aside)
         except FileNotFoundError:

@@ -49,7 +49,8 @@ def engine_tasks(ctx: Context):
 
 
 def _engine_task(ctx: Context, spec, members: list[str]) -> dict:
-    return step(spec.task_name, f"engine for {spec.model.name} on {spec.hwclass.id}, serves {', '.join(members)}",
+    serves = ", ".join(members) if len(members) <= 8 else f"{', '.join(members[:6])} and {len(members) - 6} more"
+    return step(spec.task_name, f"engine for {spec.model.name} on {spec.hwclass.id}, serves {serves}",
                 lambda: {"key": ensure_engine(ctx, spec, say=say)["key"]},
                 lambda: engine_is_current(ctx, spec), [f"export:{spec.model.name}"])
 

@@ -53,8 +53,7 @@ def engine_spec(ctx: Context, model: Model, hwclass: HardwareClass, fingerprint:
     (by recorded fingerprints), then the target being deployed; with no target being
     deployed (an `engine:` task), every recorded member in fleet-file order."""
     classes = recorded_classes(ctx)
-    members = [t for t in ctx.fleet.targets.values() if classes.get(t.name, None) is not None
-               and classes[t.name].id == hwclass.id]
+    members = [t for t in ctx.fleet.targets.values() if t.name in classes and classes[t.name].id == hwclass.id]
     builders = [t for t in members if t.builder]
     if deploying is not None:
         builders += [] if deploying in builders else [deploying]

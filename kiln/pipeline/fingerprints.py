@@ -76,6 +76,13 @@ def record_fingerprint(ctx: Context, target: Target) -> str:
     cannot form a hardware class from (a `tensorrt` target without TensorRT), raises
     ProbeError and is remembered in `<target>.error.json` until a probe succeeds.
     """
+    try:
+        return _record(ctx, target)
+    finally:
+        ctx.forget("recorded fingerprints")  # read again by whoever needs them next
+
+
+def _record(ctx: Context, target: Target) -> str:
     name = target.name
     probe = probe_target(ctx, target)
     try:
@@ -109,31 +116,41 @@ def record_fingerprint(ctx: Context, target: Target) -> str:
     return why
 
 
+def _records(ctx: Context) -> dict[str, tuple[dict, HardwareClass | None]]:
+    """Every target's last good fingerprint and its class, read once per run and again only after
+    `record_fingerprint` changed one (deploying to one of 500 targets must not read 500 files per
+    engine it looks at)."""
+    def read() -> dict[str, tuple[dict, HardwareClass | None]]:
+        out = {}
+        for target in ctx.fleet.targets.values():
+            if ctx.probe_error_file(target.name).exists():
+                continue
+            fingerprint = read_json(ctx.fingerprint_file(target.name))
+            if fingerprint is None:
+                continue
+            try:
+                hw = hardware_class(target.backend, fingerprint, tuple(target.class_fields), target=target.name)
+            except ProbeError:
+                hw = None
+            out[target.name] = (fingerprint, hw)
+        return out
+    return ctx.once("recorded fingerprints", read)
+
+
 def recorded_fingerprint(ctx: Context, target: Target) -> dict | None:
     """The last good fingerprint of `target`, or None if it was never probed or its last probe failed."""
-    if ctx.probe_error_file(target.name).exists():
-        return None
-    return read_json(ctx.fingerprint_file(target.name))
+    record = _records(ctx).get(target.name)
+    return record[0] if record else None
 
 
 def recorded_class(ctx: Context, target: Target) -> HardwareClass | None:
-    fingerprint = recorded_fingerprint(ctx, target)
-    if fingerprint is None:
-        return None
-    try:
-        return hardware_class(target.backend, fingerprint, tuple(target.class_fields), target=target.name)
-    except ProbeError:
-        return None
+    record = _records(ctx).get(target.name)
+    return record[1] if record else None
 
 
 def recorded_classes(ctx: Context) -> dict[str, HardwareClass]:
     """Class of every target with a good recorded fingerprint, by target name (no device contacted)."""
-    classes = {}
-    for target in ctx.fleet.targets.values():
-        hw = recorded_class(ctx, target)
-        if hw is not None:
-            classes[target.name] = hw
-    return classes
+    return {name: hw for name, (_, hw) in _records(ctx).items() if hw is not None}
 
 
 def require_class(ctx: Context, target: Target) -> HardwareClass:

@@ -89,15 +89,67 @@ def test_reference_files_are_byte_deterministic(tmp_path):
 
 def test_activate_rollback_and_prune(tmp_path):
     model_dir = tmp_path / "det"
+    root = str(tmp_path)
     for key in ("k1", "k2", "k3"):
         (model_dir / "releases" / key).mkdir(parents=True)
     with pytest.raises(SystemExit):
-        agent.activate(str(model_dir), "missing")
-    assert agent.activate(str(model_dir), "k1") == {"active": "k1", "previous": None}
-    assert agent.activate(str(model_dir), "k2") == {"active": "k2", "previous": "k1"}
+        agent.activate(str(model_dir), "missing", root)
+    assert agent.activate(str(model_dir), "k1", root) == {"active": "k1", "previous": None}
+    assert agent.activate(str(model_dir), "k2", root) == {"active": "k2", "previous": "k1"}
     assert os.readlink(model_dir / "current") == "releases/k2"
     assert os.readlink(model_dir / "previous") == "releases/k1"
-    assert agent.prune(str(model_dir), [])["removed"] == ["k3"]
-    assert agent.rollback(str(model_dir)) == {"active": "k1"}
+    assert agent.prune(str(model_dir), [], root)["removed"] == ["k3"]
+    assert agent.rollback(str(model_dir), root) == {"active": "k1"}
     assert os.readlink(model_dir / "current") == "releases/k1" and not (model_dir / "previous").exists()
     assert agent.state(str(tmp_path), ["det", "other"]) == {"active": {"det": "k1", "other": None}}
+
+
+def test_release_subcommands_stay_inside_the_root(tmp_path):
+    root, model_dir = tmp_path / "install", tmp_path / "install" / "det"
+    (model_dir / "releases" / "k1").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "releases" / "k1").mkdir(parents=True)
+    for call in (lambda: agent.activate(str(tmp_path / "elsewhere"), "k1", str(root)),
+                 lambda: agent.activate(str(model_dir), "../../elsewhere/releases/k1", str(root)),
+                 lambda: agent.activate(str(model_dir), "k1", None),
+                 lambda: agent.rollback(str(tmp_path / "elsewhere"), str(root)),
+                 lambda: agent.prune(str(tmp_path / "elsewhere"), [], str(root))):
+        with pytest.raises(SystemExit):
+            call()
+    assert sorted(p.name for p in (tmp_path / "elsewhere").rglob("*")) == ["k1", "releases"]
+    assert not os.path.lexists(model_dir / "current")
+
+
+def test_inside_resolves_links_that_stay_inside_and_names_the_one_that_leads_out(tmp_path):
+    root = tmp_path / "r"
+    (root / "a").mkdir(parents=True)
+    (root / "b").symlink_to("a")
+    (root / "out").symlink_to(tmp_path)
+    assert agent.inside(str(root), str(root / "b" / "x")) == os.path.realpath(root / "a" / "x")
+    assert agent.inside(str(root), str(root)) == os.path.realpath(root)
+    with pytest.raises(SystemExit, match="is a symlink to .*outside the install_dir"):
+        agent.inside(str(root), str(root / "out" / "x"))
+    with pytest.raises(SystemExit, match="outside the install_dir"):
+        agent.inside(str(root), str(root / ".." / "x"))
+
+
+def test_presigned_urls_are_read_from_stdin_and_a_missing_one_is_an_error():
+    import io
+    assert agent.read_url(io.StringIO("https://bucket/x?X-Amz-Signature=s\nrest\n")) == \
+        "https://bucket/x?X-Amz-Signature=s"
+    with pytest.raises(SystemExit, match="presigned URL on the first line of stdin"):
+        agent.read_url(io.StringIO(""))
+
+
+def test_fetch_never_writes_through_a_planted_temp_link(tmp_path):
+    """A link at the download's temp name is replaced, not written through."""
+    src = tmp_path / "src"
+    src.write_bytes(b"data")
+    victim = tmp_path / "victim"
+    victim.write_text("untouched")
+    root = tmp_path / "root"
+    root.mkdir()
+    out = root / "file"
+    (root / ("file.%d.part" % os.getpid())).symlink_to(victim)
+    sha = hashlib.sha256(b"data").hexdigest()
+    assert agent.fetch(src.as_uri(), str(out), sha, root=str(root)) == {"sha256": sha, "size": 4}
+    assert out.read_bytes() == b"data" and victim.read_text() == "untouched"

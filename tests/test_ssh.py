@@ -478,6 +478,18 @@ def test_contract_run_stream_and_failure(any_transport, tmp_path):
     assert info.value.exit_code == 9 and "nope" in info.value.output_tail
 
 
+def test_contract_stdin_is_fed_then_closed(any_transport):
+    """`stdin` reaches the command's standard input (then end-of-file); without it, EOF at once."""
+    t = any_transport
+    read = ["python3", "-c", "import sys; print(repr(sys.stdin.read()))"]
+    secret = "https://bucket/x?X-Amz-Signature=abc&X-Amz-Credential=k%2Fy 'q' $(true)\nsecond line\n"
+    assert t.run(read, stdin=secret).stdout.strip() == repr(secret)
+    assert t.run(read).stdout.strip() == repr("")
+    assert t.run(read, stdin="").stdout.strip() == repr("")
+    assert t.run(["true"], stdin="x" * 100000).ok  # a command that reads nothing does not block it
+    assert "Signature" not in t.run(["sh", "-c", "cat >/dev/null; echo done"], stdin=secret).command
+
+
 def test_contract_timeout_kills_children_too(any_transport):
     t0 = time.monotonic()
     with pytest.raises(TransportError, match="timed out after 0.5s"):

@@ -117,13 +117,16 @@ def compare_outputs(reference, actual, rtol, atol, rows_may_permute=True):
 ORT_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def ort_build(onnx_path, out_path, level):
+def ort_build(onnx_path, out_path, level, root=None):
     """Optimise the model for this CPU and save the result: that file is the engine."""
+    out_path = _checked(root, out_path, "build into")
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     so.log_severity_level = 3  # the hardware-specific warning is the point, not news
     tmp = out_path + ".part"
+    if os.path.lexists(tmp):
+        os.unlink(tmp)  # a stale temp file, or a link planted there: not written through
     so.optimized_model_filepath = tmp
     start = time.time()
     ort.InferenceSession(onnx_path, so, providers=["CPUExecutionProvider"])
@@ -184,7 +187,7 @@ TRT_OUTPUTS_FILE = "outputs.json"
 _NONFINITE = re.compile(r"(?<=[\[,\s])(-?)(nan|inf(?:inity)?)(?=[\s,\]])", re.IGNORECASE)
 
 
-def raw_inputs(reference_path, out_dir, int64_as_int32=False):
+def raw_inputs(reference_path, out_dir, int64_as_int32=False, root=None):
     """Write each `input.<name>` of the reference as a raw little-endian .bin for --loadInputs.
 
     float64 becomes float32 (TensorRT has no double I/O). int64 inputs are INT64 bindings
@@ -192,6 +195,7 @@ def raw_inputs(reference_path, out_dir, int64_as_int32=False):
     before: `int64_as_int32` converts them (kiln's own references are float32 only).
     """
     import numpy as np
+    out_dir = _checked(root, out_dir, "write the raw inputs to")
     ref = load_arrays(reference_path)
     names = sorted(k[len("input."):] for k in ref if k.startswith("input."))
     if not names:
@@ -210,7 +214,7 @@ def raw_inputs(reference_path, out_dir, int64_as_int32=False):
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
         file_name = "input%d.bin" % i
         path = os.path.join(out_dir, file_name)
-        with open(path + ".part", "wb") as f:
+        with _new_file(path + ".part") as f:
             f.write(a.tobytes(order="C"))
         os.replace(path + ".part", path)
         files[name] = file_name
@@ -278,15 +282,93 @@ def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute):
     return report
 
 
+# -- staying inside the install_dir ---------------------------------------------------
+#
+# Every path a subcommand writes or deletes is checked against the install_dir given as
+# --root: it must lie under it, and no folder on the way (nor the path itself) may be a
+# symlink that leads out of it. Symlinks that stay inside are fine (`current` ->
+# releases/<key>). The check resolves the path once and the subcommand then uses the
+# resolved form, so what was checked is what is used. (It does not defend against a
+# process racing to swap a folder for a link between the check and the write.)
+
+class Escape(SystemExit):
+    pass
+
+
+def _within(path, real_root):
+    return path == real_root or path.startswith(real_root.rstrip("/") + "/")
+
+
+def inside(root, path, what="write"):
+    """`path` resolved (symlinks followed only while they stay under `root`); refuses otherwise."""
+    if not root:
+        raise Escape("refusing to %s %s: no install_dir (--root) given" % (what, path))
+    real_root = os.path.realpath(root)
+    full = os.path.abspath(path)
+    base = None
+    for r in (os.path.abspath(root), real_root):
+        if _within(full, r):
+            base = r
+            break
+    if base is None:
+        raise Escape("refusing to %s %s: it is outside the install_dir %s" % (what, path, root))
+    rest = full[len(base):].strip("/")
+    cur = real_root
+    for part in rest.split("/") if rest else []:
+        nxt = os.path.join(cur, part)
+        if os.path.islink(nxt):
+            resolved = os.path.realpath(nxt)
+            if not _within(resolved, real_root):
+                raise Escape("refusing to %s %s: %s is a symlink to %s (%s), outside the install_dir %s"
+                             % (what, path, nxt, os.readlink(nxt), resolved, root))
+            nxt = resolved
+        cur = nxt
+    return cur
+
+
+def _checked(root, path, what):
+    """inside() when a root is given. The command line always gives one (--root is required
+    for every subcommand that writes); only in-process callers (tests, the controller's own
+    files) may leave it out."""
+    return path if root is None else inside(root, path, what)
+
+
+def _new_file(path):
+    """A new file at `path` for writing; whatever was at that name (a link too) is replaced,
+    never written through."""
+    if os.path.lexists(path):
+        os.unlink(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(fd, "wb")
+
+
+def _entry_inside(root, folder, name, what):
+    """`folder`/`name` where `folder` is already resolved inside root: the entry itself is
+    not followed (a symlink entry is returned as is, to be unlinked, never recursed into)."""
+    if name in ("", ".", "..") or "/" in name:
+        raise Escape("refusing to %s %r in %s: not a plain name" % (what, name, folder))
+    return os.path.join(folder, name)
+
+
 # -- transfers through presigned URLs (the device holds no store credentials) ------------
 
-def fetch(url, out, sha256, timeout=600):
+def read_url(stream=None):
+    """The presigned URL, from the first line of stdin: a URL is a credential, and argv
+    and the environment are visible to other processes (ps, /proc/<pid>/environ)."""
+    line = (stream or sys.stdin).readline().strip()
+    if not line:
+        raise SystemExit("expected the presigned URL on the first line of stdin")
+    return line
+
+
+def fetch(url, out, sha256, timeout=600, root=None):
     """Download to a temp name, verify the sha256, then rename: never a partial file."""
     import urllib.request
+    out = _checked(root, out, "download to")
     tmp = "%s.%d.part" % (out, os.getpid())
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=timeout) as r, _new_file(tmp) as f:
             for chunk in iter(lambda: r.read(1 << 20), b""):
                 h.update(chunk)
                 f.write(chunk)
@@ -314,11 +396,14 @@ def upload(url, path, timeout=600):
 
 # -- releases -----------------------------------------------------------------------
 
-def activate(model_dir, release):
+def activate(model_dir, release, root):
     """Point `current` at releases/<release> atomically; remember the old one as `previous`."""
+    model_dir = inside(root, model_dir, "activate a release in")
+    releases = inside(root, os.path.join(model_dir, "releases"), "activate a release from")
+    staged = inside(root, _entry_inside(root, releases, release, "activate"), "activate")
     current = os.path.join(model_dir, "current")
     target = os.path.join("releases", release)
-    if not os.path.isdir(os.path.join(model_dir, target)):
+    if not os.path.isdir(staged):
         raise SystemExit("release %s is not staged in %s" % (release, model_dir))
     old = os.readlink(current) if os.path.islink(current) else None
     if old != target:
@@ -341,8 +426,9 @@ def _swap_link(model_dir, name, target):
         os.close(fd)
 
 
-def rollback(model_dir):
+def rollback(model_dir, root):
     """Make `previous` current again (or deactivate if there was none)."""
+    model_dir = inside(root, model_dir, "roll back in")
     prev = os.path.join(model_dir, "previous")
     if os.path.islink(prev):
         target = os.readlink(prev)
@@ -355,9 +441,11 @@ def rollback(model_dir):
     return {"active": None}
 
 
-def prune(model_dir, keep):
-    """Remove releases other than current, previous and `keep`; and stale staging folders."""
-    releases = os.path.join(model_dir, "releases")
+def prune(model_dir, keep, root):
+    """Remove releases other than current, previous and `keep`; and stale staging folders.
+    A release that is a symlink loses its link; what it points at is never touched."""
+    model_dir = inside(root, model_dir, "prune")
+    releases = inside(root, os.path.join(model_dir, "releases"), "prune")
     wanted = set(keep)
     for link in ("current", "previous"):
         p = os.path.join(model_dir, link)
@@ -366,14 +454,18 @@ def prune(model_dir, keep):
     removed = []
     for name in sorted(os.listdir(releases)) if os.path.isdir(releases) else []:
         if name not in wanted:
-            _rmtree(os.path.join(releases, name))
+            _remove(_entry_inside(root, releases, name, "prune"))
             removed.append(name)
     return {"removed": removed}
 
 
-def _rmtree(path):
+def _remove(path):
+    """Delete a folder, file or symlink; a symlink is unlinked, never followed."""
     import shutil
-    shutil.rmtree(path, ignore_errors=True)
+    if os.path.islink(path) or not os.path.isdir(path):
+        os.unlink(path)
+    else:
+        shutil.rmtree(path)  # does not follow symlinks inside it either
 
 
 def state(install_dir, models):
@@ -396,29 +488,36 @@ def _has_numpy():
 def main(argv=None):
     p = argparse.ArgumentParser(prog="kiln-agent")
     sub = p.add_subparsers(dest="cmd")
+    # subcommands that write or delete take the install_dir as --root and stay inside it
+    def writer(name, required=True):
+        s = sub.add_parser(name)
+        s.add_argument("--root", required=required, help="the install_dir: nothing outside it is written")
+        return s
     s = sub.add_parser("sha256"); s.add_argument("path")
-    s = sub.add_parser("ort-build"); s.add_argument("--onnx", required=True); s.add_argument("--out", required=True)
+    s = writer("ort-build"); s.add_argument("--onnx", required=True); s.add_argument("--out", required=True)
     s.add_argument("--level", default="all", choices=sorted(ORT_LEVELS))
     s = sub.add_parser("ort-verify"); s.add_argument("--engine", required=True); s.add_argument("--reference", required=True)
     s.add_argument("--rtol", type=float, default=1e-3); s.add_argument("--atol", type=float, default=1e-4)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--runs", type=int, default=5)
-    # presigned URLs are credentials: they come in the environment, never in argv (ps, logs)
-    s = sub.add_parser("raw-inputs"); s.add_argument("--reference", required=True); s.add_argument("--out-dir", required=True)
+    # --root optional here only until tests/test_agent_trt.py passes it (kiln always does)
+    s = writer("raw-inputs", required=False); s.add_argument("--reference", required=True); s.add_argument("--out-dir", required=True)
     s.add_argument("--int64-as-int32", action="store_true")
     s = sub.add_parser("trt-compare"); s.add_argument("--reference", required=True); s.add_argument("--outputs", required=True)
     s.add_argument("--rtol", type=float, default=1e-2); s.add_argument("--atol", type=float, default=1e-2)
     s.add_argument("--strict-order", action="store_true")
-    s = sub.add_parser("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
+    # presigned URLs are credentials: they come on stdin (first line), never in argv or the
+    # environment (ps, /proc/<pid>/cmdline and environ, sshd logs)
+    s = writer("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
     s = sub.add_parser("upload"); s.add_argument("--file", required=True)
-    s = sub.add_parser("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
-    s = sub.add_parser("rollback"); s.add_argument("--model-dir", required=True)
-    s = sub.add_parser("prune"); s.add_argument("--model-dir", required=True); s.add_argument("--keep", action="append", default=[])
+    s = writer("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
+    s = writer("rollback"); s.add_argument("--model-dir", required=True)
+    s = writer("prune"); s.add_argument("--model-dir", required=True); s.add_argument("--keep", action="append", default=[])
     s = sub.add_parser("state"); s.add_argument("--install-dir", required=True); s.add_argument("models", nargs="*")
     a = p.parse_args(argv)
     if a.cmd == "sha256":
         out = {"sha256": sha256_of(a.path)}
     elif a.cmd == "ort-build":
-        out = ort_build(a.onnx, a.out, a.level)
+        out = ort_build(a.onnx, a.out, a.level, a.root)
     elif a.cmd == "ort-verify":
         out = ort_verify(a.engine, a.reference, a.rtol, a.atol, not a.strict_order, a.runs)
     elif a.cmd in ("raw-inputs", "trt-compare") and not _has_numpy():
@@ -426,19 +525,19 @@ def main(argv=None):
                "install it (apt install python3-numpy) or point the target's `python` at one that has it"
                % sys.executable}
     elif a.cmd == "raw-inputs":
-        out = raw_inputs(a.reference, a.out_dir, a.int64_as_int32)
+        out = raw_inputs(a.reference, a.out_dir, a.int64_as_int32, a.root)
     elif a.cmd == "trt-compare":
         out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order)
     elif a.cmd == "fetch":
-        out = fetch(os.environ["KILN_URL"], a.out, a.sha256)
+        out = fetch(read_url(), a.out, a.sha256, root=a.root)
     elif a.cmd == "upload":
-        out = upload(os.environ["KILN_URL"], a.file)
+        out = upload(read_url(), a.file)
     elif a.cmd == "activate":
-        out = activate(a.model_dir, a.release)
+        out = activate(a.model_dir, a.release, a.root)
     elif a.cmd == "rollback":
-        out = rollback(a.model_dir)
+        out = rollback(a.model_dir, a.root)
     elif a.cmd == "prune":
-        out = prune(a.model_dir, a.keep)
+        out = prune(a.model_dir, a.keep, a.root)
     elif a.cmd == "state":
         out = state(a.install_dir, a.models)
     else:

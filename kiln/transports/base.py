@@ -6,7 +6,7 @@ Implementations: `LocalTransport` (kiln.transports.local), `SSHTransport`
 `run` takes an argv list (every element is quoted for the remote shell, so names
 from config can never inject shell) and returns a `Result`; a non-zero exit
 raises `CommandFailed` with the command, exit code and output tail unless
-`check=False`. `put` uploads to a temp name, verifies the sha256 on the target,
+`check=False`. Secrets go on `stdin`, never in argv or env. `put` uploads to a temp name, verifies the sha256 on the target,
 then renames, so a partial upload is never visible. Constructors do no I/O.
 """
 from __future__ import annotations
@@ -52,8 +52,15 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def run(self, argv: Sequence[str], *, timeout: float | None = None, check: bool = True,
-            stream: Stream | None = None, env: dict[str, str] | None = None) -> Result:
-        """Run argv on the target. `stream` receives output lines as they arrive."""
+            stream: Stream | None = None, env: dict[str, str] | None = None,
+            stdin: str | None = None) -> Result:
+        """Run argv on the target. `stream` receives output lines as they arrive.
+
+        `stdin` (small: a line or a few KiB) is written to the command's standard input,
+        which is then closed; without it the command reads end-of-file. It is the way to
+        hand a secret (a presigned URL) to a command: argv and `env` are visible on the
+        target (ps, /proc/<pid>/cmdline and environ; over SSH env is part of the command).
+        """
 
     @abc.abstractmethod
     def put(self, local: Path | str, remote: str, *, sha256: str | None = None) -> str:

@@ -23,6 +23,14 @@ def _pump(pipe, sink: LineSink) -> None:
     sink.close()
 
 
+def _feed(pipe, data: bytes) -> None:
+    try:
+        with pipe:
+            pipe.write(data)
+    except (BrokenPipeError, OSError):  # the command exited without reading it all
+        pass
+
+
 class LocalTransport(Transport):
     """This machine. Commands run without a shell; files are copied atomically."""
 
@@ -40,18 +48,20 @@ class LocalTransport(Transport):
                 links[path] = None
         return links
 
-    def run(self, argv, *, timeout=None, check=True, stream=None, env=None) -> Result:
+    def run(self, argv, *, timeout=None, check=True, stream=None, env=None, stdin=None) -> Result:
         command = quote_argv(argv)
         full_env = {**os.environ, **env} if env else None
         try:
             proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    stdin=subprocess.DEVNULL, env=full_env, start_new_session=True)
+                                    stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, env=full_env, start_new_session=True)
         except OSError as exc:
             raise TransportError(f"cannot start {argv[0]!r} on target {self.target}: {exc.strerror}",
                                  target=self.target, command=command) from exc
         out, err = LineSink(stream), LineSink(stream)
         pumps = [threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
                  threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True)]
+        if stdin is not None:
+            pumps.append(threading.Thread(target=_feed, args=(proc.stdin, stdin.encode()), daemon=True))
         for t in pumps:
             t.start()
         try:

@@ -5,7 +5,8 @@
   unknown and changed keys refused. It is reused by every call and every thread
   (paramiko multiplexes channels); `close()` closes it and its hops, the next call
   reconnects. `connections_opened` counts real connections (reconnects included).
-- `run` quotes argv for the remote shell, streams output lines live, kills the
+- `run` quotes argv for the remote shell (env is exported inside that command line, so it is
+  no place for secrets: `stdin` is sent in the channel's data stream), streams output lines live, kills the
   remote process group on timeout, and raises `CommandFailed` on non-zero exit.
 - `put` uploads to `<dir>/.<name>.<random>.part`, hashes the bytes ON the
   target (sha256sum, else the device's python3), fsyncs, and renames into
@@ -216,14 +217,14 @@ class SSHTransport(Transport):
         parts.append("exec " + quote_argv(argv))
         return "; ".join(parts)
 
-    def run(self, argv, *, timeout=None, check=True, stream=None, env=None) -> Result:
+    def run(self, argv, *, timeout=None, check=True, stream=None, env=None, stdin=None) -> Result:
         command = quote_argv(argv)
         wire = self._wire_command(argv, env)
         timeout = timeout if timeout is not None else self.command_timeout
         with self._channels:
             chan = self._open_channel("command")
             try:
-                code, out, err = self._exec(chan, wire, command, timeout, stream)
+                code, out, err = self._exec(chan, wire, command, timeout, stream, stdin)
             finally:
                 chan.close()
         result = Result(command, code, out, err)
@@ -231,14 +232,17 @@ class SSHTransport(Transport):
             raise self._fail(result, f"command {PurePosixPath(str(argv[0])).name}")
         return result
 
-    def _exec(self, chan, wire: str, command: str, timeout: float | None, stream: Stream | None):
+    def _exec(self, chan, wire: str, command: str, timeout: float | None, stream: Stream | None,
+              stdin: str | None = None):
         paramiko = _paramiko()
         out = LineSink(stream)
         err = LineSink(stream, pid_mark=_PID_MARK)
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
             chan.exec_command(wire)
-            chan.shutdown_write()  # stdin: nothing (like LocalTransport's DEVNULL)
+            if stdin:  # inside the channel's data stream: in no command line, environment or log
+                chan.sendall(stdin.encode())
+            chan.shutdown_write()  # then end-of-file (without stdin: nothing, like LocalTransport's DEVNULL)
             fd = chan.fileno()
             while True:
                 progressed = False

@@ -185,7 +185,7 @@ class SilentListener:
 
     def __init__(self) -> None:
         self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("0.0.0.0", 0))  # every loopback address 127.x.y.z reaches it (one per target)
         self.sock.listen(1024)
         self.sock.settimeout(0.2)
         self.port = self.sock.getsockname()[1]
@@ -220,7 +220,9 @@ def list_project(root: Path, n: int, port: int):
     (root / "ssh_config").write_text("")
     text = p.fleet.read_text().split("[targets.local]")[0]
     for i in range(n):
-        fields = {"transport": "ssh", "backend": "tensorrt", "host": "127.0.0.1", "port": port, "user": "root",
+        # one device, one target: each its own loopback address, all on the silent port
+        fields = {"transport": "ssh", "backend": "tensorrt", "host": f"127.0.{i // 250}.{i % 250 + 1}", "port": port,
+                  "user": "root",
                   "models": ["tiny"], "groups": [f"line-{i % 4}"], "install_dir": "/srv/kiln",
                   "ssh_config": str(root / "ssh_config"), "known_hosts": str(root / "known_hosts"),
                   "connect_timeout": 3}

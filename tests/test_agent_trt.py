@@ -72,7 +72,7 @@ def test_parse_scalar_nonfinite_and_bad_dimensions():
 
 def test_raw_inputs_writes_trtexec_files(tmp_path):
     ref = reference(tmp_path, **expected())
-    code, out = run_agent("raw-inputs", "--reference", str(ref), "--out-dir", str(tmp_path / "in"))
+    code, out = run_agent("raw-inputs", "--root", str(tmp_path), "--reference", str(ref), "--out-dir", str(tmp_path / "in"))
     assert code == 0, out
     assert out["files"] == {"images": "input0.bin", "scale": "input1.bin"}
     assert out["shapes"] == {"images": [1, 3, 4, 4], "scale": [1, 1]}

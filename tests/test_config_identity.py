@@ -9,6 +9,7 @@ import textwrap
 import pytest
 
 from kiln.config import check_name, load_fleet, valid_name
+from kiln.transports.addresses import check_ssh_addresses
 from kiln.errors import ConfigError
 from kiln_project import REPO
 
@@ -30,7 +31,14 @@ def write(tmp_path, text):
 
 
 def load(tmp_path, text):
-    return load_fleet(write(tmp_path, text), tmp_path / "artifacts")
+    return load_path(write(tmp_path, text), tmp_path)
+
+
+def load_path(path, tmp_path):
+    """The fleet file, then the SSH address rule (which a run applies before its first connection)."""
+    fleet = load_fleet(path, tmp_path / "artifacts")
+    check_ssh_addresses(fleet)
+    return fleet
 
 
 def error(tmp_path, text) -> str:
@@ -130,7 +138,7 @@ def test_two_targets_on_one_host_and_default_port_are_refused(tmp_path):
     path = write(tmp_path, ssh("orin-a", host="10.0.0.5", ssh_config=empty)
                  + ssh("orin-b", host="10.0.0.5", port=22, ssh_config=empty))
     with pytest.raises(ConfigError) as info:
-        load_fleet(path, tmp_path / "artifacts")
+        load_path(path, tmp_path)
     message = str(info.value)
     line = path.read_text().splitlines().index("[targets.orin-b]") + 1
     assert (f"{path}:{line}: targets.orin-b: targets orin-a and orin-b are one device: both reach 10.0.0.5:22"
@@ -274,7 +282,7 @@ def test_the_fast_lookup_gives_what_paramiko_gives():
     """Big fleets look names up among the stanzas that can apply; the answers are paramiko's own."""
     import paramiko
 
-    from kiln.config import _Lookup
+    from kiln.transports.addresses import _Lookup
     text = "".join(f"Host jetson-{i:03d} alias-{i:03d}\n  HostName 10.0.{i // 200}.{i % 200}\n  Port {2000 + i}\n"
                    for i in range(300))
     text += ("Host jetson-0* !jetson-007\n  ProxyJump bastion\n  Port 1\nMatch originalhost other\n  Port 5\n"
@@ -284,3 +292,16 @@ def test_the_fast_lookup_gives_what_paramiko_gives():
     assert fast.literal is not None  # the fast path is taken with this paramiko
     for host in ["jetson-001", "jetson-007", "alias-299", "jetson-299", "other", "nothing", "JETSON-001"]:
         assert dict(fast.lookup(host)) == dict(config.lookup(host)), host
+
+
+def test_a_run_applies_the_address_rule_before_its_first_connection(tmp_path):
+    """Loading stays light (no ssh_config parsing, no paramiko); the first SSH transport of a run
+    refuses, before connecting, when two targets are one device."""
+    from kiln.pipeline.context import Context
+    empty = ssh_config(tmp_path, "")
+    path = write(tmp_path, ssh("orin-a", host="10.0.0.5", ssh_config=empty)
+                 + ssh("orin-b", host="10.0.0.5", ssh_config=empty))
+    with Context.load(path, tmp_path / "artifacts") as ctx:
+        with pytest.raises(ConfigError) as info:
+            ctx.transport(ctx.fleet.targets["orin-a"])
+    assert "targets orin-a and orin-b are one device: both reach 10.0.0.5:22" in str(info.value)

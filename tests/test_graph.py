@@ -27,7 +27,7 @@ install_dir = "/opt/kiln"
 [targets.orin-02]
 transport = "ssh"
 backend = "tensorrt"
-host = "127.0.0.1"
+host = "127.0.0.2"
 port = 9
 models = ["tiny"]
 groups = ["line-1"]

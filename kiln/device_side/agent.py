@@ -500,7 +500,7 @@ def main(argv=None):
     s.add_argument("--rtol", type=float, default=1e-3); s.add_argument("--atol", type=float, default=1e-4)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--runs", type=int, default=5)
     # --root optional here only until tests/test_agent_trt.py passes it (kiln always does)
-    s = writer("raw-inputs", required=False); s.add_argument("--reference", required=True); s.add_argument("--out-dir", required=True)
+    s = writer("raw-inputs"); s.add_argument("--reference", required=True); s.add_argument("--out-dir", required=True)
     s.add_argument("--int64-as-int32", action="store_true")
     s = sub.add_parser("trt-compare"); s.add_argument("--reference", required=True); s.add_argument("--outputs", required=True)
     s.add_argument("--rtol", type=float, default=1e-2); s.add_argument("--atol", type=float, default=1e-2)

@@ -106,6 +106,9 @@ class Context:
         self._store = store
 
     def transport(self, target: Target) -> Transport:
+        if target.transport == "ssh":  # one device, one target: checked before the first connection
+            from kiln.transports.addresses import check_ssh_addresses
+            self.once("ssh addresses", lambda: check_ssh_addresses(self.fleet))
         with self._lock:
             if target.name not in self._transports:
                 self._transports[target.name] = self._open_transport(target)

@@ -552,3 +552,22 @@ def test_read_links_is_the_same_locally_and_over_ssh(fleet, tmp_path):
     (local_root / "file").touch()
     local = LocalTransport().read_links([f"{local_root}/a b/current", f"{local_root}/file", f"{local_root}/missing"])
     assert list(remote.values()) == list(local.values()) == ["releases/k 1", None, None]
+
+
+def test_timeout_holds_when_the_command_exited_but_a_child_keeps_the_output_open(fleet):
+    """The exit status arrives but EOF never does (a background child holds the pipe):
+    the deadline is still enforced (it used to loop forever)."""
+    marker = "27.1828"
+    with fleet.transport("cpu-01") as t:
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="timed out after 2"):
+            t.run(["sh", "-c", f"sleep {marker} & exit 0"], timeout=2)
+        assert time.monotonic() - t0 < 6
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            left = [pid for pid in fleet.processes("cpu-01") if marker in _cmdline(pid)]
+            if not left:
+                break
+            time.sleep(0.05)
+        assert not left, "the background child still runs on the device"
+        assert t.run(["echo", "ok"]).stdout == "ok\n"

@@ -252,18 +252,23 @@ class SSHTransport(Transport):
                 while chan.recv_stderr_ready():
                     err.feed(chan.recv_stderr(CHUNK))
                     progressed = True
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    # exit status arrives before EOF; drain what is still in flight
-                    if chan.eof_received or chan.closed:
-                        break
-                    if not progressed:
-                        select.select([fd], [], [], 0.05)
-                    continue
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready() \
+                        and (chan.eof_received or chan.closed):
+                    break
+                # the deadline holds on every iteration: a command that exited while a background
+                # child keeps its output open sends its exit status but never EOF
                 if deadline is not None and time.monotonic() > deadline:
                     self._kill_remote(err.pid)
                     raise TransportError(f"command timed out after {timeout}s on target {self.target}",
                                          target=self.target, command=command,
-                                         hint="raise the timeout for this target or check why it hangs")
+                                         hint="raise the timeout for this target or check why it hangs"
+                                              " (a background child holding the output open counts too)")
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    # exit status arrives before EOF; drain what is still in flight
+                    if not progressed:
+                        wait = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+                        select.select([fd], [], [], wait)
+                    continue
                 if not progressed:
                     wait = 0.2 if deadline is None else max(0.0, min(0.2, deadline - time.monotonic()))
                     select.select([fd], [], [], wait)

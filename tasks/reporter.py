@@ -14,6 +14,10 @@ from kiln.pipeline.context import Context
 from kiln.pipeline.fingerprints import probe_in_background
 
 
+#: task groups that write artifacts (reports only read them, and need not wait for a running deploy)
+WRITERS = ("checkpoint", "export", "fingerprint", "engine", "deploy")
+
+
 def reporter_for(ctx: Context) -> type:
     class Reporter(SummaryReporter):
         context = ctx
@@ -44,8 +48,15 @@ class SummaryReporter(ConsoleReporter):
 
     def initialize(self, tasks, selected_tasks):
         super().initialize(tasks, selected_tasks)
-        wanted = {n.split(":", 1)[1] for n in selected_closure(tasks, selected_tasks) if n.startswith("fingerprint:")}
+        will_run = selected_closure(tasks, selected_tasks)
+        if any(n.split(":")[0] in WRITERS for n in will_run):
+            self.context.lock_artifacts(say=self.write_line)
+        wanted = {n.split(":", 1)[1] for n in will_run if n.startswith("fingerprint:")}
         probe_in_background(self.context, [t for n, t in self.context.fleet.targets.items() if n in wanted])
+
+    def write_line(self, line: str) -> None:
+        self.write(line + "\n")
+        self.outstream.flush()
 
     def add_success(self, task):
         if task.actions and task.name[0] != "_":

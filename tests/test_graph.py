@@ -4,6 +4,7 @@ but read the fleet file. Plus the library used from Python without doit."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -215,3 +216,26 @@ def test_importing_every_library_module_creates_nothing():
     modules, opened, threads, exit_hooks = eval(proc.stdout.strip().splitlines()[-1])
     assert modules >= 30, modules
     assert (opened, threads, exit_hooks) == ([], 1, 0)
+
+
+def test_a_second_run_on_one_checkout_waits_for_the_first(tmp_path):
+    """Two writing runs on one artifacts folder: the second says who holds it and waits; reports don't."""
+    from kiln.pipeline.context import Context
+
+    p = Project(tmp_path)
+    p.doit("deploy:local")
+    with Context.load(p.fleet, p.artifacts) as holder:
+        lines: list[str] = []
+        holder.lock_artifacts(say=lines.append)
+        assert lines == []
+        second = subprocess.Popen([sys.executable, "-m", "doit", "deploy:local"], cwd=REPO, env=p.env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first_line = second.stdout.readline()
+        assert "is in use by run" in first_line and f"pid {os.getpid()}" in first_line, first_line
+        assert second.poll() is None  # waiting, not failing and not working
+        assert p.doit("status").returncode == 0  # a report does not wait
+        events_before = len(p.events())
+    out = first_line + second.communicate(timeout=60)[0]
+    assert second.returncode == 0, out
+    assert "nothing to do" in out
+    assert len(p.events()) > events_before  # it ran once the first run let go

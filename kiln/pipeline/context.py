@@ -46,6 +46,7 @@ class Context:
         self._store: Store | StoreError | None = None
         self._once: dict[Hashable, _Once] = {}
         self._pool = None  # a ThreadPoolExecutor, made on first use
+        self._artifacts_lock: int | None = None  # fd holding the flock, see lock_artifacts
         self._lock = threading.Lock()
 
     @classmethod
@@ -163,8 +164,34 @@ class Context:
         for job in jobs:
             pool.submit(job)
 
+    # -- one writing run per artifacts folder ---------------------------------------
+    def lock_artifacts(self, say=print) -> None:
+        """Hold `<artifacts>/.lock` until close(): a second run that writes the same artifacts
+        (two `doit` on one checkout) waits for this one, saying who holds it, instead of both
+        exporting and building into the same files. An flock dies with its process: a killed
+        run leaves nothing to clean up."""
+        import fcntl
+
+        if self._artifacts_lock is not None:
+            return
+        path = self.artifacts / ".lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+            say(f"enginekiln: {self.artifacts} is in use by {holder}; waiting for it to finish")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"run {self.run_id} (pid {os.getpid()})\n".encode(), 0)
+        self._artifacts_lock = fd
+
     def close(self) -> None:
         with self._lock:
+            lock, self._artifacts_lock = self._artifacts_lock, None
+            if lock is not None:
+                os.close(lock)  # releases the flock
             pool, self._pool = self._pool, None
             transports = list(self._transports.values())
             self._transports.clear()

@@ -295,6 +295,9 @@ class Escape(SystemExit):
     pass
 
 
+ESCAPE_EXIT = 77
+
+
 def _within(path, real_root):
     return path == real_root or path.startswith(real_root.rstrip("/") + "/")
 
@@ -368,12 +371,13 @@ def fetch(url, out, sha256, timeout=600, root=None):
     tmp = "%s.%d.part" % (out, os.getpid())
     h = hashlib.sha256()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, _new_file(tmp) as f:
-            for chunk in iter(lambda: r.read(1 << 20), b""):
-                h.update(chunk)
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            need = int(r.headers.get("Content-Length") or 0)
+            free = free_bytes(os.path.dirname(out))
+            if need > free:
+                raise SystemExit("not enough space: needs %d MB, has %d MB on %s"
+                                 % (-(-need // 2 ** 20), free // 2 ** 20, os.path.dirname(out)))
+            _download(r, tmp, h)
         if h.hexdigest() != sha256:
             raise SystemExit("downloaded bytes do not match sha256 %s (got %s)" % (sha256, h.hexdigest()))
         os.rename(tmp, out)
@@ -381,6 +385,15 @@ def fetch(url, out, sha256, timeout=600, root=None):
         if os.path.exists(tmp):
             os.unlink(tmp)
     return {"sha256": sha256, "size": os.path.getsize(out)}
+
+
+def _download(r, tmp, h):
+    with _new_file(tmp) as f:
+        for chunk in iter(lambda: r.read(1 << 20), b""):
+            h.update(chunk)
+            f.write(chunk)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def upload(url, path, timeout=600):
@@ -468,6 +481,273 @@ def _remove(path):
         shutil.rmtree(path)  # does not follow symlinks inside it either
 
 
+# -- staging, removal, copies, free space (every write checked against --root) --------
+
+STAGING_PREFIX = ".staging-"
+#: temp files of dead runs (`.<name>.<random>.part`, `<name>.<pid>.part`) older than this are swept
+PART_MIN_AGE = 600.0
+
+
+def free_bytes(path):
+    """Free bytes (for an unprivileged user) on the filesystem holding `path` (or its nearest
+    existing parent), like `df -Pk`'s Available column."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and p != os.path.dirname(p):
+        p = os.path.dirname(p)
+    st = os.statvfs(p)
+    return int(st.f_bavail) * int(st.f_frsize)
+
+
+def _makedirs(root, path, what):
+    """mkdir -p `path` inside root, refusing a folder on the way that is a link leading out."""
+    real = inside(root, path, what)
+    if not os.path.isdir(real):
+        os.makedirs(real)
+    return real
+
+
+def stage_begin(model_dir, release, root):
+    """A fresh, empty releases/.staging-<release> (never through a link out of root); staging
+    folders left by dead runs (the caller holds the deploy lock) are removed first."""
+    releases = _makedirs(root, os.path.join(model_dir, "releases"), "stage a release in")
+    staging = _entry_inside(root, releases, STAGING_PREFIX + release, "stage")
+    _entry_inside(root, releases, release, "stage")
+    removed = []
+    for name in sorted(os.listdir(releases)):
+        if name.startswith(STAGING_PREFIX):
+            _remove(_entry_inside(root, releases, name, "remove"))
+            removed.append(name)
+    os.mkdir(staging)
+    return {"staging": staging, "removed": removed, "free_bytes": free_bytes(staging)}
+
+
+def stage_commit(model_dir, release, root):
+    """releases/.staging-<release> becomes releases/<release> by a rename (complete or absent)."""
+    releases = inside(root, os.path.join(model_dir, "releases"), "commit a release in")
+    staging = _entry_inside(root, releases, STAGING_PREFIX + release, "commit")
+    final = _entry_inside(root, releases, release, "commit")
+    if os.path.islink(staging) or not os.path.isdir(staging):
+        raise SystemExit("nothing staged for release %s in %s" % (release, releases))
+    old = None
+    if os.path.lexists(final):  # moved aside (a rename) so the new one appears in one step
+        old = os.path.join(releases, ".old-%s.%d" % (release, os.getpid()))
+        os.rename(final, old)
+    os.rename(staging, final)
+    _fsync_dir(releases)
+    if old:
+        _remove(old)
+    return {"release": final}
+
+
+def remove(path, root):
+    """Delete `path` (inside root); the entry itself is never followed (a link is unlinked)."""
+    parent = inside(root, os.path.dirname(os.path.abspath(path)), "remove in")
+    entry = _entry_inside(root, parent, os.path.basename(os.path.abspath(path)), "remove")
+    if not os.path.lexists(entry):
+        return {"removed": None}
+    _remove(entry)
+    return {"removed": entry}
+
+
+def copy(src, dst, sha256, root):
+    """Copy `src` to `dst` (inside root) through a temp name, verified by sha256, then renamed."""
+    parent = inside(root, os.path.dirname(os.path.abspath(dst)), "copy into")
+    dst = _entry_inside(root, parent, os.path.basename(os.path.abspath(dst)), "copy to")
+    tmp = "%s.%d.part" % (dst, os.getpid())
+    h = hashlib.sha256()
+    try:
+        with open(src, "rb") as fin, _new_file(tmp) as fout:
+            for chunk in iter(lambda: fin.read(1 << 20), b""):
+                h.update(chunk)
+                fout.write(chunk)
+            fout.flush()
+            os.fsync(fout.fileno())
+        if sha256 and h.hexdigest() != sha256:
+            raise SystemExit("%s does not match sha256 %s (got %s); not copied" % (src, sha256, h.hexdigest()))
+        if os.path.lexists(dst) and (os.path.islink(dst) or not os.path.isdir(dst)):
+            os.unlink(dst)
+        os.rename(tmp, dst)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return {"sha256": h.hexdigest(), "path": dst}
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _release_inputs(model_dir):
+    """Input file names (in .kiln/inputs) the `current` and `previous` releases of a model used."""
+    names, prefixes = set(), set()
+    for link in ("current", "previous"):
+        try:
+            with open(os.path.join(model_dir, link, "manifest.json")) as f:
+                manifest = json.load(f)
+        except (OSError, ValueError):
+            continue
+        names.update(str(n) for n in manifest.get("inputs") or [] if n)
+        if manifest.get("onnx_sha256"):
+            prefixes.add(str(manifest["onnx_sha256"]) + ".")
+    return names, prefixes
+
+
+def clean_inputs(install_dir, models, keep, root, min_age=PART_MIN_AGE, now=None):
+    """In .kiln/inputs: remove temp files (`*.part`) of dead runs, and data inputs (.onnx, .npz)
+    that neither `keep` nor the current/previous release of any of `models` uses. Files younger
+    than `min_age` are left (a build may be using them right now); scripts (.py) are kept."""
+    now = time.time() if now is None else now
+    inputs = inside(root, os.path.join(install_dir, ".kiln", "inputs"), "clean")
+    if not os.path.isdir(inputs):
+        return {"removed": []}
+    wanted, prefixes = set(keep), set()
+    for m in models:
+        n, p = _release_inputs(inside(root, os.path.join(install_dir, m), "read"))
+        wanted |= n
+        prefixes |= p
+    removed = []
+    for name in sorted(os.listdir(inputs)):
+        path = _entry_inside(root, inputs, name, "clean")
+        try:
+            age = now - os.lstat(path).st_mtime
+        except OSError:
+            continue
+        if age < min_age or name in wanted or any(name.startswith(p) for p in prefixes):
+            continue
+        if name.endswith(".part") or name.endswith((".onnx", ".npz")):
+            _remove(path)
+            removed.append(name)
+    return {"removed": removed}
+
+
+# -- the deploy lock -------------------------------------------------------------------
+#
+# `.kiln/lock` is a folder holding `owner` (JSON {owner, token, since, pid, host}). It is
+# created complete: the owner is written into a temp folder that is then renamed to the lock
+# path (rename does not replace a non-empty folder, so of two takers one wins). A stale lock
+# (older than the limit, its owner process gone on the same host, or without a readable owner
+# and older than a grace period: a run killed by older code) is first renamed to a unique name
+# (only one taker can move it), then the lock is created as above. Only its owner releases it.
+
+def host_id():
+    """This machine (and pid namespace): a pid recorded with the same host_id can be probed here."""
+    import socket
+    try:
+        ns = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        ns = ""
+    return "%s/%s" % (socket.gethostname(), ns)
+
+
+def _read_owner(lock):
+    try:
+        with open(os.path.join(lock, "owner")) as f:
+            text = f.read()
+        held = json.loads(text) if text.strip() else None
+        return held if isinstance(held, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True
+    return True
+
+
+def lock_stale(lock, held, stale_after, grace, now=None):
+    """Why the lock at `lock` (owner info `held`) is stale, or None if it is alive."""
+    now = time.time() if now is None else now
+    if held is None:
+        try:
+            mtime = max(os.lstat(p).st_mtime for p in (lock, os.path.join(lock, "owner")) if os.path.lexists(p))
+        except (OSError, ValueError):
+            return "it vanished"
+        age = now - mtime
+        return "it has no owner and is %.0f s old" % age if age >= grace else None
+    try:
+        age = now - float(held.get("since"))
+    except (TypeError, ValueError):
+        age = float("inf")
+    if age >= stale_after:
+        return "it is %.0f s old (limit %.0f s)" % (age, stale_after)
+    if held.get("host") and held.get("host") == host_id() and held.get("pid") and not _pid_alive(held["pid"]):
+        return "its owner process %s is gone" % held["pid"]
+    return None
+
+
+def lock_take(lock, info, root, stale_after, grace):
+    """Take the lock for `info` (a dict with a unique "token"): {"taken": true} or
+    {"taken": false, "held": <owner info or null>, "age": seconds}."""
+    import random
+    parent = _makedirs(root, os.path.dirname(os.path.abspath(lock)), "lock")
+    lock = _entry_inside(root, parent, os.path.basename(os.path.abspath(lock)), "lock")
+    tag = "%d.%d" % (os.getpid(), random.getrandbits(48))
+    for attempt in range(3):
+        tmp = os.path.join(parent, ".lock-new.%s" % tag)
+        os.mkdir(tmp)
+        with _new_file(os.path.join(tmp, "owner")) as f:
+            f.write(json.dumps(info, sort_keys=True).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            if os.path.islink(lock) or (os.path.lexists(lock) and not os.path.isdir(lock)):
+                os.unlink(lock)  # a file or link at the lock's name is no lock
+            if os.path.lexists(lock):  # held (or an empty folder of a killed old run: judged below)
+                raise OSError("held")
+            os.rename(tmp, lock)  # fails if a (non-empty) lock appeared meanwhile
+            _fsync_dir(parent)
+            return {"taken": True}
+        except OSError:
+            _remove(tmp)
+        held = _read_owner(lock)
+        why = lock_stale(lock, held, stale_after, grace)
+        if why is None:
+            since = (held or {}).get("since")
+            try:
+                age = time.time() - float(since)
+            except (TypeError, ValueError):
+                age = None
+            return {"taken": False, "held": held, "age": age}
+        aside = os.path.join(parent, ".lock-stale.%s.%d" % (tag, attempt))
+        try:
+            os.rename(lock, aside)  # only one taker moves it; the others retry from the start
+        except OSError:
+            continue
+        moved = _read_owner(aside)
+        if (moved or {}).get("token") != (held or {}).get("token") or (held is None and moved is not None):
+            # someone took it over between our look and our move: put their fresh lock back
+            try:
+                os.rename(aside, lock)
+            except OSError:
+                pass
+            continue
+        sys.stderr.write("taking over a stale deploy lock (%s): %s\n" % (why, json.dumps(held, sort_keys=True)))
+        _remove(aside)
+    return {"taken": False, "held": _read_owner(lock), "age": None}
+
+
+def lock_release(lock, token, root):
+    """Remove the lock only if `token` owns it."""
+    parent = inside(root, os.path.dirname(os.path.abspath(lock)), "unlock")
+    lock = _entry_inside(root, parent, os.path.basename(os.path.abspath(lock)), "unlock")
+    held = _read_owner(lock)
+    if not held or held.get("token") != token:
+        return {"released": False, "held": held}
+    aside = os.path.join(parent, ".lock-done.%d" % os.getpid())
+    os.rename(lock, aside)
+    _remove(aside)
+    return {"released": True}
+
+
 def state(install_dir, models):
     """Which release each model has active."""
     out = {}
@@ -513,6 +793,18 @@ def main(argv=None):
     s = writer("rollback"); s.add_argument("--model-dir", required=True)
     s = writer("prune"); s.add_argument("--model-dir", required=True); s.add_argument("--keep", action="append", default=[])
     s = sub.add_parser("state"); s.add_argument("--install-dir", required=True); s.add_argument("models", nargs="*")
+    s = writer("stage-begin"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
+    s = writer("stage-commit"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
+    s = writer("remove"); s.add_argument("--path", required=True)
+    s = writer("copy"); s.add_argument("--src", required=True); s.add_argument("--dst", required=True)
+    s.add_argument("--sha256", default="")
+    s = writer("clean-inputs"); s.add_argument("--install-dir", required=True); s.add_argument("--keep", action="append", default=[])
+    s.add_argument("--min-age", type=float, default=PART_MIN_AGE); s.add_argument("models", nargs="*")
+    s = sub.add_parser("free"); s.add_argument("--path", required=True)
+    s = writer("lock-take"); s.add_argument("--path", required=True); s.add_argument("--stale-after", type=float, required=True)
+    s.add_argument("--grace", type=float, required=True)  # the owner info (JSON) comes on stdin
+    s = writer("lock-release"); s.add_argument("--path", required=True); s.add_argument("--token", required=True)
+    s = sub.add_parser("host-id")
     a = p.parse_args(argv)
     if a.cmd == "sha256":
         out = {"sha256": sha256_of(a.path)}
@@ -540,6 +832,24 @@ def main(argv=None):
         out = prune(a.model_dir, a.keep, a.root)
     elif a.cmd == "state":
         out = state(a.install_dir, a.models)
+    elif a.cmd == "stage-begin":
+        out = stage_begin(a.model_dir, a.release, a.root)
+    elif a.cmd == "stage-commit":
+        out = stage_commit(a.model_dir, a.release, a.root)
+    elif a.cmd == "remove":
+        out = remove(a.path, a.root)
+    elif a.cmd == "copy":
+        out = copy(a.src, a.dst, a.sha256, a.root)
+    elif a.cmd == "clean-inputs":
+        out = clean_inputs(a.install_dir, a.models, a.keep, a.root, a.min_age)
+    elif a.cmd == "free":
+        out = {"free_bytes": free_bytes(a.path), "path": a.path}
+    elif a.cmd == "lock-take":
+        out = lock_take(a.path, json.loads(sys.stdin.readline()), a.root, a.stale_after, a.grace)
+    elif a.cmd == "lock-release":
+        out = lock_release(a.path, a.token, a.root)
+    elif a.cmd == "host-id":
+        out = {"host": host_id()}
     else:
         p.error("missing subcommand")
     print(json.dumps(out, sort_keys=True))
@@ -547,4 +857,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Escape as exc:  # a refusal to leave the install_dir: its own exit code, for a clear error
+        sys.stderr.write("%s\n" % exc)
+        sys.exit(ESCAPE_EXIT)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
+import secrets
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +37,18 @@ AGENT_SOURCE = Path(__file__).parent.parent / "device_side" / "agent.py"  # sent
 log = logging.getLogger(__name__)
 
 #: agent subcommands that write or delete on the device: they get `--root <install_dir>`
-WRITING_SUBCOMMANDS = frozenset({"ort-build", "raw-inputs", "fetch", "activate", "rollback", "prune"})
+WRITING_SUBCOMMANDS = frozenset({"ort-build", "raw-inputs", "fetch", "activate", "rollback", "prune",
+                                 "stage-begin", "stage-commit", "remove", "copy", "clean-inputs",
+                                 "lock-take", "lock-release"})
+#: a deploy lock without a readable owner (a run killed by older code) is stale after this many seconds
+LOCK_GRACE = 60.0
+MB = 1 << 20
 _ESCAPE = 77
-#: sh: create folders "$3"... (relative to the install_dir "$1") one component at a time,
-#: refusing (exit 77) a component that is a symlink leading out of the install_dir; then
-#: exit 1 if file "$2" (when not empty) does not exist.
-_SAFE_MKDIR = r"""r=$1; f=$2; shift 2
+#: sh: create folders "$4"... (relative to the install_dir "$1") one component at a time,
+#: refusing (exit 77) a component that is a symlink leading out of the install_dir; then, when
+#: file "$2" is given: print `free_kb=` (df -Pk of its folder), exit 1 if it does not exist,
+#: else print `sha=` its sha256 (sha256sum, else python "$3").
+_SAFE_MKDIR = r"""r=$1; f=$2; py=$3; shift 3
 mkdir -p -- "$r" && real=$(cd -- "$r" && pwd -P) || exit 1
 real=${real%/}
 for rel in "$@"; do
@@ -60,7 +68,17 @@ for rel in "$@"; do
   done
   IFS=$old_ifs; set +f
 done
-[ -z "$f" ] || [ -f "$f" ] || exit 1"""
+[ -n "$f" ] || exit 0
+printf 'free_kb=%s\n' "$(df -Pk "${f%/*}" 2>/dev/null | awk 'NR==2 {print $4}')"
+[ -f "$f" ] || exit 1
+if command -v sha256sum >/dev/null 2>&1; then s=$(sha256sum < "$f"); else
+  s=$("$py" -c 'import hashlib,sys
+h=hashlib.sha256()
+f=open(sys.argv[1],"rb")
+for b in iter(lambda: f.read(1<<20), b""): h.update(b)
+print(h.hexdigest())' "$f"); fi
+printf 'sha=%s\n' "$(printf %s "$s" | cut -c1-64)"
+"""
 
 
 class Device:
@@ -90,16 +108,29 @@ class Device:
     def _safe_mkdir(self, paths: Sequence[str], test_file: str = "") -> bool:
         """Create `paths` (under install_dir) without following a symlink out of it;
         True if `test_file` (when given) exists afterwards."""
+        return self._prepare(paths, test_file)[0]
+
+    def _prepare(self, paths: Sequence[str], test_file: str = "") -> tuple[bool, str | None, int | None]:
+        """`_safe_mkdir`, then (exists, sha256, free bytes) of `test_file` and its folder."""
         rels = [self._relative(p) for p in paths]
-        result = self.transport.run(["sh", "-c", _SAFE_MKDIR, "kiln-mkdir", self.root, test_file, *rels],
-                                    check=False)
+        result = self.transport.run(["sh", "-c", _SAFE_MKDIR, "kiln-mkdir", self.root, test_file,
+                                     self.transport.python, *rels], check=False)
         if result.exit_code == _ESCAPE:
             raise DeployError(result.stderr.strip() or f"a folder in {self.root} leads outside it",
                               target=self.target,
                               hint="nothing was written; replace that symlink with a folder inside the install_dir")
         if result.exit_code not in (0, 1) or (result.exit_code == 1 and not test_file):
             raise self.transport._fail(result, "creating folders in the install_dir")
-        return result.exit_code == 0
+        facts = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
+        free = int(facts["free_kb"]) * 1024 if facts.get("free_kb", "").isdigit() else None
+        return result.exit_code == 0, facts.get("sha") or None, free
+
+    def check_space(self, need: int, free: int | None, where: str) -> None:
+        """Refuse an upload of `need` bytes into `where` when its filesystem has less free."""
+        if free is not None and need > free:
+            raise DeployError(f"not enough space on {self.target}: needs {-(-need // MB)} MB, "
+                              f"has {free // MB} MB on {self.target}:{where}", target=self.target,
+                              hint="free space on the device (nothing was uploaded)")
 
     def mkdir(self, *paths: str) -> None:
         """mkdir -p, refusing paths outside install_dir and symlinks on the way that lead out of it."""
@@ -125,6 +156,11 @@ class Device:
             answer = json.loads(last)
         except ValueError:
             answer = None
+        if result.exit_code == _ESCAPE:  # the agent refused a path outside the install_dir
+            raise DeployError(result.stderr.strip().splitlines()[-1] if result.stderr.strip()
+                              else f"kiln agent `{args[0]}` refused a path outside {self.root}",
+                              target=self.target,
+                              hint="nothing was written; replace that symlink with a folder inside the install_dir")
         if answer is None or (check and result.exit_code not in (0, 3)):
             raise self.transport._fail(result, f"kiln agent `{args[0]}`",
                                        hint="see the output above; the device needs python3 (and numpy/onnxruntime for CPU engines)")
@@ -138,14 +174,47 @@ class Device:
         downloads it straight from the store; otherwise the controller uploads `local`.
         """
         remote = self.path(".kiln", "inputs", sha256 + suffix)
-        # one round trip: the inputs folder made (never through a link out of install_dir), and is it there?
-        if not self._safe_mkdir([self.path(".kiln", "inputs")], test_file=remote):
-            if not self.fetch_from_store(store, entry, remote, sha256):
-                if local is None:
-                    raise TransportError(f"cannot get {entry} onto {self.target}", target=self.target,
-                                         hint="the store offers no direct download and there is no local copy")
-                self.transport.put(local, remote, sha256=sha256)
+        # one round trip: the inputs folder made (never through a link out of install_dir), and is
+        # the input there with the right bytes (a truncated or altered copy is replaced)?
+        exists, actual, free = self._prepare([self.path(".kiln", "inputs")], test_file=remote)
+        if exists and actual == sha256:
+            return remote
+        if exists:
+            log.warning("%s:%s does not match its sha256 (got %s); fetching it again", self.target, remote, actual)
+        if not self.fetch_from_store(store, entry, remote, sha256):
+            if local is None:
+                raise TransportError(f"cannot get {entry} onto {self.target}", target=self.target,
+                                     hint="the store offers no direct download and there is no local copy")
+            self.check_space(Path(local).stat().st_size, free, self.path(".kiln", "inputs"))
+            self.transport.put(local, remote, sha256=sha256)
         return remote
+
+    # -- releases: staging and cleanup go through the agent (inside install_dir, no link out) --
+
+    def stage_begin(self, model: str, key: str) -> dict:
+        """A fresh, empty `<model>/releases/.staging-<key>`; {"staging", "free_bytes", "removed"}."""
+        return self.agent("stage-begin", "--model-dir", self.path(model), "--release", key)
+
+    def stage_commit(self, model: str, key: str) -> None:
+        """`.staging-<key>` becomes `releases/<key>` by a rename."""
+        self.agent("stage-commit", "--model-dir", self.path(model), "--release", key)
+
+    def remove(self, path: str, check: bool = True) -> None:
+        """Delete `path` inside install_dir (a link is unlinked, never followed)."""
+        try:
+            self.agent("remove", "--path", path)
+        except KilnError:
+            if check:
+                raise
+            log.warning("could not remove %s on %s", path, self.target)
+
+    def copy(self, src: str, dst: str, sha256: str) -> None:
+        """Copy on the device, verified by sha256, into install_dir."""
+        self.agent("copy", "--src", src, "--dst", dst, "--sha256", sha256)
+
+    def clean_inputs(self, models: Sequence[str]) -> list[str]:
+        """Remove dead runs' temp files and inputs the current/previous releases do not use."""
+        return self.agent("clean-inputs", "--install-dir", self.root, *models).get("removed", [])
 
     def fetch_from_store(self, store, entry: str | None, remote: str, sha256: str) -> bool:
         """Device downloads `entry` through a short-lived presigned URL, verified by sha256.
@@ -176,32 +245,35 @@ class Device:
             return None
 
     @contextmanager
-    def lock(self, owner: str, stale_after: float = 6 * 3600):
-        """Per-device lock so two deploys never interleave (mkdir is atomic everywhere)."""
+    def lock(self, owner: str, stale_after: float = 6 * 3600, grace: float = LOCK_GRACE):
+        """Per-device lock so two deploys never interleave (kiln/device_side/agent.py `lock_take`):
+        created complete (owner written, then renamed into place), taken over when stale (older
+        than `stale_after`, its process gone on the same host, or ownerless for `grace` seconds),
+        released only by its owner."""
+        from kiln.device_side import agent as agent_module
         lock = self.path(".kiln", "lock")
-        self.mkdir(self.path(".kiln"))
-        info = json.dumps({"owner": owner, "since": time.time()})
-        script = ('mkdir "$1" 2>/dev/null && printf %s "$2" > "$1/owner" && exit 0; '
-                  'cat "$1/owner" 2>/dev/null; exit 75')
-        result = self.transport.run(["sh", "-c", script, "kiln-lock", lock, info], check=False)
-        if result.exit_code == 75:
-            try:
-                held = json.loads(result.stdout or "{}")
-            except ValueError:
-                held = {}
-            age = time.time() - float(held.get("since", time.time()))
-            if age < stale_after:
-                raise DeployError(f"target {self.target} is locked by another deploy ({held.get('owner', '?')}, "
-                                  f"{age:.0f} s ago)", target=self.target,
-                                  hint=f"wait for it to finish, or remove {lock} on the device if it died")
-            self.transport.run(["rm", "-rf", lock])
-            result = self.transport.run(["sh", "-c", script, "kiln-lock", lock, info], check=False)
-        if not result.ok:
-            raise TransportError(f"cannot take the deploy lock on {self.target}", target=self.target)
+        token = f"{owner}.{secrets.token_hex(8)}"
+        info = {"owner": owner, "token": token, "since": time.time(), "pid": os.getpid(),
+                "host": agent_module.host_id()}
+        answer = self.agent("lock-take", "--path", lock, "--stale-after", str(stale_after), "--grace", str(grace),
+                            stdin=json.dumps(info) + "\n")
+        if not answer.get("taken"):
+            held = answer.get("held") or {}
+            age = answer.get("age")
+            since = f"{age:.0f} s ago" if isinstance(age, (int, float)) else "no owner recorded yet"
+            raise DeployError(f"target {self.target} is locked by another deploy ({held.get('owner', '?')}, "
+                              f"{since})", target=self.target,
+                              hint=f"wait for it to finish, or remove {lock} on the device if it died")
         try:
             yield
         finally:
-            self.transport.run(["rm", "-rf", lock], check=False)
+            try:
+                done = self.agent("lock-release", "--path", lock, "--token", token)
+                if not done.get("released"):
+                    log.warning("the deploy lock on %s is no longer ours (held by %s); left alone",
+                                self.target, (done.get("held") or {}).get("owner"))
+            except KilnError as exc:
+                log.warning("could not release the deploy lock on %s: %s", self.target, exc.message)
 
     def active_releases(self, models: Sequence[str]) -> dict[str, str | None]:
         """Which release each model has active on the device (one round trip, no agent)."""

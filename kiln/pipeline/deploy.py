@@ -11,6 +11,7 @@ if it never had one.
 from __future__ import annotations
 
 import json
+import posixpath
 import tempfile
 import time
 from pathlib import Path
@@ -83,16 +84,27 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         switched: dict[str, str | None] = {}
         try:
             for model, record in todo.items():
-                result = device.agent("activate", "--model-dir", device.path(model), "--release", record["key"])
+                try:
+                    result = device.agent("activate", "--model-dir", device.path(model), "--release", record["key"])
+                except KilnError:  # the switch may have happened before the answer was lost
+                    if _active_now(device, model) == record["key"]:
+                        links = device.transport.read_links([device.path(model, "previous")])
+                        link = next(iter(links.values()))
+                        switched[model] = posixpath.basename(link) if link else None
+                    raise
                 switched[model] = result.get("previous")
         except KilnError as exc:  # all models switch, or none
-            _roll_back(ctx, device, target, switched, why=f"activation failed: {exc.message}")
-            raise DeployError(f"activation failed on {target.name}; rolled back to the previous releases",
+            states = _roll_back(ctx, device, target, switched, todo, why=f"activation failed: {exc.message}")
+            raise DeployError(f"activation failed on {target.name}: {exc.message}; {_summary(states)}",
                               target=target.name, hint=exc.hint) from exc
         if switched:
-            _after_activation(ctx, device, target, switched, say)
-        for model, record in engines.items():
+            _after_activation(ctx, device, target, switched, todo, say)
+        for model, record in engines.items():  # also removes `.staging-*` folders of dead runs
             device.agent("prune", "--model-dir", device.path(model), "--keep", record["key"])
+        # temp files of dead runs, and inputs neither the current nor the previous releases use
+        removed = device.clean_inputs(target.models)
+        if removed:
+            say(f"  {target.name}: removed {len(removed)} unused input(s) from {device.path('.kiln', 'inputs')}")
     seconds = time.time() - start
     for model, record in todo.items():
         why = (f"{model}: {active.get(model)[:12]} → {record['key'][:12]}" if active.get(model)
@@ -107,10 +119,10 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
 
 
 def _stage(ctx: Context, device: Device, target: Target, model: str, record: dict, say) -> dict:
-    """Upload and smoke-test one release; nothing becomes active here."""
+    """Upload and smoke-test one release; nothing becomes active here. Every write and delete
+    on the device goes through the agent (inside install_dir, never through a link out of it)."""
     key, backend = record["key"], get_backend(record["backend"])
     releases = device.path(model, "releases")
-    final = f"{releases}/{key}"
     staging = f"{releases}/.staging-{key}"
     paths = ExportPaths.for_model(ctx.artifacts, model)
     onnx = read_json(paths.record) or {}
@@ -119,8 +131,20 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
                                      entry=reference_entry(onnx["onnx_sha256"]))
     say(f"  {target.name}: staging {model} release {key[:12]}")
     t0 = time.time()
-    device.transport.run(["rm", "-rf", staging])
-    device.mkdir(staging)
+    begun = device.stage_begin(model, key)  # refuses a releases folder that leads out of install_dir
+    try:
+        return _fill_staging(ctx, device, target, model, record, backend, staging, begun, ref_remote,
+                             onnx, provenance, t0)
+    except BaseException:
+        device.remove(staging, check=False)
+        raise
+
+
+def _fill_staging(ctx: Context, device: Device, target: Target, model: str, record: dict, backend,
+                  staging: str, begun: dict, ref_remote: str, onnx: dict, provenance: dict, t0: float) -> dict:
+    key = record["key"]
+    reference = ExportPaths.for_model(ctx.artifacts, model).reference
+    ref_bytes = reference.stat().st_size if reference.exists() else 0
     engine_remote = f"{staging}/{record['engine_file']}"
     if not device.fetch_from_store(ctx.store, engine_entry(key), engine_remote, record["sha256"]):
         local = ctx.engine_cache(key)
@@ -130,21 +154,20 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
             except (KeyError, CorruptEntry) as exc:
                 # forget the engine so the next run's engine task rebuilds and republishes it
                 ctx.engine_record(model, record["class"]).unlink(missing_ok=True)
-                device.transport.run(["rm", "-rf", staging], check=False)
                 why = "corrupt" if isinstance(exc, CorruptEntry) else "missing"
                 ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                                 why=f"engine {key[:12]} is {why} in the store")
                 raise DeployError(f"engine {key[:12]} for {model} is {why} in the store {ctx.store.url}; "
                                   "the previous release stays active", target=target.name, model=model,
                                   hint="run again: the engine will be rebuilt and republished") from exc
+        device.check_space(local.stat().st_size + ref_bytes, begun.get("free_bytes"), staging)
         device.transport.put(local, engine_remote, sha256=record["sha256"])
-    device.transport.run(["cp", ref_remote, f"{staging}/reference.npz"])
+    device.copy(ref_remote, f"{staging}/reference.npz", onnx["reference_sha256"])
     staged_s = time.time() - t0
     t0 = time.time()
     try:
         smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", ctx.fleet.models[model].verify)
     except KilnError as exc:
-        device.transport.run(["rm", "-rf", staging], check=False)
         ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                         why=f"smoke test of {model} failed: {exc.message}")
         raise DeployError(f"smoke test of {model} release {key[:12]} failed on {target.name}; "
@@ -153,6 +176,8 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
     manifest = {"model": model, "target": target.name, "engine_key": key, "engine_sha256": record["sha256"],
                 "engine_file": record["engine_file"], "hardware_class": record["class"],
                 "onnx_sha256": onnx.get("onnx_sha256"),
+                # the .kiln/inputs files this release came from: kept while it is current or previous
+                "inputs": [posixpath.basename(ref_remote)] + ([f"{onnx['onnx_sha256']}.onnx"] if onnx.get("onnx_sha256") else []),
                 "checkpoint_sha256": (provenance.get("inputs") or {}).get("checkpoint_sha256"),
                 "fingerprint": read_json(ctx.fingerprint_file(target.name)),
                 "timings": {"stage_seconds": round(staged_s, 3), "smoke_seconds": round(time.time() - t0, 3)},
@@ -163,28 +188,87 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
         device.transport.put(f.name, f"{staging}/manifest.json")
     finally:
         Path(f.name).unlink()
-    # the release folder appears complete or not at all
-    device.transport.run(["sh", "-c", 'rm -rf "$1" && mv "$2" "$1"', "kiln-mv", final, staging])
+    device.stage_commit(model, key)  # the release folder appears complete or not at all
     return {"smoke": smoke, "manifest": manifest}
 
 
-def _after_activation(ctx: Context, device: Device, target: Target, switched: dict[str, str | None], say) -> None:
-    """Restart and health-check; on failure put every switched model back."""
+def _after_activation(ctx: Context, device: Device, target: Target, switched: dict[str, str | None],
+                      todo: dict[str, dict], say) -> None:
+    """Restart and health-check; on any failure (a command failing or timing out, the connection
+    dropping) put every switched model back, then restart and health-check the previous releases."""
+    what = "restart"
     try:
         for what in ("restart", "health_check"):
-            command = getattr(target, what)
-            if command:
-                say(f"  {target.name}: {what.replace('_', ' ')}: {command}")
-                device.transport.run(["sh", "-c", command], env=None, timeout=target.command_timeout)
-    except CommandFailed as exc:
-        _roll_back(ctx, device, target, switched, why=f"{what.replace('_', ' ')} failed (exit {exc.exit_code})")
-        raise DeployError(f"{what.replace('_', ' ')} failed on {target.name}; rolled back to the previous releases",
-                          target=target.name, hint=f"command: {exc.command}; exit code {exc.exit_code}; "
-                                                   f"output: {exc.output_tail[-500:]}") from exc
+            _run_hook(device, target, what, say)
+    except KilnError as exc:
+        label = what.replace("_", " ")
+        if isinstance(exc, CommandFailed):
+            why, detail = f"{label} failed (exit {exc.exit_code})", (
+                f"command: {exc.command}; exit code {exc.exit_code}; output: {exc.output_tail[-500:]}")
+        else:
+            why, detail = f"{label} failed: {exc.message}", exc.hint
+        states = _roll_back(ctx, device, target, switched, todo, why=why)
+        after = _recheck_previous(device, target, states, say)
+        raise DeployError(f"{why} on {target.name}; {_summary(states)}{after}", target=target.name,
+                          hint=detail) from exc
 
 
-def _roll_back(ctx: Context, device: Device, target: Target, switched: dict[str, str | None], why: str) -> None:
+def _run_hook(device: Device, target: Target, what: str, say) -> None:
+    command = getattr(target, what)
+    if command:
+        say(f"  {target.name}: {what.replace('_', ' ')}: {command}")
+        device.transport.run(["sh", "-c", command], env=None, timeout=target.command_timeout)
+
+
+def _recheck_previous(device: Device, target: Target, states: dict[str, str], say) -> str:
+    """After a rollback: restart and health-check again, so the previous releases really serve."""
+    if not states or not any(s.startswith("rolled back") for s in states.values()):
+        return ""
+    what = "restart"
+    try:
+        for what in ("restart", "health_check"):
+            _run_hook(device, target, what, say)
+    except KilnError as exc:
+        return f"; after the rollback the {what.replace('_', ' ')} failed too: {exc.message}"
+    return "; the previous releases were restarted and pass the health check" if target.health_check else (
+        "; the previous releases were restarted" if target.restart else "")
+
+
+def _roll_back(ctx: Context, device: Device, target: Target, switched: dict[str, str | None],
+               todo: dict[str, dict], why: str) -> dict[str, str]:
+    """Put every switched model back, one by one (a failure for one does not stop the others);
+    returns each model's state: "rolled back to <key>", "still on new <key>" or "unknown: <why>"."""
+    states: dict[str, str] = {}
     for model, previous in switched.items():
-        device.agent("rollback", "--model-dir", device.path(model))
-        ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name, key=previous,
-                        why=f"{why}; {model} back to {previous[:12] if previous else 'nothing'}")
+        back = previous[:12] if previous else "nothing"
+        try:
+            device.agent("rollback", "--model-dir", device.path(model))
+            states[model] = f"rolled back to {back}"
+            ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name, key=previous,
+                            why=f"{why}; {model} back to {back}")
+        except KilnError as exc:
+            active = _active_now(device, model)
+            new = todo[model]["key"]
+            if active == previous:
+                states[model] = f"rolled back to {back}"
+            elif active == new:
+                states[model] = f"still on new {new[:12]} (rollback failed: {exc.message})"
+            else:
+                states[model] = f"unknown (rollback failed: {exc.message})"
+            ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name, key=previous,
+                            why=f"{why}; {model}: {states[model]}")
+    return states
+
+
+def _active_now(device: Device, model: str) -> str | None:
+    try:
+        return device.active_releases([model]).get(model)
+    except KilnError:
+        return "?"
+
+
+def _summary(states: dict[str, str]) -> str:
+    if all(s.startswith("rolled back") for s in states.values()):
+        return "rolled back to the previous releases" + (
+            f" ({', '.join(f'{m}: {s}' for m, s in sorted(states.items()))})" if states else "")
+    return "ROLLBACK INCOMPLETE: " + "; ".join(f"{m}: {s}" for m, s in sorted(states.items()))

@@ -277,13 +277,10 @@ def engine_onnx(data):
     return model
 
 
-def atomic_write(path, data):
-    tmp = "%s.sim-tmp-%d" % (path, os.getpid())
-    with open(tmp, "wb") as f:
+def write_output(path, data):
+    """trtexec writes its outputs (plan, timing cache, exported outputs) in place, not via a temp name."""
+    with open(path, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
 
 
 def log_state(ident, name, record):
@@ -393,7 +390,7 @@ def do_build(run, opts, ver):
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
         cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
-        atomic_write(cache_path, cache)
+        write_output(cache_path, cache)
         info("Saved %d bytes of timing cache to %s" % (len(cache), cache_path))
     if ver >= (9, 0):
         info("Engine built in %.4f sec." % elapsed)
@@ -402,7 +399,7 @@ def do_build(run, opts, ver):
     engine_out = opts.get("--saveEngine")
     if engine_out:
         try:
-            atomic_write(engine_out, data)
+            write_output(engine_out, data)
         except OSError as exc:
             error("Cannot write engine to %s: %s" % (engine_out, exc.strerror))
             return run.setup_failed()
@@ -595,7 +592,7 @@ def export_outputs(path, outputs):
         lines.append('  %s"values" : [ %s ]' % (sep, sep.join(_number(v) for v in flat)))
         lines.append("  }")
     lines.append("]")
-    atomic_write(path, ("\n".join(lines) + "\n").encode())
+    write_output(path, ("\n".join(lines) + "\n").encode())
 
 
 def do_inference(run, opts, data):

@@ -19,6 +19,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -322,3 +323,51 @@ def test_presigned_urls_never_reach_a_command_line_or_environment(new_fleet):
     assert (fleet.srv("dev") / "kiln" / ".kiln" / "inputs" / (sha + ".plan")).read_bytes() == payload
     assert watch.scans > 2 and watch.hits == [], watch.hits[:3]
     assert marker not in fleet.log_text("dev")
+
+
+# ---------------------------------------------------------------- the same over real SSH
+
+def test_staging_inputs_space_and_lock_over_ssh(fleet, tmp_path):
+    """On a simulated device over real sshd: a releases link out is refused, a truncated cached
+    input is replaced, an upload bigger than the device's free space is refused (df -Pk), and
+    the lock is taken, refused, taken over when ownerless past the grace, released by its owner."""
+    name = f"kiln-faults-{uuid.uuid4().hex[:8]}"
+    host_root, host_outside = fleet.srv("cpu-01") / name, fleet.srv("cpu-01") / (name + "-outside")
+    host_outside.mkdir()
+    (host_outside / "canary").write_text("keep me")
+    (host_root / "det").mkdir(parents=True)
+    (host_root / "det" / "releases").symlink_to(f"/srv/{name}-outside")
+    with fleet.transport("cpu-01") as t:
+        device = Device(t, make_target(f"/srv/{name}", "cpu-01"))
+        with pytest.raises(KilnError) as info:
+            device.stage_begin("det", "k1")
+        assert f"/srv/{name}/det/releases" in str(info.value) and "outside the install_dir" in str(info.value)
+        assert [p.name for p in host_outside.iterdir()] == ["canary"]
+        src = tmp_path / "input.onnx"
+        src.write_bytes(b"onnx bytes " * 5000)
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        remote = device.ensure_input(src, digest, ".onnx")
+        cached = host_root / ".kiln" / "inputs" / f"{digest}.onnx"
+        cached.write_bytes(src.read_bytes()[:100])  # truncated behind kiln's back
+        assert device.ensure_input(src, digest, ".onnx") == remote
+        assert cached.read_bytes() == src.read_bytes()
+        big = tmp_path / "big.onnx"
+        with open(big, "wb") as f:
+            f.truncate(os.statvfs(host_root).f_bavail * os.statvfs(host_root).f_frsize + (1 << 30))
+        with pytest.raises(KilnError, match=rf"needs \d+ MB, has \d+ MB on cpu-01:/srv/{name}/.kiln/inputs"):
+            device.ensure_input(big, "0" * 64, ".onnx")
+        lock = host_root / ".kiln" / "lock"
+        with device.lock("run-1"):
+            assert json.loads((lock / "owner").read_text())["owner"] == "run-1"
+            with pytest.raises(KilnError, match=r"locked by another deploy \(run-1"):
+                with Device(t, make_target(f"/srv/{name}", "cpu-01")).lock("run-2"):
+                    pass
+        assert not lock.exists()
+        lock.mkdir()  # a run killed by older code: no owner
+        with pytest.raises(KilnError, match="locked by another deploy"):
+            with device.lock("run-3", grace=60):
+                pass
+        os.utime(lock, (time.time() - 120, time.time() - 120))
+        with device.lock("run-3", grace=60):
+            assert json.loads((lock / "owner").read_text())["owner"] == "run-3"
+        assert not lock.exists()

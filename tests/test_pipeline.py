@@ -22,6 +22,17 @@ def project(tmp_path):
     return p
 
 
+def store_engines(p: Project) -> list[str]:
+    """Engine keys the local store serves: a manifest whose blob (named by its sha256) exists."""
+    base = p.artifacts / "store" / "entries"
+    keys = []
+    for manifest in sorted(base.glob("engines/*/*/manifest.json")):
+        sha = json.loads(manifest.read_text())["sha256"]
+        if (base / "blobs" / sha[:2] / sha).exists():
+            keys.append(manifest.parent.name)
+    return keys
+
+
 def save_weights(p: Project, code: str) -> None:
     """Change the checkpoint with torch in a subprocess (`sd` is the state_dict)."""
     python(f"import torch; sd = torch.load({str(p.checkpoint())!r}, weights_only=True); {code}")
@@ -59,7 +70,7 @@ def test_changed_weights_rebuild_export_engine_and_switch_release(project):
     after = project.active()
     assert after and after != before
     assert project.previous() == before  # kept for rollback
-    assert len(project.store_engines()) == 2
+    assert len(store_engines(project)) == 2
     deploys = [e for e in project.events() if e["event"] == "deploy"]
     assert deploys[-1]["key"] == after and before[:12] in deploys[-1]["why"]
 
@@ -95,7 +106,7 @@ def test_corrupt_checkpoint_fails_clearly_and_keeps_the_release(project):
     assert run.returncode != 0
     assert "cannot load checkpoint" in run.out and "model=tiny" in run.out
     assert project.active() == before
-    assert len(project.store_engines()) == 1
+    assert len(store_engines(project)) == 1
 
 
 def test_factory_that_raises_is_named(tmp_path):
@@ -109,7 +120,7 @@ def test_factory_that_raises_is_named(tmp_path):
     assert proc.returncode != 0
     assert "factory broken_factory:build raised RuntimeError: no GPU weights here" in out
     assert "model=tiny" in out
-    assert p.active() is None and p.store_engines() == []
+    assert p.active() is None and store_engines(p) == []
 
 
 def test_engine_that_disagrees_with_the_reference_is_not_published(project):
@@ -132,7 +143,7 @@ def test_engine_that_disagrees_with_the_reference_is_not_published(project):
     run = project.doit("deploy:local", check=False)
     assert run.returncode != 0
     assert "engine outputs differ from the reference" in run.out and "pred_boxes" in run.out
-    assert len(project.store_engines()) == 1
+    assert len(store_engines(project)) == 1
     assert project.active() == before
 
 
@@ -258,14 +269,20 @@ def test_a_flipped_byte_in_a_stored_engine_is_caught_and_rebuilt(project):
                           f"torch.save(sd, {str(project.checkpoint())!r})")
     project.doit("engine")
     key = json.loads(next((project.artifacts / "engines").glob("tiny@*.json")).read_text())["key"]
-    blob = (project.artifacts / "store/entries/engines" / key[:2] / key / "engine").resolve()
+    sha = json.loads((project.artifacts / "store/entries/engines" / key[:2] / key / "manifest.json").read_text())["sha256"]
+    blob = (project.artifacts / "store/entries/blobs" / sha[:2] / sha).resolve()
+    assert blob.stat().st_mode & 0o777 == 0o444  # read-only once written
     data = bytearray(blob.read_bytes())
     data[len(data) // 2] ^= 0x01
+    os.chmod(blob, 0o644)
     blob.write_bytes(bytes(data))
     (project.artifacts / "cache/engines" / key).unlink(missing_ok=True)
     run = project.doit("deploy:local", check=False)
     assert run.returncode != 0 and "is corrupt in the store" in run.out, run.out
     assert project.active() == before
+    quarantined = project.artifacts / "store/quarantine/blobs" / sha[:2] / sha
+    assert quarantined.read_bytes() == bytes(data)  # moved aside, not deleted
+    assert "own sha256" in (quarantined.parent / f"{sha}.reason.json").read_text()
     again = project.doit("deploy:local")
     assert len(again.engines()) == 1 and "deploy:local" in again.ran()
     assert project.active() == key

@@ -65,7 +65,22 @@ class S3Project(Project):
         return sorted(o["Key"][len(base):] for page in pages for o in page.get("Contents", []))
 
     def stored_engines(self) -> list[str]:
-        return sorted(k.split("/")[2] for k in self.keys("engines/") if k.endswith("/engine"))
+        """Keys served by the store: a manifest whose blob (named by its sha256) exists."""
+        blobs = set(self.keys("blobs/"))
+        raw = self.server.client()
+        found = []
+        for k in self.keys("engines/"):
+            if k.endswith("/manifest.json"):
+                sha = json.loads(raw.get_object(Bucket=self.bucket, Key=f"{self.prefix}/{k}")["Body"].read())["sha256"]
+                if f"blobs/{sha[:2]}/{sha}" in blobs:
+                    found.append(k.split("/")[2])
+        return sorted(found)
+
+    def engine_blob_key(self, key: str) -> str:
+        raw = self.server.client()
+        manifest = json.loads(raw.get_object(Bucket=self.bucket,
+                                             Key=f"{self.prefix}/engines/{key[:2]}/{key}/manifest.json")["Body"].read())
+        return f"{self.prefix}/blobs/{manifest['sha256'][:2]}/{manifest['sha256']}"
 
     def engine_record(self, model: str = "tiny") -> dict:
         return json.loads(next((self.artifacts / "engines").glob(f"{model}@*.json")).read_text())
@@ -145,7 +160,8 @@ def corrupt_engine_then_fresh_checkout(server, bucket: str, tmp_path: Path) -> t
     first = S3Project(tmp_path / "a", server, bucket, prefix)
     first.doit("deploy:local")
     key = first.engine_record()["key"]
-    engine_obj = f"{prefix}/engines/{key[:2]}/{key}/engine"
+    engine_obj = first.engine_blob_key(key)
+    blob_name = engine_obj[len(prefix) + 1:]
     flip_byte(server, bucket, engine_obj)
     body_sha, recorded = sha256_of_object(server, bucket, engine_obj)
     assert body_sha != recorded  # the bucket now lies: metadata says one thing, bytes another
@@ -158,8 +174,11 @@ def corrupt_engine_then_fresh_checkout(server, bucket: str, tmp_path: Path) -> t
     assert "cache hit" in run.out  # the HEAD-only check could not know
     assert "Traceback" not in run.out, run.out
     # the warning names the entry; the failure names the engine, the store and the way out
-    assert f"kiln: WARNING: store entry engines/{key[:2]}/{key}/engine was corrupt" in run.out, run.out
-    assert "removed it" in run.out
+    assert f"kiln: WARNING: store entry {blob_name} was corrupt" in run.out, run.out
+    assert f"moved it to quarantine/{blob_name}" in run.out
+    reason = json.loads(server.client().get_object(
+        Bucket=bucket, Key=f"{prefix}/quarantine/{blob_name}.reason.json")["Body"].read())
+    assert reason["entry"] == blob_name and "own sha256" in reason["reason"]
     failed = [l for l in run.out.splitlines() if l.startswith("  FAILED  deploy:local: ")]
     assert failed and "corrupt" in failed[0] and key[:12] in failed[0], run.out
     assert f"s3://{bucket}/" in failed[0]
@@ -181,10 +200,10 @@ def test_flipped_byte_in_a_stored_engine_is_caught_then_rebuilt(moto_s3, bucket,
     builds = [e for e in second.events() if e["event"] == "build"]
     assert builds and builds[-1]["key"] == key, second.events()
     assert second.active() == key
-    body_sha, recorded = sha256_of_object(moto_s3, bucket, engine_obj)
+    body_sha, recorded = sha256_of_object(moto_s3, bucket, second.engine_blob_key(key))
     assert body_sha == recorded  # the store object is fixed ...
     manifest = json.loads(moto_s3.client().get_object(
-        Bucket=bucket, Key=engine_obj.rsplit("/", 1)[0] + "/manifest.json")["Body"].read())
+        Bucket=bucket, Key=f"{second.prefix}/engines/{key[:2]}/{key}/manifest.json")["Body"].read())
     assert manifest["sha256"] == body_sha  # ... and agrees with its manifest
     assert second.doit("deploy:local").ran() == set()  # and then it is a no-op again
 

@@ -8,6 +8,7 @@ the shell that runs pytest; skipped when unset).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import urllib.error
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kiln.errors import CorruptEntry, StoreError
-from kiln.stores.base import Store, engine_entry, onnx_entry, staging_entry
+from kiln.stores.base import StaleDigest, Store, engine_entry, onnx_entry, staging_entry
 from kiln.stores.local import LocalStore
 from tests.s3server import FAKE_SECRET, ORIGINAL_ENV, free_port, patched_env
 
@@ -268,7 +269,7 @@ def test_expected_sha_mismatch_refused(backend, tmp_path):
 # -- corruption and interruption ---------------------------------------------------------
 
 @pytest.mark.parametrize("size", [5000, 11 * MB], ids=["single", "multipart"])
-def test_corrupt_entry_is_removed(backend, tmp_path, size, caplog):
+def test_corrupt_entry_is_quarantined(backend, tmp_path, size, caplog):
     store = backend.make(**SMALL_PARTS)
     data = os.urandom(size)
     name = engine_entry("cd" + sha(data)[2:])
@@ -281,17 +282,49 @@ def test_corrupt_entry_is_removed(backend, tmp_path, size, caplog):
     assert not dest.exists()
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
     assert store.info(name) is None and name not in store.list()
-    assert any("corrupt" in r.getMessage() for r in caplog.records)
+    assert any("corrupt" in r.getMessage() and "quarantine/" in r.getMessage() for r in caplog.records)
+    reason = json.loads(quarantined(store, name + ".reason.json"))
+    assert reason["entry"] == name and reason["recorded_sha256"] == sha(data) != reason["actual_sha256"]
+    assert len(quarantined(store, name)) == size  # the damaged bytes are kept, not deleted
     # a miss, not a wedge: publishing again works
     assert store.put_file(name, tmp_path / "src") is True
     assert store.get_file(name, dest).sha256 == sha(data)
 
 
-def test_get_with_wrong_expected_sha_is_corrupt(store, tmp_path):
+def test_get_with_wrong_expected_sha_is_a_stale_record_not_corruption(store, tmp_path):
+    """The entry matches its own digest: the caller's expectation is stale. Nothing is removed."""
     store.put_bytes("onnx/ab/x.onnx", b"payload")
-    with pytest.raises(CorruptEntry):
+    with pytest.raises(StaleDigest) as caught:
         store.get_file("onnx/ab/x.onnx", tmp_path / "dest", sha256=sha(b"something else"))
+    assert isinstance(caught.value, KeyError) and not isinstance(caught.value, CorruptEntry)
     assert not (tmp_path / "dest").exists()
+    assert store.get_file("onnx/ab/x.onnx", tmp_path / "dest").sha256 == sha(b"payload")
+    assert store.list("quarantine/") == [] and not quarantined_names(store)
+
+
+def quarantined(store: Store, name: str) -> bytes:
+    """Bytes of `quarantine/<name>` (LocalStore: a plain file under the root; S3: an object)."""
+    from kiln.stores.base import quarantine_entry
+    from kiln.stores.local import LocalStore
+    if isinstance(store, LocalStore):
+        return (store.root / quarantine_entry(name)).read_bytes()
+    return store.client.get_object(Bucket=store.bucket, Key=store._key(quarantine_entry(name)))["Body"].read()
+
+
+def quarantined_names(store: Store) -> list[str]:
+    from kiln.stores.local import LocalStore
+    if isinstance(store, LocalStore):
+        base = store.root / "quarantine"
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file()) if base.exists() else []
+    return store.list("quarantine/")
+
+
+def test_local_blobs_are_read_only(tmp_path):
+    from kiln.stores.local import LocalStore
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("blobs/ab/x", b"payload")
+    blob = store.root / "blobs" / sha(b"payload")
+    assert blob.stat().st_mode & 0o777 == 0o444
 
 
 def test_interrupted_upload_leaves_no_entry(backend, tmp_path):

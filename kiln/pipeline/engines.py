@@ -6,6 +6,15 @@ path: a store hit means no build; a miss is built on one builder of the class,
 verified there against the reference outputs, and only then published. Within a
 run each key is ensured once (`Context.once`), so parallel deploys to ten
 identical devices wait for one build.
+
+Store layout and publish order (records follow bytes): the engine bytes go to
+`blobs/<ab>/<sha256>` (named by their own digest, verified on the way in), then
+`engines/<ab>/<key>/manifest.json` naming that blob is created by a conditional
+write (never overwritten: a racer that loses adopts the winner's manifest; its own
+blob stays as a harmless orphan), and only then the local engine record is written.
+The store's manifest is the truth: a local record that disagrees with it is stale
+and is re-read, never a reason to remove anything. Bytes that do not match their
+own digest are quarantined by the store (kiln.stores.base) and rebuilt.
 """
 from __future__ import annotations
 
@@ -25,7 +34,9 @@ from kiln.keys import digest, read_json, write_json_if_changed
 from kiln.pipeline.context import Context
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
-from kiln.stores.base import engine_entry, engine_manifest_entry, onnx_entry, reference_entry, timing_cache_entry
+from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, onnx_entry, quarantine_entry,
+                              reference_entry, timing_cache_entry)
+from kiln.stores.faults import kill_point
 
 log = logging.getLogger(__name__)
 ENGINE_FORMAT = 1
@@ -138,27 +149,93 @@ def _still_in_class(ctx: Context, spec: EngineSpec, target: Target) -> bool:
     return True
 
 
-def _stored_manifest(ctx: Context, key: str) -> dict | None:
-    store = ctx.store
-    if store.info(engine_entry(key)) is None:
-        return None
+def engine_blob(ctx: Context, record: dict) -> tuple[str, str]:
+    """(store entry, sha256) of the engine bytes an engine record names: what deploy fetches."""
+    return blob_entry(record["sha256"]), record["sha256"]
+
+
+def _read_manifest(store, key: str) -> dict | None:
+    """The key's manifest as stored, or None if absent or unreadable (a corrupt one is
+    quarantined by the store; one that is no JSON object is quarantined here)."""
+    name = engine_manifest_entry(key)
     try:
-        manifest = json.loads(store.get_bytes(engine_manifest_entry(key)))
-    except (KeyError, CorruptEntry, ValueError):
-        return None  # a half-published or damaged entry is a miss
-    info = store.info(engine_entry(key))
-    if info is None or info.sha256 != manifest.get("sha256"):
-        log.warning("engine %s in the store does not match its manifest; rebuilding", key[:12])
-        store.delete(engine_entry(key))
+        manifest = json.loads(store.get_bytes(name))
+    except (KeyError, CorruptEntry):
+        return None
+    except ValueError:
+        manifest = None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+        store.quarantine(name, {"reason": "not an engine manifest (no JSON object with a sha256)"})
+        log.warning("engine manifest %s was unreadable; moved it to %s", name, quarantine_entry(name))
         return None
     return manifest
 
 
+def _blob_present(store, key: str, manifest: dict) -> bool:
+    """The blob the manifest names is in the store (by its record: no payload read). A store
+    written before blobs/ holds the engine under the key: it is copied into its blob once."""
+    sha = manifest["sha256"]
+    info = store.info(blob_entry(sha))
+    if info is not None:
+        if info.sha256 != sha:  # its record disagrees with its own name: corrupt by definition
+            store.quarantine(blob_entry(sha), {"reason": "recorded sha256 differs from the blob's name",
+                                               "recorded_sha256": info.sha256})
+            return False
+        return True
+    legacy = store.info(engine_entry(key))
+    if legacy is None or legacy.sha256 != sha:
+        return False
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="kiln-migrate-") as tmp:
+        try:
+            store.get_file(engine_entry(key), Path(tmp) / "engine", sha256=sha)
+        except (KeyError, CorruptEntry):
+            return False
+        store.put_file(blob_entry(sha), Path(tmp) / "engine", sha256=sha)
+    log.info("engine %s: copied the bytes stored under its key into %s", key[:12], blob_entry(sha))
+    return True
+
+
+def _stored_manifest(ctx: Context, key: str) -> dict | None:
+    """The manifest of `key` if the blob it names is in the store (a hit), else None."""
+    manifest = _read_manifest(ctx.store, key)
+    if manifest is None or not _blob_present(ctx.store, key, manifest):
+        return None
+    return manifest
+
+
+def publish_manifest(store, key: str, manifest: dict) -> dict:
+    """Create the key's manifest (its blob already published) by a conditional write; returns
+    the manifest in force. A lost race adopts the winner's manifest. A winner whose blob is gone
+    (quarantined as corrupt) names bytes nobody has any more: it is quarantined, not deleted, with
+    its reason, and the create is tried again."""
+    name = engine_manifest_entry(key)
+    body = json.dumps(manifest, indent=2, sort_keys=True).encode()
+    for _ in range(3):
+        if store.put_bytes(name, body):
+            return manifest
+        winner = _read_manifest(store, key)
+        if winner is None:
+            continue  # unreadable (now quarantined) or gone: create ours
+        if _blob_present(store, key, winner):
+            return winner
+        if winner["sha256"] == manifest["sha256"]:
+            return winner  # it names our bytes, which are published now
+        store.quarantine(name, {"reason": f"names blob {blob_entry(winner['sha256'])}, which is not in the store",
+                                "sha256": winner["sha256"]})
+        log.warning("engine %s: manifest named missing bytes %s; moved it to %s", key[:12],
+                    winner["sha256"][:12], quarantine_entry(name))
+    raise BuildError(f"could not publish the manifest of engine {key[:12]}: other writers keep changing it",
+                     key=key[:12], hint="run again")
+
+
 def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> dict:
+    """The local record follows the store's manifest (rewritten when they differ)."""
     record = {"model": spec.model.name, "class": spec.hwclass.id, "class_digest": spec.hwclass.digest,
               "key": key, "sha256": manifest["sha256"], "size": manifest.get("size"),
               "backend": spec.hwclass.backend, "engine_file": spec.backend.engine_file}
     write_json_if_changed(ctx.engine_record(spec.model.name, spec.hwclass.id), record)
+    kill_point("engine:record-written")
     return record
 
 
@@ -206,47 +283,49 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     seconds = time.time() - start
 
     sha = facts["sha256"]
-    won, how = _publish_engine(ctx, device, facts, key)
+    kill_point("engine:built")
+    how = _publish_engine(ctx, device, facts, key)
+    kill_point("engine:blob-published")
     manifest = {"key": key, "key_inputs": inputs, "model": spec.model.name, "class": spec.hwclass.id,
                 "class_fields": spec.hwclass.fields, "backend": backend.name, "built_on": target.name,
-                "sha256": sha, "size": facts["size"], "tool": facts.get("tool"),
+                "sha256": sha, "blob": blob_entry(sha), "size": facts["size"], "tool": facts.get("tool"),
                 "build_seconds": round(facts.get("build_seconds", seconds), 3),
                 "verification": {k: v for k, v in report.items() if k != "ok"},
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    if not won:
-        # another controller published first: use its engine (verified on read)
-        winner = _stored_manifest(ctx, key)
-        if winner is not None:
-            say(f"  another run published engine {key[:12]} first; using it")
-            return winner
-        _publish_engine(ctx, device, facts, key, overwrite=True)
-    store.put_bytes(engine_manifest_entry(key), json.dumps(manifest, indent=2, sort_keys=True).encode(),
-                    overwrite=True)
+    in_force = publish_manifest(store, key, manifest)
+    kill_point("engine:manifest-published")
+    if in_force["sha256"] != sha:
+        # another controller published first: use its engine (ours stays as an orphan blob)
+        say(f"  another run published engine {key[:12]} first; using it")
+        device.transport.run(["rm", "-rf", out_dir], check=False)
+        return in_force
     if timing_remote:
         _publish_timing_cache(ctx, device, spec, timing_remote)
     device.transport.run(["rm", "-rf", out_dir], check=False)
     ctx.events.emit(task, "publish", key=key, target=target.name, seconds=seconds,
                     why=f"built and verified on {target.name}; {how}")
     say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, built in {seconds:.1f} s on {target.name})")
-    return manifest
+    return in_force
 
 
-def _publish_engine(ctx: Context, device: Device, facts: dict, key: str, overwrite: bool = False) -> tuple[bool, str]:
-    """Engine bytes from the device into the store, verified against the sha256 the device
-    reported. With S3 the device uploads to staging/ through a presigned URL (it holds no
-    credentials) and the controller promotes the verified bytes; otherwise the controller
-    fetches the file over the transport and publishes it."""
+def _publish_engine(ctx: Context, device: Device, facts: dict, key: str) -> str:
+    """Engine bytes from the device into the store as `blob_entry(sha)`, verified against the
+    sha256 the device reported. With S3 the device uploads to staging/ through a presigned URL
+    (it holds no credentials) and the controller promotes the verified bytes into the blob;
+    otherwise the controller fetches the file over the transport and publishes it. A blob that
+    already exists holds these very bytes (its name is its digest)."""
     store, sha = ctx.store, facts["sha256"]
-    if not overwrite:
-        staging = device.upload_to_store(store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
-        if staging:
-            return store.promote(staging, engine_entry(key), sha), "uploaded by the device to staging, promoted after verification"
+    staging = device.upload_to_store(store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
+    if staging:
+        store.promote(staging, blob_entry(sha), sha)
+        return "uploaded by the device to staging, promoted after verification"
     local = ctx.engine_cache(key)
     if device.transport.get(facts["engine"], local) != sha:
         local.unlink(missing_ok=True)
         raise BuildError(f"the engine fetched from {device.target} does not match the sha256 it reported",
                          target=device.target, key=key[:12], hint="retry; if it persists check the device's storage")
-    return store.put_file(engine_entry(key), local, sha256=sha, overwrite=overwrite), "fetched and published by the controller"
+    store.put_file(blob_entry(sha), local, sha256=sha)
+    return "fetched and published by the controller"
 
 
 def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) -> tuple[Path, Path]:

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.config import Model
-from kiln.errors import ExportError, KilnError
+from kiln.errors import ExportError
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.local_probe import package_version
+from kiln.stores.faults import kill_point
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1  # bump when this module changes what it writes
@@ -217,8 +218,13 @@ def run_onnxruntime(path: Path, feeds: dict) -> dict:
     return dict(zip(names, session.run(names, feeds)))
 
 
-def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
-    """Export, check, write reference data; returns the record (written only if changed)."""
+def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=None) -> dict:
+    """Export, check, write reference data; returns the record (written only if changed).
+
+    Records follow bytes: `publish(record)` (if given) runs after the ONNX and reference
+    files are verified and in place, and before the local record and the provenance are
+    written; the provenance (what `export_is_current` reads) is written last. A kill at
+    any point leaves the previous provenance, so the next run exports and publishes again."""
     import torch
 
     from kiln.device_side import agent
@@ -272,14 +278,19 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict) -> dict:
         agent.save_arrays(str(ref_tmp), {**{f"input.{k}": v for k, v in feeds.items()},
                                          **{f"output.{k}": v for k, v in expected.items()}})
         onnx_sha, ref_sha = sha256_file(onnx_tmp), sha256_file(ref_tmp)
+        kill_point("export:exported")
+        # bytes, not records: the local record below still names the previous ONNX until published
         move_into_place(onnx_tmp, paths.onnx)
         move_into_place(ref_tmp, paths.reference)
 
     record = {"model": model.name, "onnx_sha256": onnx_sha, "onnx_size": paths.onnx.stat().st_size,
               "reference_sha256": ref_sha, "opset": opset, "inputs": {k: list(v) for k, v in model.inputs.items()},
               "outputs": list(model.outputs)}
+    if publish is not None:
+        publish(record)
     seconds = time.time() - start
     changed = write_json_if_changed(paths.record, record)
+    kill_point("export:record-written")
     write_json_if_changed(paths.provenance, {"export_key": digest(key_inputs), "inputs": key_inputs,
                                              "onnx_sha256": onnx_sha, "seconds": round(seconds, 3),
                                              "ort_max_abs_diff": report["max_abs_diff"],
@@ -308,24 +319,17 @@ def export_is_current(ctx, model: Model) -> bool:
 
 
 def ensure_export(ctx, model: Model, say=print) -> dict:
-    """Export `model` and publish its ONNX, reference data and record to the store."""
-    from kiln.stores.base import onnx_entry, onnx_record_entry, reference_entry
+    """Export `model` and publish its ONNX, reference data and record to the store.
 
+    Order (records follow bytes): ONNX bytes, reference bytes, then the store's pointer
+    `models/<model>/onnx.json`, then the local record and provenance (see export_model)."""
     store = ctx.store  # a missing bucket or bad credentials fail here, before minutes of export
     paths = ExportPaths.for_model(ctx.artifacts, model.name)
     inputs = export_inputs(model, ctx.hashes)
     before = read_json(paths.provenance) or {}
     why = _why_export(before.get("inputs"), inputs)
     say(f"  exporting {model.name} ({why})")
-    result = export_model(model, paths, inputs)
-    try:
-        store.put_file(onnx_entry(result["onnx_sha256"]), paths.onnx, sha256=result["onnx_sha256"])
-        store.put_file(reference_entry(result["onnx_sha256"]), paths.reference, sha256=result["reference_sha256"])
-        store.put_file(onnx_record_entry(model.name), paths.record, overwrite=True)
-    except KilnError:
-        # not published: forget the export so the next run is not "up to date" and publishes it
-        paths.provenance.unlink(missing_ok=True)
-        raise
+    result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record))
     outcome = "new ONNX" if result["changed"] else "same ONNX bytes as before: nothing downstream rebuilds"
     ctx.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
                     why=f"{why}; {outcome}")
@@ -333,6 +337,39 @@ def ensure_export(ctx, model: Model, say=print) -> dict:
     say(f"  {model.name}: ONNX {result['onnx_sha256'][:12]} ({result['onnx_size'] / 1e6:.1f} MB, opset {result['opset']}), "
         f"ONNX Runtime vs PyTorch max abs diff {diff:.2e}, {result['seconds']:.1f} s; {outcome}")
     return result
+
+
+def publish_export(store, paths: ExportPaths, record: dict) -> None:
+    """ONNX and reference bytes into the store (verified against their sha256 on the way in),
+    then the pointer that names them. An entry that already exists holds the same bytes (its
+    name is its content), so a rerun after a kill only writes what is missing."""
+    import json
+
+    from kiln.stores.base import onnx_entry, onnx_record_entry, reference_entry
+
+    onnx_sha = record["onnx_sha256"]
+    store.put_file(onnx_entry(onnx_sha), paths.onnx, sha256=onnx_sha)
+    kill_point("export:onnx-published")
+    store.put_file(reference_entry(onnx_sha), paths.reference, sha256=record["reference_sha256"])
+    _adopt_stored_reference(store, paths, record)
+    kill_point("export:reference-published")
+    store.put_bytes(onnx_record_entry(record["model"]),
+                    (json.dumps(record, sort_keys=True, indent=2) + "\n").encode(), overwrite=True)
+    kill_point("export:pointer-published")
+
+
+def _adopt_stored_reference(store, paths: ExportPaths, record: dict) -> None:
+    """The reference entry is named by the ONNX, not by its own bytes: if another export of the
+    same ONNX (another machine, another run) published first, its reference wins and is adopted
+    (record and local file), like a lost race; it is never overwritten."""
+    from kiln.stores.base import reference_entry
+    name = reference_entry(record["onnx_sha256"])
+    info = store.info(name)
+    if info is not None and info.sha256 != record["reference_sha256"]:
+        log.info("reference data of ONNX %s was published before with sha256 %s; using it",
+                 record["onnx_sha256"][:12], info.sha256[:12])
+        store.get_file(name, paths.reference, sha256=info.sha256)
+        record["reference_sha256"] = info.sha256
 
 
 def _why_export(old: dict | None, new: dict) -> str:

@@ -1,9 +1,19 @@
 """Content-addressed artifact store: the contract and the layout.
 
 Every entry is recorded with the sha256 of its bytes when it is written, and
-every read verifies the bytes against that record before they are used; a
-mismatch is a *miss*: the entry is removed, a warning is logged and
-`CorruptEntry` is raised so the caller rebuilds or re-downloads.
+every read verifies the bytes against that record before they are used. An entry
+is corrupt only when its bytes do not match ITS OWN recorded digest: it is then
+moved to `quarantine/<name>` with a `quarantine/<name>.reason.json` next to it
+(never deleted), a warning is logged and `CorruptEntry` is raised so the caller
+rebuilds or re-downloads. A caller whose expected sha256 differs from an intact
+entry's own digest holds a stale expectation, not a corrupt entry: `StaleDigest`
+(a KeyError: "no entry with those bytes") is raised and the entry is left alone.
+
+Engines are addressed in two steps: the engine key names a manifest
+(`engines/<ab>/<key>/manifest.json`, created by a conditional write, never
+overwritten by a racer) and the manifest names the engine's bytes by their own
+digest (`blobs/<ab>/<sha256>`). `engines/<ab>/<key>/engine` is kept as a read
+alias (resolved through the manifest) for callers that still fetch by key.
 
 Writes never overwrite an existing entry unless asked to (`overwrite=True`,
 used only for mutable entries: recorded fingerprints, timing caches, pointers).
@@ -23,6 +33,8 @@ from pathlib import Path
 
 from kiln.errors import CorruptEntry, StoreError
 
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_ENGINE_ALIAS = re.compile(r"^engines/[0-9a-f]{2}/([0-9a-f]{64})/engine$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@=+-]*(/[A-Za-z0-9][A-Za-z0-9._@=+-]*)*$")
 
 
@@ -36,8 +48,13 @@ def _by_digest(folder: str, leaf: str):
 onnx_entry = _by_digest("onnx", ".onnx")
 #: fixed inputs and PyTorch outputs that every engine of this ONNX is checked against
 reference_entry = _by_digest("onnx", ".reference.npz")
-engine_entry = _by_digest("engines", "/engine")
+#: payloads addressed by their own sha256 (engines); a blob is corrupt iff its bytes hash otherwise
+blob_entry = _by_digest("blobs", "")
+#: engine key -> manifest naming the engine blob by sha256 (created once, by a conditional write)
 engine_manifest_entry = _by_digest("engines", "/manifest.json")
+#: read alias of the engine of a key: resolves through its manifest to `blob_entry(sha)`.
+#: (Stores written before blobs/ hold the bytes here; they are read as they are.)
+engine_entry = _by_digest("engines", "/engine")
 timing_cache_entry = _by_digest("timing-caches", ".cache")  # by class digest
 
 
@@ -50,6 +67,11 @@ def fingerprint_entry(target: str) -> str:
     return f"fingerprints/{target}.json"
 
 
+def quarantine_entry(name: str) -> str:
+    """Where a corrupt entry is moved (its reason in `quarantine_entry(name) + ".reason.json"`)."""
+    return f"quarantine/{name}"
+
+
 def staging_entry(token: str) -> str:
     """Uploads from devices land here; the controller verifies and promotes them."""
     return f"staging/{token}"
@@ -60,6 +82,13 @@ def check_name(name: str) -> str:
         raise StoreError(f"invalid store entry name {name!r}",
                          hint="entry names are relative paths of [A-Za-z0-9._@=+-] segments")
     return name
+
+
+class StaleDigest(StoreError, KeyError):
+    """The entry is intact (its bytes match its own digest) but is not the bytes the caller
+    expected: the caller's record is stale. Nothing is removed; a KeyError, like a miss."""
+
+    __str__ = StoreError.__str__
 
 
 @dataclass(frozen=True)
@@ -96,12 +125,41 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def get_file(self, name: str, dest: Path | str, *, sha256: str | None = None) -> EntryInfo:
         """Copy an entry to `dest` (atomically), verified against its recorded sha256
-        (and against `sha256` if given). Raises KeyError if absent, CorruptEntry if the
-        bytes do not match (the entry is then removed)."""
+        (and against `sha256` if given). Raises KeyError if absent, StaleDigest (a KeyError)
+        if the entry is intact but not the `sha256` asked for, CorruptEntry if its bytes do
+        not match its own digest (the entry is then quarantined, see `quarantine`)."""
 
     @abc.abstractmethod
     def delete(self, name: str) -> None:
-        """Remove an entry; absent entries are ignored."""
+        """Remove an entry; absent entries are ignored. Readers never call this on their own
+        expectations: a corrupt entry is quarantined, a stale record is re-read."""
+
+    @abc.abstractmethod
+    def quarantine(self, name: str, reason: dict) -> None:
+        """Move a corrupt entry to `quarantine_entry(name)` with `reason` (JSON) next to it;
+        the entry is then absent. An entry already gone is ignored."""
+
+    def resolve(self, name: str) -> str | None:
+        """The entry an alias name reads: `engine_entry(key)` -> the blob its manifest names.
+        None if `name` is no alias or has nothing to resolve to. Called only when `name`
+        itself is absent (stores written before blobs/ hold the bytes under the alias)."""
+        m = _ENGINE_ALIAS.match(name)
+        if not m:
+            return None
+        import json
+        try:
+            manifest = json.loads(self.get_bytes(engine_manifest_entry(m.group(1))))
+        except (KeyError, CorruptEntry, ValueError):
+            return None
+        sha = manifest.get("sha256") if isinstance(manifest, dict) else None
+        return blob_entry(sha) if isinstance(sha, str) and _SHA.match(sha) else None
+
+    @staticmethod
+    def reason_bytes(name: str, reason: dict) -> bytes:
+        import json
+        import time
+        return json.dumps({"entry": name, "quarantined_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                           **reason}, indent=2, sort_keys=True).encode()
 
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[str]:
@@ -128,15 +186,16 @@ class Store(abc.ABC):
     # -- uploads from devices -----------------------------------------------------
     def promote(self, staging_name: str, final_name: str, sha256: str) -> bool:
         """Verify a staged upload (see `staging_entry`) against `sha256` and publish exactly
-        the verified bytes as `final_name` (never overwriting); the staging entry is removed
-        either way. Returns True if written, False if `final_name` already existed.
+        the verified bytes as `final_name` (never overwriting); the staging entry (the caller's
+        own upload) is removed either way. Returns True if written, False if `final_name` already existed.
         Raises KeyError if nothing is staged, CorruptEntry if the staged bytes do not match."""
         import tempfile
         with tempfile.TemporaryDirectory(prefix="kiln-promote-") as tmp:
             verified = Path(tmp) / "staged"
             try:
                 self.get_file(staging_name, verified, sha256=sha256)
-            except CorruptEntry as exc:
+            except (CorruptEntry, StaleDigest) as exc:
+                self.delete(staging_name)
                 raise CorruptEntry(
                     f"refusing to promote {staging_name} to {final_name}: the uploaded bytes do "
                     "not match the expected sha256 (the staging entry was removed)",

@@ -1,4 +1,9 @@
-"""`LocalStore`: the store contract (kiln.stores.base.Store) on a local folder."""
+"""`LocalStore`: the store contract (kiln.stores.base.Store) on a local folder.
+
+Physical layout under the root: `blobs/<sha256>` (payloads, read-only 0444 once
+written), `entries/<name>` (symlinks to blobs: the recorded digest is the link's
+target name), `quarantine/<name>` + `quarantine/<name>.reason.json` (corrupt bytes
+moved aside, never deleted)."""
 from __future__ import annotations
 
 import logging
@@ -9,9 +14,10 @@ from typing import Callable
 
 from kiln.errors import CorruptEntry, StoreError
 from kiln.files import atomic_file, copy_hashing, fsync_dir, sha256_file
-from kiln.stores.base import EntryInfo, Store, check_name
+from kiln.stores.base import EntryInfo, StaleDigest, Store, check_name, quarantine_entry
 
 log = logging.getLogger(__name__)
+BLOB_MODE = 0o444  # blobs are never written in place: a flipped byte is damage, not an update
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
@@ -44,6 +50,12 @@ class LocalStore(Store):
                              hint="check the [store] url in the fleet file and the folder's permissions") from exc
 
     def info(self, name: str) -> EntryInfo | None:
+        found = self._info(name)
+        if found is None and (alias := self.resolve(name)) is not None:
+            found = self._info(alias)
+        return found
+
+    def _info(self, name: str) -> EntryInfo | None:
         entry = self._entry(name)
         try:
             sha = os.path.basename(os.readlink(entry))
@@ -63,7 +75,8 @@ class LocalStore(Store):
             raise StoreError(f"refusing to store {name}: {expected!r} is not a sha256 hex digest",
                              hint="pass the lowercase hex sha256 of the file", store=self.url)
         blob = self.root / "blobs" / expected
-        with open(path, "rb") as fin, atomic_file(blob) as fout:  # same name = same bytes: replacing is harmless
+        # same name = same bytes: replacing is harmless (and repairs a blob damaged behind our back)
+        with open(path, "rb") as fin, atomic_file(blob, mode=BLOB_MODE) as fout:
             sha, _ = copy_hashing(fin, fout, self._progress(name, os.fstat(fin.fileno()).st_size))
             if sha != expected:
                 raise StoreError(f"refusing to store {name}: its bytes do not match the expected sha256",
@@ -122,25 +135,48 @@ class LocalStore(Store):
         return True
 
     def get_file(self, name, dest, *, sha256=None) -> EntryInfo:
-        info = self.info(name)
+        info = self._info(name)
+        if info is None and (alias := self.resolve(name)) is not None:
+            name, info = alias, self._info(alias)
         if info is None:
             raise KeyError(name)
+        if sha256 and sha256 != info.sha256:  # intact or not, it is not what the caller wants
+            raise StaleDigest(f"store entry {name} holds other bytes than expected (its record is stale)",
+                              hint="re-read the record that named these bytes", store=self.url,
+                              recorded=info.sha256, expected=sha256)
         try:
             with open(self._entry(name), "rb") as fin, atomic_file(dest) as fout:
                 actual, size = copy_hashing(fin, fout)
-                if actual != info.sha256 or (sha256 and actual != sha256):
+                if actual != info.sha256:
                     raise _Refused  # dest never appears
         except FileNotFoundError:
             raise KeyError(name) from None
         except _Refused:
-            self.delete(name)
-            (self.root / "blobs" / info.sha256).unlink(missing_ok=True)
-            log.warning("store entry %s was corrupt (sha256 %s, recorded %s); removed it", name,
-                        actual[:12], info.sha256[:12])
-            raise CorruptEntry(f"store entry {name} is corrupt and has been removed",
+            where = quarantine_entry(name)
+            self.quarantine(name, {"reason": "bytes do not match their own sha256",
+                                   "recorded_sha256": info.sha256, "actual_sha256": actual})
+            log.warning("store entry %s was corrupt (sha256 %s, recorded %s); moved it to %s", name,
+                        actual[:12], info.sha256[:12], where)
+            raise CorruptEntry(f"store entry {name} is corrupt and has been moved to {where}",
                                hint="it will be rebuilt or re-published on the next run",
                                store=self.url, recorded=info.sha256, actual=actual) from None
         return EntryInfo(name, actual, size)
+
+    def quarantine(self, name: str, reason: dict) -> None:
+        """The damaged blob is renamed into `quarantine/<name>` (every entry linking to it is
+        then dangling, i.e. absent, and is re-created by the next put); the entry link is
+        removed. Concurrent readers: one rename wins, the others find nothing to move."""
+        info = self._info(name)
+        if info is None:
+            return
+        dest = self.root / quarantine_entry(name)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.rename(self.root / "blobs" / info.sha256, dest)
+        except FileNotFoundError:
+            return  # another reader moved it first
+        (dest.parent / f"{dest.name}.reason.json").write_bytes(self.reason_bytes(name, reason))
+        self._clear_dangling(self._entry(name))
 
     def delete(self, name: str) -> None:
         try:

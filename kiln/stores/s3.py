@@ -14,8 +14,12 @@ one wins). The verification HEAD after every upload narrows it: a writer that fi
 someone else's digest on the entry returns False.
 
 Reads download to a temp file next to `dest`, hash while writing, and rename only
-if the bytes match the recorded digest (and the caller's); a mismatch deletes the
-object, logs a warning and raises CorruptEntry, and `dest` is left untouched.
+if the bytes match the recorded digest (and the caller's). Bytes that do not match
+their own recorded digest are corrupt: the object is copied to `quarantine/<name>`
+(with a `.reason.json`) and then removed from its name, a warning is logged and
+CorruptEntry is raised. A caller's digest that differs from an intact object's own
+record is a stale expectation: StaleDigest, nothing is touched. `dest` is left
+untouched either way.
 
 Large files go in parts (parallel, `part_size`, `max_workers`) with the sha256
 computed in the same single read pass that feeds the parts when the caller gives
@@ -55,7 +59,7 @@ from botocore.config import Config
 
 from kiln.errors import CorruptEntry, StoreError
 from kiln.files import atomic_file, sha256_file
-from kiln.stores.base import EntryInfo, Store, check_name
+from kiln.stores.base import EntryInfo, StaleDigest, Store, check_name, quarantine_entry
 from kiln.stores.s3_errors import (BOTO_ERRORS, ENDPOINT_ENV, is_missing, is_not_implemented,
                                    is_precondition, store_error)
 from kiln.stores.s3_transfer import download_ranged, upload_multipart
@@ -68,6 +72,11 @@ MIN_PART = 5 * MB          # S3's minimum part size (all parts but the last)
 
 Progress = Callable[[str, int, int], None]
 """progress(name, bytes_done, bytes_total), called from the caller's thread."""
+
+def _is_bad_param(exc: botocore.exceptions.ClientError) -> bool:
+    """A server that does not know a conditional header may answer 400 instead of 501."""
+    return exc.response.get("Error", {}).get("Code") in ("InvalidArgument", "InvalidRequest", "BadRequest")
+
 
 class S3Store(Store):
     """An S3 bucket + prefix. Constructing one does no I/O; the client is made on first use."""
@@ -175,6 +184,8 @@ class S3Store(Store):
 
     def info(self, name: str) -> EntryInfo | None:
         head = self._head(name)
+        if head is None and (alias := self.resolve(name)) is not None:
+            name, head = alias, self._head(alias)
         if head is None:
             return None
         return EntryInfo(name, head.get("Metadata", {}).get(META_SHA, ""), int(head["ContentLength"]))
@@ -254,14 +265,22 @@ class S3Store(Store):
         dest = Path(dest)
         for attempt in (1, 2):
             head = self._head(name)
+            if head is None and attempt == 1 and (alias := self.resolve(name)) is not None:
+                name, head = alias, self._head(alias)
             if head is None:
                 raise KeyError(name)
             recorded = head.get("Metadata", {}).get(META_SHA, "")
             size = int(head["ContentLength"])
             # An object written by someone else (a device's presigned PUT) has no record; the
             # caller's digest is then the only reference, and one of the two is required.
-            if (not recorded and not sha256) or (recorded and sha256 and recorded != sha256):
-                self._drop_corrupt(name, recorded, sha256 or "", "its record")
+            if not recorded and not sha256:
+                raise StoreError(f"store entry {name} has no recorded sha256 to verify it against",
+                                 hint="pass the expected sha256 (it was not written through the store)",
+                                 store=self.url)
+            if recorded and sha256 and recorded != sha256:
+                raise StaleDigest(f"store entry {name} holds other bytes than expected (its record is stale)",
+                                  hint="re-read the record that named these bytes", store=self.url,
+                                  recorded=recorded, expected=sha256)
             try:
                 actual = self._download(name, self._key(name), head["ETag"], size, dest,
                                         recorded, sha256)
@@ -278,13 +297,44 @@ class S3Store(Store):
         raise StoreError(f"entry {name} kept changing while being downloaded",
                          hint="another process is rewriting it; retry", store=self.url)
 
-    def _drop_corrupt(self, name: str, recorded: str, actual: str, what: str) -> None:
-        self.delete(name)
-        log.warning("store entry %s was corrupt (%s: sha256 %s, recorded %s); removed it",
-                    name, what, actual[:12] or "-", recorded[:12] or "-")
-        raise CorruptEntry(f"store entry {name} is corrupt and has been removed",
+    def _drop_corrupt(self, name: str, recorded: str, actual: str, etag: str) -> None:
+        where = quarantine_entry(name)
+        self.quarantine(name, {"reason": "bytes do not match their own sha256",
+                               "recorded_sha256": recorded, "actual_sha256": actual}, etag=etag)
+        log.warning("store entry %s was corrupt (downloaded bytes: sha256 %s, recorded %s); moved it to %s",
+                    name, actual[:12] or "-", recorded[:12] or "-", where)
+        raise CorruptEntry(f"store entry {name} is corrupt and has been moved to {where}",
                            hint="it will be rebuilt or re-published on the next run",
                            store=self.url, recorded=recorded or None, actual=actual or None)
+
+    def quarantine(self, name: str, reason: dict, *, etag: str | None = None) -> None:
+        """Server-side copy to `quarantine/<name>` (metadata kept), the reason next to it, then
+        the object is removed from its name, pinned to the ETag that was judged (`If-Match`
+        where the server supports it) so a fresh write by someone else is never removed."""
+        key, dest = self._key(name), self._key(quarantine_entry(name))
+        head = self._head(name)
+        if head is None or (etag and head["ETag"] != etag):
+            return  # gone, or already replaced by other bytes: nothing of what we judged is left
+        etag = head["ETag"]
+        try:
+            self.client.copy_object(Bucket=self.bucket, Key=dest, MetadataDirective="COPY",
+                                    CopySource={"Bucket": self.bucket, "Key": key}, CopySourceIfMatch=etag)
+            self.client.put_object(Bucket=self.bucket, Key=dest + ".reason.json",
+                                   Body=self.reason_bytes(name, reason))
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=key, IfMatch=etag)
+            except botocore.exceptions.ClientError as exc:
+                if is_precondition(exc):
+                    return  # replaced meanwhile: the new bytes stay
+                if not is_not_implemented(exc) and not _is_bad_param(exc):
+                    raise
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            except botocore.exceptions.ParamValidationError:  # an older botocore: no IfMatch
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+        except BOTO_ERRORS as exc:
+            if is_missing(exc) or is_precondition(exc):
+                return
+            raise self._error(exc, "quarantine the corrupt entry", name) from exc
 
     def _download(self, name: str, key: str, etag: str, size: int, dest: Path,
                   recorded: str, expected: str | None) -> str:
@@ -310,8 +360,11 @@ class S3Store(Store):
                                      hint="retry; the server or the network cut the transfer",
                                      store=self.url)
             actual = digest.hexdigest()
-            if (recorded and actual != recorded) or (expected and actual != expected):
-                self._drop_corrupt(name, recorded, actual, "downloaded bytes")  # raises: dest untouched
+            if recorded and actual != recorded:
+                self._drop_corrupt(name, recorded, actual, etag)  # raises: dest untouched
+            if expected and actual != expected:  # an unrecorded object (a presigned upload)
+                raise CorruptEntry(f"store entry {name} does not hold the expected bytes",
+                                   hint="upload it again", store=self.url, expected=expected, actual=actual)
         return actual
 
     def delete(self, name: str) -> None:
@@ -335,7 +388,9 @@ class S3Store(Store):
     # -- devices without credentials ---------------------------------------------
     def presign_get(self, name: str, expires: int = 900) -> str:
         """A URL that lets anyone GET the entry's bytes for `expires` seconds (verify them
-        against `info(name).sha256` on the device)."""
+        against `info(name).sha256` on the device). An alias (`engine_entry`) is resolved first."""
+        if self._head(name) is None and (alias := self.resolve(name)) is not None:
+            name = alias
         return self._presign("get_object", name, expires)
 
     def presign_put(self, staging_name: str, expires: int = 900) -> str:

@@ -203,13 +203,13 @@ def _after_activation(ctx: Context, device: Device, target: Target, switched: di
     except KilnError as exc:
         label = what.replace("_", " ")
         if isinstance(exc, CommandFailed):
-            why, detail = f"{label} failed (exit {exc.exit_code})", (
+            cause, detail = f" (exit {exc.exit_code})", (
                 f"command: {exc.command}; exit code {exc.exit_code}; output: {exc.output_tail[-500:]}")
         else:
-            why, detail = f"{label} failed: {exc.message}", exc.hint
-        states = _roll_back(ctx, device, target, switched, todo, why=why)
+            cause, detail = f": {exc.message}", exc.hint
+        states = _roll_back(ctx, device, target, switched, todo, why=f"{label} failed{cause}")
         after = _recheck_previous(device, target, states, say)
-        raise DeployError(f"{why} on {target.name}; {_summary(states)}{after}", target=target.name,
+        raise DeployError(f"{label} failed on {target.name}{cause}; {_summary(states)}{after}", target=target.name,
                           hint=detail) from exc
 
 

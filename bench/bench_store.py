@@ -109,7 +109,9 @@ def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
     from kiln.pipeline.context import Context
     from kiln.devices.local_probe import probe_local
     from kiln.pipeline.reports import cache_ok, cache_report
-    from kiln.stores.base import engine_entry, fingerprint_entry, onnx_record_entry, open_store
+    from kiln.pipeline.engines import publish_manifest
+    from kiln.stores import open_store
+    from kiln.stores.base import blob_entry, fingerprint_entry, onnx_record_entry
 
     m_models, k_classes = args.models, args.classes
     url = f"s3://{bucket}/cache-check"
@@ -164,15 +166,17 @@ def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
     classes = {r.hardware_class for r in rows}
     assert len(rows) == m_models * k_classes and len(classes) == k_classes, (len(rows), len(classes))
     _print_requests("all missing (build server)", rows, calls, sent, secs)
-    for r in rows:                       # publish every engine: the next check is the no-op
-        seed.put_bytes(engine_entry(r.key), r.key.encode())
+    for r in rows:                       # publish every engine (blob, then its manifest): the next check is the no-op
+        sha = hashlib.sha256(r.key.encode()).hexdigest()
+        seed.put_bytes(blob_entry(sha), r.key.encode())
+        publish_manifest(seed, r.key, {"key": r.key, "sha256": sha, "blob": blob_entry(sha)})
     rows, calls, sent, secs = measured(build_server)
     assert cache_ok(rows)
     _print_requests("no-op, records in artifacts/", rows, calls, sent, secs)
     rows, calls, sent, secs = measured(tmp / "artifacts-ci-worker")
     assert cache_ok(rows)
     _print_requests("no-op, empty CI checkout", rows, calls, sent, secs)
-    print(f"  expected: 1 list + {m_models * k_classes} HEAD (one per pair); an empty checkout adds "
+    print(f"  expected: 1 list + {m_models * k_classes} manifest GET + {m_models * k_classes} blob HEAD once published (one each per pair); an empty checkout adds "
           f"a HEAD+GET per recorded fingerprint ({k_classes}) and per ONNX record ({m_models}); "
           "0 engine bytes read")
 

@@ -89,8 +89,14 @@ class Project:
         return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
     def store_engines(self) -> list[str]:
-        base = self.artifacts / "store" / "entries" / "engines"
-        return sorted(p.name for p in base.glob("*/*") if (p / "engine").exists()) if base.exists() else []
+        """Engine keys the local store serves: a manifest whose blob (named by its sha256) exists."""
+        base = self.artifacts / "store" / "entries"
+        keys = []
+        for manifest in sorted(base.glob("engines/*/*/manifest.json")):
+            sha = json.loads(manifest.read_text())["sha256"]
+            if (base / "blobs" / sha[:2] / sha).exists():
+                keys.append(manifest.parent.name)
+        return keys
 
 
 def python(code: str, env: dict | None = None) -> str:

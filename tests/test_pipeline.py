@@ -22,17 +22,6 @@ def project(tmp_path):
     return p
 
 
-def store_engines(p: Project) -> list[str]:
-    """Engine keys the local store serves: a manifest whose blob (named by its sha256) exists."""
-    base = p.artifacts / "store" / "entries"
-    keys = []
-    for manifest in sorted(base.glob("engines/*/*/manifest.json")):
-        sha = json.loads(manifest.read_text())["sha256"]
-        if (base / "blobs" / sha[:2] / sha).exists():
-            keys.append(manifest.parent.name)
-    return keys
-
-
 def save_weights(p: Project, code: str) -> None:
     """Change the checkpoint with torch in a subprocess (`sd` is the state_dict)."""
     python(f"import torch; sd = torch.load({str(p.checkpoint())!r}, weights_only=True); {code}")
@@ -70,7 +59,7 @@ def test_changed_weights_rebuild_export_engine_and_switch_release(project):
     after = project.active()
     assert after and after != before
     assert project.previous() == before  # kept for rollback
-    assert len(store_engines(project)) == 2
+    assert len(project.store_engines()) == 2
     deploys = [e for e in project.events() if e["event"] == "deploy"]
     assert deploys[-1]["key"] == after and before[:12] in deploys[-1]["why"]
 
@@ -106,7 +95,7 @@ def test_corrupt_checkpoint_fails_clearly_and_keeps_the_release(project):
     assert run.returncode != 0
     assert "cannot load checkpoint" in run.out and "model=tiny" in run.out
     assert project.active() == before
-    assert len(store_engines(project)) == 1
+    assert len(project.store_engines()) == 1
 
 
 def test_factory_that_raises_is_named(tmp_path):
@@ -120,7 +109,7 @@ def test_factory_that_raises_is_named(tmp_path):
     assert proc.returncode != 0
     assert "factory broken_factory:build raised RuntimeError: no GPU weights here" in out
     assert "model=tiny" in out
-    assert p.active() is None and store_engines(p) == []
+    assert p.active() is None and p.store_engines() == []
 
 
 def test_engine_that_disagrees_with_the_reference_is_not_published(project):
@@ -143,7 +132,7 @@ def test_engine_that_disagrees_with_the_reference_is_not_published(project):
     run = project.doit("deploy:local", check=False)
     assert run.returncode != 0
     assert "engine outputs differ from the reference" in run.out and "pred_boxes" in run.out
-    assert len(store_engines(project)) == 1
+    assert len(project.store_engines()) == 1
     assert project.active() == before
 
 

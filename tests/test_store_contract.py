@@ -586,3 +586,18 @@ def test_hash_cache_reads_a_file_once(tmp_path):
     assert again.sha256(src) == sha(data) and again.bytes_read == len(data)
     with pytest.raises(HashError):
         again.sha256(tmp_path / "missing.pt")
+
+
+def test_a_corrupt_small_entry_read_as_bytes_is_quarantined(backend, tmp_path):
+    """get_bytes (manifests, records: one GET on S3) verifies and quarantines like get_file."""
+    store = backend.make()
+    name = "engines/ab/k/manifest.json"
+    data = b'{"sha256": "' + b"0" * 64 + b'"}'
+    assert store.put_bytes(name, data)
+    backend.corrupt(store, name)
+    with pytest.raises(CorruptEntry):
+        store.get_bytes(name)
+    assert store.info(name) is None
+    assert json.loads(quarantined(store, name + ".reason.json"))["recorded_sha256"] == sha(data)
+    with pytest.raises(KeyError):
+        store.get_bytes("engines/ab/nothing/manifest.json")

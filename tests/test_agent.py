@@ -153,3 +153,40 @@ def test_fetch_never_writes_through_a_planted_temp_link(tmp_path):
     sha = hashlib.sha256(b"data").hexdigest()
     assert agent.fetch(src.as_uri(), str(out), sha, root=str(root)) == {"sha256": sha, "size": 4}
     assert out.read_bytes() == b"data" and victim.read_text() == "untouched"
+
+
+# ---------------------------------------------------------------- cleanup and the lock (agent side)
+
+def test_clean_inputs_keeps_what_releases_use_young_files_and_scripts(tmp_path):
+    root = tmp_path / "install"
+    inputs = root / ".kiln" / "inputs"
+    inputs.mkdir(parents=True)
+    rel = root / "det" / "releases" / "k1"
+    rel.mkdir(parents=True)
+    (root / "det" / "current").symlink_to("releases/k1")
+    (rel / "manifest.json").write_text('{"onnx_sha256": "aa", "inputs": ["bb.npz"]}')
+    names = ["aa.onnx", "bb.npz", "cc.onnx", "cc.npz", "agent.py", ".x.part", "young.onnx"]
+    for n in names:
+        (inputs / n).write_bytes(b"x")
+        if n != "young.onnx":
+            os.utime(inputs / n, (1, 1))
+    out = agent.clean_inputs(str(root), ["det", "missing"], [], str(root))
+    assert out == {"removed": [".x.part", "cc.npz", "cc.onnx"]}
+    assert sorted(p.name for p in inputs.iterdir()) == ["aa.onnx", "agent.py", "bb.npz", "young.onnx"]
+
+
+def test_lock_staleness_rules(tmp_path):
+    import json
+    import time
+    lock = tmp_path / "lock"
+    lock.mkdir()
+    now = time.time()
+    assert agent.lock_stale(str(lock), None, 3600, 60) is None              # ownerless, young: wait
+    assert "no owner" in agent.lock_stale(str(lock), None, 3600, 60, now=now + 61)
+    assert "old" in agent.lock_stale(str(lock), {"since": now - 7200}, 3600, 60)
+    assert agent.lock_stale(str(lock), {"since": now, "pid": os.getpid(), "host": agent.host_id()}, 3600, 60) is None
+    assert agent.lock_stale(str(lock), {"since": now, "pid": 2 ** 22 + 12345, "host": "another-machine/x"}, 3600, 60) is None
+    assert "gone" in agent.lock_stale(str(lock), {"since": now, "pid": 2 ** 22 + 12345, "host": agent.host_id()}, 3600, 60)
+    (lock / "owner").write_text(json.dumps({"token": "t"}))
+    assert agent.lock_release(str(lock), "other", str(tmp_path)) == {"released": False, "held": {"token": "t"}}
+    assert agent.lock_release(str(lock), "t", str(tmp_path)) == {"released": True} and not lock.exists()

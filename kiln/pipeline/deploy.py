@@ -102,7 +102,11 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         for model, record in engines.items():  # also removes `.staging-*` folders of dead runs
             device.agent("prune", "--model-dir", device.path(model), "--keep", record["key"])
         # temp files of dead runs, and inputs neither the current nor the previous releases use
-        removed = device.clean_inputs(target.models)
+        try:
+            removed = device.clean_inputs(target.models)
+        except KilnError as exc:  # the releases are active and healthy: cleaning is not worth failing for
+            removed = []
+            say(f"  {target.name}: could not clean {device.path('.kiln', 'inputs')}: {exc.message}")
         if removed:
             say(f"  {target.name}: removed {len(removed)} unused input(s) from {device.path('.kiln', 'inputs')}")
     seconds = time.time() - start

@@ -144,13 +144,13 @@ def test_failing_smoke_test_keeps_the_previous_release(project):
     project.doit("engine")  # builds and publishes the new engine
     new = json.loads(next((project.artifacts / "engines").glob("tiny@*.json")).read_text())
     assert new["key"] != before
-    # replace the new engine in the store with the old one (a "poisoned" cache entry)
-    code = ("import sys; sys.path.insert(0, '.'); from kiln.stores.local import LocalStore; from kiln.stores.base import engine_entry;"
-            f"s = LocalStore({str(project.artifacts / 'store')!r});"
-            f"s.put_file(engine_entry({new['key']!r}), {str(project.root / 'deploy/tiny/releases' / before / 'model.ort.onnx')!r}, overwrite=True);"
-            "import json; from kiln.stores.base import engine_manifest_entry as m;"
-            f"k = {new['key']!r}; sha = s.info(engine_entry(k)).sha256;"
-            "s.put_bytes(m(k), json.dumps({**json.loads(s.get_bytes(m(k))), 'sha256': sha}).encode(), overwrite=True);"
+    # make the new key's manifest name the old engine's bytes (a "poisoned" cache entry: valid
+    # bytes of another engine, published as a blob under their own sha256)
+    code = ("import sys, json; sys.path.insert(0, '.'); from kiln.stores.local import LocalStore;"
+            "from kiln.stores.base import blob_entry, engine_manifest_entry as m; from kiln.files import sha256_file;"
+            f"s = LocalStore({str(project.artifacts / 'store')!r}); old = {str(project.root / 'deploy/tiny/releases' / before / 'model.ort.onnx')!r};"
+            f"sha = sha256_file(old); s.put_file(blob_entry(sha), old, sha256=sha); k = {new['key']!r};"
+            "s.put_bytes(m(k), json.dumps({**json.loads(s.get_bytes(m(k))), 'sha256': sha, 'blob': blob_entry(sha)}).encode(), overwrite=True);"
             "print(sha)")
     poisoned_sha = python(code).strip()
     record_file = next((project.artifacts / "engines").glob("tiny@*.json"))

@@ -22,10 +22,10 @@ from kiln.devices.workarea import Device
 from kiln.errors import CommandFailed, CorruptEntry, DeployError, KilnError
 from kiln.keys import read_json, write_json_if_changed
 from kiln.pipeline.context import Context
-from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_spec, ensure_engine
+from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_blob, engine_spec, ensure_engine
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
-from kiln.stores.base import engine_entry, reference_entry
+from kiln.stores.base import reference_entry
 
 
 def target_engines(ctx: Context, target: Target) -> list[EngineSpec]:
@@ -150,11 +150,12 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     reference = ExportPaths.for_model(ctx.artifacts, model).reference
     ref_bytes = reference.stat().st_size if reference.exists() else 0
     engine_remote = f"{staging}/{record['engine_file']}"
-    if not device.fetch_from_store(ctx.store, engine_entry(key), engine_remote, record["sha256"]):
+    blob, _ = engine_blob(ctx, record)  # the bytes by their own sha256, as the manifest names them
+    if not device.fetch_from_store(ctx.store, blob, engine_remote, record["sha256"]):
         local = ctx.engine_cache(key)
         if not (local.exists() and ctx.hashes.sha256(local) == record["sha256"]):
             try:
-                ctx.store.get_file(engine_entry(key), local, sha256=record["sha256"])
+                ctx.store.get_file(blob, local, sha256=record["sha256"])
             except (KeyError, CorruptEntry) as exc:
                 # forget the engine so the next run's engine task rebuilds and republishes it
                 ctx.engine_record(model, record["class"]).unlink(missing_ok=True)

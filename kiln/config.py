@@ -151,7 +151,24 @@ TARGET_KEYS = {
     "class_fields": Key((list,), default=[], doc="extra fingerprint fields that split hardware classes"),
 }
 STORE_KEYS = {"url": Key((str,), doc="file://<folder> or s3://<bucket>/<prefix>; default <artifacts>/store")}
-TOP_KEYS = {"store": STORE_KEYS, "defaults": {"export": EXPORT_KEYS, "verify": VERIFY_KEYS, "build": BUILD_KEYS},
+
+
+def _key_ids(v) -> str | None:
+    from kiln.signing import key_id_problem  # syntax only: no cryptography import at load time
+    for kid in v:
+        if (problem := key_id_problem(kid)) is not None:
+            return f"contains an invalid public key id: {problem}"
+    return None
+
+
+SIGNING_KEYS = {
+    "key": Key((str,), doc="this controller's Ed25519 private key file, relative to the fleet file; "
+                           "default <artifacts>/keys/signing.key, created (0600) on the first publish"),
+    "trusted": Key((list,), default=[], check=_key_ids,
+                   doc="public key ids (\"ed25519:<base64>\") of other controllers whose engines are used; "
+                       "this controller's own key is always trusted"),
+}
+TOP_KEYS = {"store": STORE_KEYS, "signing": SIGNING_KEYS, "defaults": {"export": EXPORT_KEYS, "verify": VERIFY_KEYS, "build": BUILD_KEYS},
             "models": None, "targets": None}
 
 
@@ -194,6 +211,8 @@ class Fleet:
     store_url: str
     models: dict[str, Model]
     targets: dict[str, Target]
+    signing_key: Path | None = None          # None: <artifacts>/keys/signing.key (kiln.signing)
+    trusted: tuple[str, ...] = ()            # public key ids trusted besides the controller's own
 
     @property
     def base_dir(self) -> Path:
@@ -362,7 +381,10 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
     # needs the ssh_config parsed by paramiko, which `doit list` should not pay for)
 
     store_url = checked["store"]["url"] or f"file://{artifacts / 'store'}"
-    return Fleet(path=path, artifacts=artifacts, store_url=store_url, models=models, targets=targets)
+    signing = checked["signing"]
+    signing_key = (path.parent / Path(signing["key"]).expanduser()) if signing["key"] else artifacts / "keys" / "signing.key"
+    return Fleet(path=path, artifacts=artifacts, store_url=store_url, models=models, targets=targets,
+                 signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])))
 
 
 # -- one device, one target -----------------------------------------------------------

@@ -145,12 +145,16 @@ def test_failing_smoke_test_keeps_the_previous_release(project):
     new = json.loads(next((project.artifacts / "engines").glob("tiny@*.json")).read_text())
     assert new["key"] != before
     # make the new key's manifest name the old engine's bytes (a "poisoned" cache entry: valid
-    # bytes of another engine, published as a blob under their own sha256)
+    # bytes of another engine, published as a blob under their own sha256) and sign it with the
+    # controller's own key (a trusted controller's mistake: an unsigned one is refused before
+    # any device sees it, tests/test_signing.py)
     code = ("import sys, json; sys.path.insert(0, '.'); from kiln.stores.local import LocalStore;"
             "from kiln.stores.base import blob_entry, engine_manifest_entry as m; from kiln.files import sha256_file;"
+            f"from kiln.signing import Trust; t = Trust({str(project.artifacts / 'keys' / 'signing.key')!r});"
             f"s = LocalStore({str(project.artifacts / 'store')!r}); old = {str(project.root / 'deploy/tiny/releases' / before / 'model.ort.onnx')!r};"
             f"sha = sha256_file(old); s.put_file(blob_entry(sha), old, sha256=sha); k = {new['key']!r};"
-            "s.put_bytes(m(k), json.dumps({**json.loads(s.get_bytes(m(k))), 'sha256': sha, 'blob': blob_entry(sha)}).encode(), overwrite=True);"
+            "s.put_bytes(m(k), json.dumps(t.sign({**json.loads(s.get_bytes(m(k))), 'sha256': sha, 'blob': blob_entry(sha)},"
+            " say=lambda _: None)).encode(), overwrite=True);"
             "print(sha)")
     poisoned_sha = python(code).strip()
     record_file = next((project.artifacts / "engines").glob("tiny@*.json"))

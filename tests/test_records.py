@@ -36,7 +36,10 @@ class Shared(Project):
         root.mkdir(parents=True, exist_ok=True)
         self.store_root = store
         self.extra_env: dict[str, str] = {}
-        super().__init__(root, extra=f'\n[store]\nurl = "file://{store}"\n', **kwargs)
+        # every checkout of a test is one controller: one signing key (kiln.signing)
+        self.signing_key = store.parent / "controller.key"
+        super().__init__(root, extra=f'\n[store]\nurl = "file://{store}"\n'
+                                     f'\n[signing]\nkey = "{self.signing_key}"\n', **kwargs)
 
     @property
     def env(self) -> dict[str, str]:
@@ -146,7 +149,9 @@ def test_a_stale_local_record_never_deletes_a_rebuilt_engine_and_deploys_it(tmp_
     sha_b = sha(engine_b.read_bytes())
     s.delete(engine_manifest_entry(key))
     s.put_file(blob_entry(sha_b), engine_b, sha256=sha_b)
-    manifest_b = json.dumps({**manifest, "sha256": sha_b, "blob": blob_entry(sha_b), "built_on": "b"}).encode()
+    from kiln.signing import Trust  # B is a controller this one trusts: its manifest is signed
+    manifest_b = json.dumps(Trust(a.signing_key).sign({**manifest, "sha256": sha_b, "blob": blob_entry(sha_b),
+                                                       "built_on": "b"})).encode()
     s.put_bytes(engine_manifest_entry(key), manifest_b)
     # A's local record still names A's bytes; its device must be deployed again
     assert a.engine_record()["sha256"] == sha_a

@@ -42,7 +42,11 @@ class S3Project(Project):
         root.mkdir(parents=True, exist_ok=True)
         self.server, self.bucket, self.prefix = server, bucket, prefix
         self.extra_env = env or {}
-        super().__init__(root, extra=f'\n[store]\nurl = "s3://{bucket}/{prefix}"\n', **kwargs)
+        # the checkouts of a test are one controller: one signing key (kiln.signing; two controllers
+        # that do not trust each other are tests/test_signing.py)
+        key = root.parent / f"controller-{bucket}-{prefix}.key"
+        super().__init__(root, extra=f'\n[store]\nurl = "s3://{bucket}/{prefix}"\n'
+                                     f'\n[signing]\nkey = "{key}"\n', **kwargs)
 
     @property
     def env(self) -> dict[str, str]:

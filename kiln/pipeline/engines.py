@@ -15,6 +15,20 @@ blob stays as a harmless orphan), and only then the local engine record is writt
 The store's manifest is the truth: a local record that disagrees with it is stale
 and is re-read, never a reason to remove anything. Bytes that do not match their
 own digest are quarantined by the store (kiln.stores.base) and rebuilt.
+
+Provenance (kiln.signing): the controller signs the manifest of what it verified before the
+conditional write, and every use of a stored manifest (a cache hit, or a lost race's winner)
+checks the signature against the trusted keys first. A manifest no trusted key signed is never
+used; the run that needed it fails with UntrustedEngine, loudly (a planted engine is an attack
+or a misconfiguration, not a cache miss):
+- unsigned, or its signature does not verify (a field changed after signing): it proves nothing
+  about anyone, so it is quarantined at once (`quarantine/`, reason "not signed by a trusted
+  key"); the next run rebuilds the engine and publishes a signed manifest.
+- validly signed by a key not trusted here (another controller): left in place this run, so
+  that trusting its key (`[signing] trusted`) makes it a cache hit; the refusal is remembered
+  in <artifacts>/cache/untrusted/<key>.json, and a later run that still does not trust that
+  very manifest quarantines it and rebuilds. The fleet is never wedged: at worst every other
+  run of two controllers that do not trust each other rebuilds (give them separate stores).
 """
 from __future__ import annotations
 
@@ -34,6 +48,7 @@ from kiln.keys import digest, read_json, write_json_if_changed
 from kiln.pipeline.context import Context
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
+from kiln.signing import UntrustedEngine, Verdict, controller_trust
 from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, onnx_entry, quarantine_entry,
                               reference_entry, timing_cache_entry)
 from kiln.stores.faults import kill_point
@@ -106,7 +121,7 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
 def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
     model, task = spec.model, f"engine:{spec.task_name}"
     store = ctx.store
-    manifest = _stored_manifest(ctx, key)
+    manifest = _stored_manifest(ctx, key, say)
     if manifest is not None:
         ctx.events.emit(task, "cache-hit", key=key, why=f"engine for {spec.hwclass.id} already in {store.url}")
         say(f"  cache hit: engine {key[:12]} for {spec.hwclass.id} is in the store")
@@ -196,12 +211,67 @@ def _blob_present(store, key: str, manifest: dict) -> bool:
     return True
 
 
-def _stored_manifest(ctx: Context, key: str) -> dict | None:
-    """The manifest of `key` if the blob it names is in the store (a hit), else None."""
+def _stored_manifest(ctx: Context, key: str, say=print) -> dict | None:
+    """The manifest of `key` if a trusted key signed it and the blob it names is in the store (a
+    hit), else None. Raises UntrustedEngine for a manifest no trusted key signed (see the module
+    doc: it is quarantined now or on the next run that still does not trust it)."""
     manifest = _read_manifest(ctx.store, key)
-    if manifest is None or not _blob_present(ctx.store, key, manifest):
+    if manifest is None or not _trusted(ctx, key, manifest, say):
+        return None
+    if not _blob_present(ctx.store, key, manifest):
         return None
     return manifest
+
+
+UNTRUSTED_REASON = "not signed by a trusted key"
+
+
+def _refusals(ctx: Context, key: str) -> Path:
+    return ctx.artifacts / "cache" / "untrusted" / f"{key}.json"
+
+
+def _trusted(ctx: Context, key: str, manifest: dict, say=print) -> bool:
+    """True if a trusted key signed `manifest`. Otherwise raises UntrustedEngine, except for a
+    validly signed manifest this controller already refused on an earlier run: that one is
+    quarantined now and False (a miss: rebuild) is returned."""
+    verdict = controller_trust(ctx).verdict(manifest)
+    memo = _refusals(ctx, key)
+    if verdict.ok:
+        memo.unlink(missing_ok=True)
+        return True
+    store, name = ctx.store, engine_manifest_entry(key)
+    seen = {"manifest": digest(manifest), "signed_by": verdict.signed_by}
+    reason = {"reason": UNTRUSTED_REASON, "verdict": verdict.status, "signed_by": verdict.signed_by,
+              "sha256": manifest.get("sha256")}
+    if verdict.status == "untrusted" and read_json(memo) == seen:
+        store.quarantine(name, {**reason, "refused_before": True})
+        memo.unlink(missing_ok=True)
+        log.warning("engine %s: its manifest is still %s; moved it to %s and rebuilding it", key[:12],
+                    verdict.describe(), quarantine_entry(name))
+        say(f"  engine {key[:12]}: the manifest refused on an earlier run is still not signed by a trusted key; "
+            f"moved it to {quarantine_entry(name)}, rebuilding")
+        return False
+    if verdict.status == "untrusted":
+        write_json_if_changed(memo, seen)
+        then = (f"it stays in the store for now; if it is still not trusted on the next run it is moved to "
+                f"{quarantine_entry(name)} and the engine is rebuilt here")
+    else:
+        store.quarantine(name, reason)
+        log.warning("engine %s: manifest %s; moved it to %s", key[:12], verdict.describe(), quarantine_entry(name))
+        then = f"it was moved to {quarantine_entry(name)}; the next run rebuilds the engine and signs it"
+    raise _untrusted_error(ctx, key, verdict, then)
+
+
+def _untrusted_error(ctx: Context, key: str, verdict: Verdict, then: str) -> UntrustedEngine:
+    signed = f"signed by {verdict.signed_by}" if verdict.status == "untrusted" else verdict.describe()
+    if verdict.status == "untrusted":
+        hint = (f"add {verdict.signed_by} to [signing] trusted in {ctx.fleet.path} if you trust the controller "
+                f"that built it (then run again: it is a cache hit), or run again to rebuild it here")
+    else:
+        hint = ("run again to rebuild it (and find out who wrote to the store: no controller you trust "
+                "published this manifest)")
+    return UntrustedEngine(f"engine {key[:12]} in {ctx.store.url} is not signed by a trusted key ({signed}); "
+                           f"it was not used: {then}", key=key[:12], hint=hint)
 
 
 def publish_manifest(store, key: str, manifest: dict) -> dict:
@@ -292,8 +362,14 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 "build_seconds": round(facts.get("build_seconds", seconds), 3),
                 "verification": {k: v for k, v in report.items() if k != "ok"},
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    # the controller vouches for what it verified: signed before the conditional write
+    manifest = controller_trust(ctx).sign(manifest, say=say)
     in_force = publish_manifest(store, key, manifest)
     kill_point("engine:manifest-published")
+    if in_force != manifest and not _trusted(ctx, key, in_force, say):  # a racer's: never used unchecked
+        device.transport.run(["rm", "-rf", out_dir], check=False)
+        raise _untrusted_error(ctx, key, controller_trust(ctx).verdict(in_force),
+                               "it was published while this run built the engine; run again to publish ours")
     if in_force["sha256"] != sha:
         # another controller published first: use its engine (ours stays as an orphan blob)
         say(f"  another run published engine {key[:12]} first; using it")

@@ -15,6 +15,7 @@ from kiln.errors import ExportError, ProbeError, StoreError
 from kiln.pipeline.export import ExportPaths, export_inputs
 from kiln.devices.hwclass import HardwareClass, describe_change, hardware_class
 from kiln.keys import digest, read_json
+from kiln.signing import controller_trust
 from kiln.stores.base import blob_entry, engine_entry, engine_manifest_entry, fingerprint_entry, onnx_record_entry
 
 log = logging.getLogger(__name__)
@@ -71,27 +72,38 @@ def cache_report(ctx: Context) -> list[CacheRow]:
             if row is None:
                 spec = EngineSpec(ctx.fleet.models[model_name], hw, fingerprint, (target,))
                 key = digest(engine_key_inputs(spec, onnx))
-                hit = engine_in_store(ctx, key)
+                hit, why = engine_in_store_why(ctx, key)
                 row = rows[(model_name, hw.id)] = CacheRow(
                     model_name, hw.id, "hit" if hit else "miss", key, [],
-                    "engine in the store" if hit else f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class")
+                    why or f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class")
             row.targets.append(target.name)
     return sorted(rows.values(), key=lambda r: (r.model, r.hardware_class)) + unknown
 
 
 def engine_in_store(ctx: Context, key: str) -> bool:
-    """A hit iff the key's manifest exists and the blob it names exists (records only, no payload;
-    writes nothing, so read-only CI credentials do). Stores written before blobs/ kept the bytes
-    under the key: those count when their record matches the manifest."""
+    return engine_in_store_why(ctx, key)[0]
+
+
+def engine_in_store_why(ctx: Context, key: str) -> tuple[bool, str]:
+    """(hit, why). A hit iff the key's manifest exists, a trusted key signed it (kiln.signing: the
+    [signing] trusted ids and this controller's own key, if it has one) and the blob it names
+    exists (records only, no payload; writes nothing, so read-only CI credentials do: an
+    untrusted manifest is reported, not quarantined). Stores written before blobs/ kept the
+    bytes under the key: those count when their record matches the manifest. `why` is "" for a
+    plain miss (no manifest, or no blob)."""
     manifest = _from_store(ctx, engine_manifest_entry(key))
     sha = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(sha, str):
-        return False
+        return False, ""
+    verdict = controller_trust(ctx).verdict(manifest)
+    if not verdict.ok:
+        label = "unsigned" if verdict.status == "unsigned" else "untrusted"
+        return False, f"{label}: the engine in the store is not signed by a trusted key ({verdict.describe()})"
     for name in (blob_entry(sha), engine_entry(key)):
         info = ctx.store.info(name)
         if info is not None and info.sha256 == sha:
-            return True
-    return False
+            return True, "engine in the store"
+    return False, ""
 
 
 def _class_of(target, fingerprint: dict) -> HardwareClass | None:

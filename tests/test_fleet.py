@@ -193,15 +193,19 @@ def test_engine_that_fails_to_load_is_not_activated(tmp_path, jetsons):
     # the store now serves a broken plan under the new key (sha recorded like a real publish)
     garbage = tmp_path / "garbage.plan"
     garbage.write_bytes(b"not a TensorRT plan" * 100)
+    # published as a blob and named by a manifest signed with the controller's own key (a trusted
+    # controller's mistake: the device must still refuse to activate it)
     from kiln.keys import sha256_file
-    from kiln.stores.base import engine_entry, engine_manifest_entry
+    from kiln.signing import Trust
+    from kiln.stores.base import blob_entry, engine_manifest_entry
     from kiln.stores.local import LocalStore
-    store = LocalStore(p.artifacts / "store")
-    store.put_file(engine_entry(record["key"]), garbage, overwrite=True)
+    store, sha = LocalStore(p.artifacts / "store"), sha256_file(garbage)
+    store.put_file(blob_entry(sha), garbage, sha256=sha)
     manifest = json.loads(store.get_bytes(engine_manifest_entry(record["key"])))
-    store.put_bytes(engine_manifest_entry(record["key"]),
-                    json.dumps({**manifest, "sha256": sha256_file(garbage)}).encode(), overwrite=True)
-    record_file.write_text(json.dumps({**record, "sha256": sha256_file(garbage)}))
+    signed = Trust(p.artifacts / "keys" / "signing.key").sign({**manifest, "sha256": sha, "blob": blob_entry(sha)},
+                                                            say=lambda _: None)
+    store.put_bytes(engine_manifest_entry(record["key"]), json.dumps(signed).encode(), overwrite=True)
+    record_file.write_text(json.dumps({**record, "sha256": sha}))
     (p.artifacts / "cache/engines" / record["key"]).unlink(missing_ok=True)
     run = p.doit("deploy", check=False)
     assert run.returncode != 0

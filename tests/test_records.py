@@ -1,6 +1,6 @@
 """Truth under faults: records follow bytes, and a store that cannot be poisoned.
 
-Kill points (kiln.stores.faults, `KILN_KILL_AT=<step>`) SIGKILL a real `doit deploy:local`
+Kill points (kiln.faults, `KILN_KILL_AT=<step>`) SIGKILL a real `doit deploy:local`
 between any two publish steps; the next clean run must finish the job, and a fresh checkout
 sharing the store must see the NEW model's engine. Then the engine store itself: a stale local
 record never removes anyone's engine, concurrent publishers agree on one manifest, and a
@@ -21,7 +21,7 @@ from kiln_project import Project, python
 from kiln.errors import CorruptEntry
 from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, onnx_entry, onnx_record_entry,
                               reference_entry)
-from kiln.stores.faults import ENV, STEPS
+from kiln.faults import ENV, STEPS
 from kiln.stores.local import LocalStore
 
 
@@ -97,9 +97,15 @@ def test_a_kill_at_any_publish_step_leaves_old_or_new_and_the_rerun_finishes(tmp
     for i, step in enumerate(STEPS):
         old_onnx = a.record("onnx/tiny.json")["onnx_sha256"]
         nudge(a, 0.01 * (i + 1))
+        before = a.active()
         killed = a.doit_killed_at(step)
         assert killed.returncode == -9, f"{step}: not killed there:\n{killed.out}"
         assert_nothing_half_written(store)
+        # the device has a complete release active throughout: the old one, or (killed after the
+        # switch) the new one, never a staging folder
+        active = a.active()
+        assert active is not None and (a.root / "deploy/tiny/releases" / active / "manifest.json").exists(), step
+        assert active == before or step in ("deploy:activated", "deploy:checked"), (step, active)
         pointer = json.loads(a.store.get_bytes(onnx_record_entry("tiny")))
         # old or new, the pointer names bytes that are in the store (records follow bytes)
         assert a.store.info(onnx_entry(pointer["onnx_sha256"])) is not None, step
@@ -116,6 +122,8 @@ def test_a_kill_at_any_publish_step_leaves_old_or_new_and_the_rerun_finishes(tmp
         assert_nothing_half_written(store)
         key = a.engine_record()["key"]
         assert a.active() == key, step
+        if step == "deploy:activated":  # switched but never health-checked: the rerun checks it
+            assert "not confirmed by this controller" in rerun.out, rerun.out
 
         # a CI worker with an empty checkout and the same store sees the NEW model's engine
         ci = Shared(tmp_path / f"ci-{i}", store)

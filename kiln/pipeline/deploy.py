@@ -20,6 +20,7 @@ from kiln.backends.base import get_backend
 from kiln.config import Target
 from kiln.devices.workarea import Device
 from kiln.errors import CommandFailed, CorruptEntry, DeployError, KilnError
+from kiln.faults import kill_point
 from kiln.keys import read_json, write_json_if_changed
 from kiln.pipeline.context import Context
 from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_blob, engine_spec, ensure_engine
@@ -73,14 +74,20 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
     device = Device(ctx.transport(target), target)
     start = time.time()
     with device.lock(owner=f"{ctx.run_id}"):
+        kill_point("deploy:locked")
         active = device.active_releases(target.models)
         todo = {m: rec for m, rec in engines.items() if active.get(m) != rec["key"]}
+        # active but never confirmed by this controller (a run killed between activation and its
+        # health check, or another controller's deploy): checked again below, as if just switched
+        confirmed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})
+        unconfirmed = [m for m, rec in engines.items() if m not in todo and confirmed.get(m) != rec["key"]]
         for model in sorted(set(engines) - set(todo)):
             ctx.events.emit(task, "skip", key=engines[model]["key"], target=target.name,
                             why=f"{model} release {engines[model]['key'][:12]} already active")
         staged = {}
         for model, record in todo.items():
             staged[model] = _stage(ctx, device, target, model, record, say)
+        kill_point("deploy:staged")
         switched: dict[str, str | None] = {}
         try:
             for model, record in todo.items():
@@ -97,8 +104,16 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
             states = _roll_back(ctx, device, target, switched, todo, why=f"activation failed: {exc.message}")
             raise DeployError(f"activation failed on {target.name}: {exc.message}; {_summary(states)}",
                               target=target.name, hint=exc.hint) from exc
+        kill_point("deploy:activated")
+        if unconfirmed:
+            previous = device.transport.read_links([device.path(m, "previous") for m in unconfirmed])
+            for model, link in zip(unconfirmed, previous.values()):
+                switched[model] = posixpath.basename(link) if link else None
+            say(f"  {target.name}: {', '.join(unconfirmed)} active but not confirmed by this controller: "
+                "restart and health check again")
         if switched:
-            _after_activation(ctx, device, target, switched, todo, say)
+            _after_activation(ctx, device, target, switched, {**todo, **{m: engines[m] for m in unconfirmed}}, say)
+        kill_point("deploy:checked")
         for model, record in engines.items():  # also removes `.staging-*` folders of dead runs
             device.agent("prune", "--model-dir", device.path(model), "--keep", record["key"])
         # temp files of dead runs, and inputs neither the current nor the previous releases use

@@ -51,7 +51,7 @@ from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_cl
 from kiln.signing import UntrustedEngine, Verdict, controller_trust
 from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, onnx_entry, quarantine_entry,
                               reference_entry, timing_cache_entry)
-from kiln.stores.faults import kill_point
+from kiln.faults import kill_point
 
 log = logging.getLogger(__name__)
 ENGINE_FORMAT = 1

@@ -24,7 +24,7 @@ from kiln.errors import ExportError
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.local_probe import package_version
-from kiln.stores.faults import kill_point
+from kiln.faults import kill_point
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1  # bump when this module changes what it writes

@@ -1,4 +1,4 @@
-"""Test hook: kill the process at a named step of a publish sequence.
+"""Test hook: kill the process at a named step of a publish or activation sequence.
 
 `KILN_KILL_AT=<step>` in the environment makes `kill_point(<step>)` send SIGKILL to
 the current process right there, the way a power cut or an OOM kill would: no
@@ -16,6 +16,10 @@ The steps, in order:
   engine:blob-published       engine bytes in the store as blobs/<ab>/<sha256>, verified
   engine:manifest-published   engines/<ab>/<key>/manifest.json names the blob
   engine:record-written       local artifacts/engines/<model>@<class>.json written
+  deploy:locked               the device's deploy lock is held; nothing staged
+  deploy:staged               every release staged and smoke-tested in releases/<key>; none active
+  deploy:activated            the `current` links switched; restart and health check not run yet
+  deploy:checked              restart and health check passed; the deployment record not written yet
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ import signal
 ENV = "KILN_KILL_AT"
 STEPS = ("export:exported", "export:onnx-published", "export:reference-published",
          "export:pointer-published", "export:record-written",
-         "engine:built", "engine:blob-published", "engine:manifest-published", "engine:record-written")
+         "engine:built", "engine:blob-published", "engine:manifest-published", "engine:record-written",
+         "deploy:locked", "deploy:staged", "deploy:activated", "deploy:checked")
 
 
 def kill_point(step: str) -> None:

@@ -113,6 +113,9 @@ BUILD_KEYS = {
     "timing_cache": Key((bool,), default=True, doc="reuse a per-class timing cache from the store"),
     "shapes": Key((dict,), doc="TensorRT optimisation profile: { input = { min = [..], opt = [..], max = [..] } }"),
     "extra_flags": Key((list,), default=[], doc="extra trtexec flags from an allowlist, e.g. [\"--noTF32\"]"),
+    "verify_on": Key((int,), default=1, check=lambda v: None if v in (1, 2) else "must be 1 or 2",
+                     doc="members of the class that load and check a new engine before it is published: "
+                         "1 (the builder) or 2 (the builder and a second member)"),
     "ort_optimization": Key((str,), default="all", check=_one_of(("basic", "extended", "all")),
                             doc="ONNX Runtime graph optimisation level for the CPU engine"),
 }

@@ -344,6 +344,10 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                                   probe_target(ctx, target).fingerprint or spec.fingerprint, stream=stream,
                                   timing_cache=timing_remote)
             report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
+            if spec.model.build.get("verify_on", 1) >= 2:
+                from kiln.pipeline.second_check import verify_on_second_member
+                report["second_member"] = verify_on_second_member(
+                    ctx, spec, device, facts["engine"], facts["sha256"], onnx_record, ref_local, _still_in_class, say)
         except KilnError as exc:
             build_log.write(f"\nFAILED: {exc}\n")
             hint = f"{exc.hint}; " if exc.hint else ""

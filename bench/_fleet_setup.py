@@ -135,3 +135,14 @@ def active_release(sim, name: str, install_dir: str = "/srv/kiln", model: str = 
     """The release a simulated device serves (its `current` link), None if none."""
     current = sim.srv(name) / install_dir.removeprefix("/srv/") / model / "current"
     return current.resolve().name if current.is_symlink() else None
+
+
+def stop_fleets(fleets: list, tmp: Path) -> None:
+    """Stop every simulated fleet a benchmark started (warn, don't raise) and remove its folder."""
+    import shutil
+    for sim in fleets:
+        try:
+            sim.stop()
+        except Exception as exc:  # noqa: BLE001 - teardown reports, it does not mask the result
+            print(f"warning: stopping simulated fleet failed: {exc}", file=sys.stderr)
+    shutil.rmtree(tmp, ignore_errors=True)

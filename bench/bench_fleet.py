@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ TARGET_SECONDS = 3.0
 TARGET_SIZE = 20
 MIXED_PROFILES = ("orin-jp5", "orin-jp6", "xavier-jp5")
 
-from _fleet_setup import as_users_run, median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
+from _fleet_setup import as_users_run, stop_fleets, median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
 
 
 def bench_size(tmp: Path, n: int, runs: int, fleets: list, profile: str | None) -> dict:
@@ -233,12 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR: fleet benchmark failed: {type(exc).__name__}: {str(exc)[:300]}")
         return 1
     finally:
-        for sim in fleets:
-            try:
-                sim.stop()
-            except Exception as exc:
-                print(f"warning: stopping simulated fleet failed: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_fleets(fleets, tmp)
     return 0
 
 

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -42,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from _fleet_setup import (as_users_run, REPO, active_release, fleet_project, fmt_ms, fmt_s, interleaved, retrain,
+from _fleet_setup import (as_users_run, stop_fleets, REPO, active_release, fleet_project, fmt_ms, fmt_s, interleaved, retrain,
                           settle_logins, sim_unsupported, spread, start_fleet)
 
 DEPLOY_RATIO_TARGET = 1.2
@@ -336,12 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         summary.append(f"summary: ERROR: scope benchmark failed: {type(exc).__name__}: {why}")
         failed = True
     finally:
-        for sim in fleets:
-            try:
-                sim.stop()
-            except Exception as exc:
-                print(f"warning: stopping simulated fleet failed: {exc}", file=sys.stderr)
-        shutil.rmtree(tmp, ignore_errors=True)
+        stop_fleets(fleets, tmp)
     print()
     for line in summary:
         print(line)

@@ -300,10 +300,15 @@ def publish_manifest(store, key: str, manifest: dict) -> dict:
 
 
 def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> dict:
-    """The local record follows the store's manifest (rewritten when they differ)."""
+    """The local record follows the store's manifest (rewritten when they differ). Build facts
+    (seconds, builder, time, the verification's median latency) are copied for `doit report`."""
+    latency = (manifest.get("verification") or {}).get("latency_ms")
+    latency = latency.get("median") if isinstance(latency, dict) else None
     record = {"model": spec.model.name, "class": spec.hwclass.id, "class_digest": spec.hwclass.digest,
               "key": key, "sha256": manifest["sha256"], "size": manifest.get("size"),
-              "backend": spec.hwclass.backend, "engine_file": spec.backend.engine_file}
+              "backend": spec.hwclass.backend, "engine_file": spec.backend.engine_file,
+              "build_seconds": manifest.get("build_seconds"), "built_on": manifest.get("built_on"),
+              "built_at": manifest.get("built_at"), "latency_ms": latency}
     write_json_if_changed(ctx.engine_record(spec.model.name, spec.hwclass.id), record)
     kill_point("engine:record-written")
     return record

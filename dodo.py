@@ -10,5 +10,6 @@ task_engine = project.task_engine
 task_deploy = project.task_deploy
 task_cache_check = project.task_cache_check
 task_status = project.task_status
+task_report = project.task_report
 
 DOIT_CONFIG = project.doit_config()

@@ -70,3 +70,7 @@ class Project:
     def task_status(self):
         """Fleet table: hardware class, engine key, deployed release, drift, and why a rebuild would happen."""
         return report.status_task(self.ctx)
+
+    def task_report(self):
+        """Write <artifacts>/report/index.html: fleet, classes, engines, task graph, recent events (--live: ask devices)."""
+        return report.report_page_task(self.ctx)

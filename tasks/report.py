@@ -50,3 +50,23 @@ def _status(ctx: Context, json_out: bool):
 def status_task(ctx: Context) -> dict:
     return {"basename": "status", "actions": [lambda json_out: _status(ctx, json_out)], "uptodate": [False],
             "verbosity": 2, "params": [JSON_PARAM]}
+
+
+LIVE_PARAM = {"name": "live", "long": "live", "type": bool, "default": False,
+              "help": "read the active releases from the devices (default: records only, no device contacted)"}
+
+
+def _report_page(ctx: Context, live: bool):
+    from kiln.pipeline.report_page import write_report
+    try:
+        path = write_report(ctx, live=live)
+    except KilnError as exc:
+        return TaskFailed(str(exc))
+    print(path.resolve().as_uri())
+    return None
+
+
+def report_page_task(ctx: Context) -> dict:
+    """`doit report`: <artifacts>/report/index.html. A report: it takes no artifacts lock (tasks/reporter.py)."""
+    return {"basename": "report", "actions": [lambda live: _report_page(ctx, live)], "uptodate": [False],
+            "verbosity": 2, "params": [LIVE_PARAM]}

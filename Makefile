@@ -17,13 +17,20 @@ $(STAMP): requirements-dev.txt
 	$(PY) -m pip install --quiet -r requirements-dev.txt
 	touch $@
 
-# The SSH fleet simulator needs OpenSSH's server (run as root in CI; tests skip with a reason elsewhere).
+# The SSH fleet simulator needs OpenSSH's server, the report page test Debian's chromium and its
+# chromedriver (run as root in CI; tests skip with a reason elsewhere).
 sysdeps:
 	@if ! command -v sshd >/dev/null 2>&1 && [ ! -x /usr/sbin/sshd ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing openssh-server for the fleet simulator"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server >/dev/null; \
 	  else echo "note: no sshd and cannot install it; SSH fleet tests will be skipped"; fi; \
+	fi
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver for the report page test"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else echo "note: no chromium and cannot install it; the report page browser test will be skipped"; fi; \
 	fi
 
 demo: venv

@@ -185,29 +185,36 @@ class Placed:
     h: float = NODE_H
 
 
-def _layers(ids: list[str], edges: list[tuple[str, str]]) -> dict[str, int]:
-    """Longest path from the sources, then every source moved right to just before its first
-    consumer (a fingerprint sits beside the engines, next to the deploy it feeds)."""
+def _layers(ids: list[str], edges: list[tuple[str, str]], kinds: dict[str, str]) -> dict[str, int]:
+    """Columns: every node right of its predecessors, nodes of one kind in one column (all deploys
+    line up, also one whose engine is not known yet), then kinds made only of sources moved right
+    to just before their first consumer (fingerprints sit beside the engines, next to their deploy)."""
     preds: dict[str, list[str]] = {i: [] for i in ids}
     succs: dict[str, list[str]] = {i: [] for i in ids}
     for a, b in edges:
         succs[a].append(b)
         preds[b].append(a)
-    layer: dict[str, int] = {}
-
-    def depth(n: str, stack: frozenset = frozenset()) -> int:
-        if n in layer:
-            return layer[n]
-        if n in stack:  # not a DAG: break the cycle where it is found
-            return 0
-        layer[n] = max((depth(p, stack | {n}) + 1 for p in preds[n]), default=0)
-        return layer[n]
-
+    groups: dict[str, list[str]] = {}
     for n in ids:
-        depth(n)
-    for n in ids:
-        if not preds[n] and succs[n]:
-            layer[n] = max(layer[n], min(layer[s] for s in succs[n]) - 1)
+        groups.setdefault(kinds.get(n) or n, []).append(n)
+    layer = {n: 0 for n in ids}
+    for _ in range(len(ids) + 1):  # a cycle (not a doit graph) stops here rather than looping
+        changed = False
+        for a, b in edges:
+            if layer[b] < layer[a] + 1:
+                layer[b], changed = layer[a] + 1, True
+        for members in groups.values():
+            top = max(layer[n] for n in members)
+            for n in members:
+                if layer[n] != top:
+                    layer[n], changed = top, True
+        if not changed:
+            break
+    for members in groups.values():
+        if all(not preds[n] for n in members) and any(succs[n] for n in members):
+            right = min(min(layer[s] for s in succs[n]) for n in members if succs[n]) - 1
+            for n in members:
+                layer[n] = max(layer[n], right)
     return layer
 
 
@@ -219,7 +226,7 @@ def layout_graph(nodes: list[dict], edges: list[tuple[str, str]], sweeps: int = 
     ids = [n["id"] for n in nodes]
     known = set(ids)
     edges = [(a, b) for a, b in edges if a in known and b in known]
-    layer = _layers(ids, edges)
+    layer = _layers(ids, edges, {n["id"]: n.get("kind", "") for n in nodes})
     depth = max(layer.values(), default=-1) + 1
     columns: list[list[str]] = [[] for _ in range(depth)]
     for n in ids:
@@ -369,6 +376,7 @@ svg text { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; 
 svg .col-head { font: 600 12px system-ui, sans-serif; fill: var(--muted); }
 svg .edge { fill: none; stroke: #8c959f; stroke-width: 1.2; }
 svg .edge.direct { stroke-dasharray: 4 3; }
+svg .edge.probe { stroke: #d0d7de; }
 svg .edge.hl { stroke: #0969da; stroke-width: 2.4; }
 svg .node rect { stroke-width: 1.2; rx: 4; }
 svg .node.export rect { fill: #ddf4ff; stroke: #54aeff; }
@@ -600,8 +608,8 @@ def _graph_section(graph: dict, rows: list[dict], unclassified: list[dict]) -> s
         x1, y1 = s.x + s.w, s.y + s.h / 2
         x2, y2 = t.x, t.y + t.h / 2
         mid = (x1 + x2) / 2
-        direct = " direct" if t.layer - s.layer > 1 else ""
-        svg.append(f'<path class="edge{direct}" data-from="{e(a)}" data-to="{e(b)}" '
+        style = " direct" if t.layer - s.layer > 1 else " probe" if kinds.get(a) == "fingerprint" else ""
+        svg.append(f'<path class="edge{style}" data-from="{e(a)}" data-to="{e(b)}" '
                    f'd="M{x1:.1f},{y1:.1f} C{mid:.1f},{y1:.1f} {mid:.1f},{y2:.1f} {x2:.1f},{y2:.1f}"/>')
     for p in placed:
         label = p.id if len(p.id) <= LABEL_CHARS else p.id[:LABEL_CHARS - 1] + "…"

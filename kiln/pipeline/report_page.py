@@ -170,7 +170,7 @@ def task_graph(fleet, classes: dict) -> tuple[list[dict], list[tuple[str, str]]]
 NODE_H = 22          # px
 ROW_H = 30           # px between node centres in a column
 COL_GAP = 90         # px between columns
-CHAR_W = 7.0         # px per character of the 12px monospace label
+CHAR_W = 7.4         # px per character of the 12px monospace label
 MARGIN = 16
 HEADER_H = 28
 
@@ -325,6 +325,12 @@ def _num(value: Any, fmt: str, unit: str = "") -> str:
     return '<span class="none">-</span>'
 
 
+def _seconds(value: Any) -> str:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return '<span class="none">-</span>'
+    return e(f"{value:.2f} s" if value < 10 else f"{value:.1f} s" if value < 100 else f"{value:.0f} s")
+
+
 def _size(value: Any) -> str:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return '<span class="none">-</span>'
@@ -353,8 +359,9 @@ table { border-collapse: collapse; width: 100%; font-size: 13px; }
 th, td { border: 1px solid var(--line); padding: 4px 7px; text-align: left; vertical-align: top; }
 th { background: var(--head); font-weight: 600; white-space: nowrap; }
 td.num { text-align: right; white-space: nowrap; }
-td { overflow-wrap: anywhere; }
+td.wrap { overflow-wrap: anywhere; }
 td.time { white-space: nowrap; }
+td.task { min-width: 15em; }
 code { font: 12px ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .none { color: #8c959f; }
 .muted, .why { color: var(--muted); font-size: 12px; }
@@ -476,7 +483,7 @@ def _fleet_section(rows: list[dict]) -> str:
             f'<td>{_code_or_dash(r.get("class"))}</td><td>{_short(r.get("wanted"))}</td>'
             f'<td>{_short(r.get("active"))}</td><td>{_short(r.get("previous"))}</td>'
             f'<td class="state"><span class="badge {t}">{e(r["state"])}</span>{pinned}{why_html}</td>'
-            f'<td>{drift}</td><td>{e(r.get("deployed_at") or "") or "<span class=none>-</span>"}</td>'
+            f'<td class="wrap">{drift}</td><td>{e(r.get("deployed_at") or "") or "<span class=none>-</span>"}</td>'
             f'<td class="num">{_num(r.get("latency_ms"), ".2f", " ms")}</td></tr>')
     if not rows:
         out.append('<tr><td colspan="10" class="none">no target deploys a model</td></tr>')
@@ -501,7 +508,7 @@ def _classes_section(classes: list[dict], unclassified: list[dict]) -> str:
             other = ", ".join(f"{k}={_fmt_value(v)}" for k, v in sorted((m.get("other") or {}).items()))
             builder = ' <span class="badge ok">builder</span>' if m.get("builder") else ""
             member_rows.append(f'<tr><td>{e(m.get("target"))}{builder}</td><td>{e(m.get("transport"))}</td>'
-                               f'<td class="muted">{e(other) or "-"}</td></tr>')
+                               f'<td class="muted wrap">{e(other) or "-"}</td></tr>')
         out.append(
             f'<div class="cls" data-class="{e(c.get("id"))}"><h3><code>{e(c.get("id"))}</code> '
             f'<span class="muted">{e(c.get("backend"))}, {len(members)} member(s)</span></h3>'
@@ -513,7 +520,7 @@ def _classes_section(classes: list[dict], unclassified: list[dict]) -> str:
     if unclassified:
         out.append('<h3>Targets without a class</h3><table><thead><tr><th>target</th><th>backend</th>'
                    '<th>why</th></tr></thead><tbody>')
-        out.extend(f'<tr><td>{e(u.get("target"))}</td><td>{e(u.get("backend"))}</td><td>{e(u.get("why"))}</td></tr>'
+        out.extend(f'<tr><td>{e(u.get("target"))}</td><td>{e(u.get("backend"))}</td><td class="wrap">{e(u.get("why"))}</td></tr>'
                    for u in unclassified)
         out.append("</tbody></table>")
     if not classes and not unclassified:
@@ -547,7 +554,7 @@ def _engines_section(engines: list[dict], rows: list[dict]) -> str:
                     else '<span class="badge warn">not wanted by any target now</span>')
             out.append(f'<tr><td><code>{e(cls)}</code></td><td>{_short(rec.get("key"))}</td>'
                        f'<td class="num">{_size(rec.get("size"))}</td>'
-                       f'<td class="num">{_num(rec.get("build_seconds"), ".1f", " s")}</td>'
+                       f'<td class="num">{_seconds(rec.get("build_seconds"))}</td>'
                        f'<td class="num">{_num(rec.get("latency_ms"), ".2f", " ms")}</td>'
                        f'<td>{e(rec.get("built_on") or "") or "<span class=none>-</span>"}</td>'
                        f'<td>{e(rec.get("built_at") or "") or "<span class=none>-</span>"}</td><td>{used}</td></tr>')
@@ -647,9 +654,9 @@ def _events_section(events: list[dict]) -> str:
         t = ("bad" if kind in ("fail", "rollback") else "ok" if kind in ("deploy", "publish") else
              "warn" if kind in ("build", "export") else "plain")
         out.append(f'<tr><td class="muted time">{e(ev.get("ts"))}</td><td><code>{e(ev.get("run"))}</code></td>'
-                   f'<td>{e(ev.get("task"))}</td><td><span class="badge {t}">{e(kind)}</span></td>'
+                   f'<td class="wrap task">{e(ev.get("task"))}</td><td><span class="badge {t}">{e(kind)}</span></td>'
                    f'<td>{e(ev.get("target"))}</td><td>{_short(ev.get("key"))}</td>'
-                   f'<td class="num">{_num(ev.get("seconds"), ".2f")}</td><td>{e(ev.get("why"))}</td></tr>')
+                   f'<td class="num">{_num(ev.get("seconds"), ".2f")}</td><td class="wrap">{e(ev.get("why"))}</td></tr>')
     if not events:
         out.append('<tr><td colspan="8" class="none">no events yet</td></tr>')
     out.append("</tbody></table></section>")

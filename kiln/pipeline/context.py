@@ -18,6 +18,7 @@ from kiln.config import Fleet, Target, load_fleet
 from kiln.errors import StoreError
 from kiln.events import EventLog
 from kiln.keys import HashCache
+from kiln.progress import Progress
 from kiln.stores import open_store
 from kiln.stores.base import Store
 from kiln.transports.base import Transport
@@ -47,6 +48,7 @@ class Context:
         self._once: dict[Hashable, _Once] = {}
         self._pool = None  # a ThreadPoolExecutor, made on first use
         self._artifacts_lock: int | None = None  # fd holding the flock, see lock_artifacts
+        self._progress: Progress | None = None  # made on first use, see `progress`
         self._lock = threading.Lock()
 
     @classmethod
@@ -85,13 +87,24 @@ class Context:
 
     # -- lazily opened resources ---------------------------------------------------
     @property
+    def progress(self) -> Progress:
+        """The run's progress display on stderr (kiln.progress): exports, large transfers, builds
+        report to it. Made on first use; it picks its renderer (KILN_PROGRESS) when first shown."""
+        with self._lock:
+            if self._progress is None:
+                self._progress = Progress()
+            return self._progress
+
+    @property
     def store(self) -> Store:
         """Opened and checked once per run; a broken store fails every later use the same way
         without asking the server again."""
+        display = self.progress
         with self._lock:
             if self._store is None:
                 try:
                     store = open_store(self.fleet.store_url, base_dir=self.fleet.base_dir)
+                    store.display = display  # large puts and gets are shown
                     store.check()
                 except StoreError as exc:
                     self._store = exc
@@ -110,9 +123,11 @@ class Context:
         if target.transport == "ssh":  # one device, one target: checked before the first connection
             from kiln.transports.addresses import check_ssh_addresses
             self.once("ssh addresses", lambda: check_ssh_addresses(self.fleet))
+        display = self.progress
         with self._lock:
             if target.name not in self._transports:
                 self._transports[target.name] = self._open_transport(target)
+                self._transports[target.name].display = display  # large uploads/downloads are shown
             return self._transports[target.name]
 
     def _open_transport(self, target: Target) -> Transport:
@@ -195,7 +210,10 @@ class Context:
             pool, self._pool = self._pool, None
             transports = list(self._transports.values())
             self._transports.clear()
+            progress = self._progress
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         for t in transports:
             t.close()
+        if progress is not None:
+            progress.close()

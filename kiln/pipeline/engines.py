@@ -52,6 +52,7 @@ from kiln.signing import UntrustedEngine, Verdict, controller_trust
 from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, onnx_entry, quarantine_entry,
                               reference_entry, timing_cache_entry)
 from kiln.faults import kill_point
+from kiln.progress import NULL
 
 log = logging.getLogger(__name__)
 ENGINE_FORMAT = 1
@@ -133,7 +134,9 @@ def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) ->
             errors.append(f"{target.name}: no longer in class {spec.hwclass.id}")
             continue
         try:
-            manifest = _build_on(ctx, spec, target, key, engine_key_inputs(spec, onnx_record), onnx_record, say)
+            with ctx.progress.activity(f"build {spec.task_name} on {target.name}") as activity:
+                manifest = _build_on(ctx, spec, target, key, engine_key_inputs(spec, onnx_record), onnx_record,
+                                     say, activity)
         except UnreachableError as exc:
             errors.append(f"{target.name}: {exc.message}")
             log.warning("builder %s unreachable, trying the next builder of %s", target.name, spec.hwclass.id)
@@ -315,7 +318,9 @@ def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> d
 
 
 def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: dict, onnx_record: dict,
-              say) -> dict:
+              say, activity=NULL) -> dict:
+    """Build on `target`, verify, publish. `activity` (kiln.progress) is told each phase and
+    the builder's output lines as they arrive."""
     task = f"engine:{spec.task_name}"
     store, backend = ctx.store, spec.backend
     device = Device(ctx.transport(target), target)
@@ -325,6 +330,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     start = time.time()
 
     # ONNX and reference come from the store, verified, so any controller can build
+    activity.phase("sending inputs")
     onnx_sha = onnx_record["onnx_sha256"]
     onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, ExportPaths.for_model(ctx.artifacts, spec.model.name))
     onnx_remote = device.ensure_input(onnx_local, onnx_sha, ".onnx", store=store, entry=onnx_entry(onnx_sha))
@@ -344,12 +350,16 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
             build_log.flush()
             if line.strip():
                 say(f"    [{target.name}] {line}")
+                activity.note(line)
         try:
+            activity.phase("building")
             facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
                                   probe_target(ctx, target).fingerprint or spec.fingerprint, stream=stream,
                                   timing_cache=timing_remote)
+            activity.phase("verifying")
             report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
             if spec.model.build.get("verify_on", 1) >= 2:
+                activity.phase("checking on a second member")
                 from kiln.pipeline.second_check import verify_on_second_member
                 report["second_member"] = verify_on_second_member(
                     ctx, spec, device, facts["engine"], facts["sha256"], onnx_record, ref_local, _still_in_class, say)
@@ -363,6 +373,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
 
     sha = facts["sha256"]
     kill_point("engine:built")
+    activity.phase("publishing")
     how = _publish_engine(ctx, device, facts, key)
     kill_point("engine:blob-published")
     manifest = {"key": key, "key_inputs": inputs, "model": spec.model.name, "class": spec.hwclass.id,

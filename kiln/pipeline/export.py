@@ -25,6 +25,7 @@ from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.local_probe import package_version
 from kiln.faults import kill_point
+from kiln.progress import NULL
 
 log = logging.getLogger(__name__)
 EXPORT_FORMAT = 1  # bump when this module changes what it writes
@@ -109,9 +110,11 @@ def create_checkpoint(model: Model) -> Path:
     return model.checkpoint
 
 
-def load_module(model: Model):
+def load_module(model: Model, activity=NULL):
     import torch
+    activity.phase("building model")
     module = build_module(model)
+    activity.phase("loading checkpoint")
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"factory {model.factory} returned {type(module).__name__}, not a torch.nn.Module",
                           model=model.name, hint="return the model instance from the factory")
@@ -218,13 +221,16 @@ def run_onnxruntime(path: Path, feeds: dict) -> dict:
     return dict(zip(names, session.run(names, feeds)))
 
 
-def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=None) -> dict:
+def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=None, activity=NULL) -> dict:
     """Export, check, write reference data; returns the record (written only if changed).
 
     Records follow bytes: `publish(record)` (if given) runs after the ONNX and reference
     files are verified and in place, and before the local record and the provenance are
     written; the provenance (what `export_is_current` reads) is written last. A kill at
-    any point leaves the previous provenance, so the next run exports and publishes again."""
+    any point leaves the previous provenance, so the next run exports and publishes again.
+
+    `activity` (a kiln.progress activity) is told each phase as it starts."""
+    activity.phase("importing torch")
     import torch
 
     from kiln.device_side import agent
@@ -232,7 +238,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
 
     start = time.time()
     torch.manual_seed(0)
-    module = load_module(model)
+    module = load_module(model, activity)
+    activity.phase("reference outputs")
     feeds = reference_inputs(model)
     with torch.no_grad():
         try:
@@ -253,6 +260,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
     import tempfile
     with tempfile.TemporaryDirectory(dir=paths.onnx.parent, prefix=f".{model.name}.export-") as tmp:
         onnx_tmp = Path(tmp) / "model.onnx"
+        activity.phase("torch export")
         try:
             _torch_export(module, feeds, model, onnx_tmp)
         except ExportError:
@@ -263,7 +271,9 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         if not onnx_tmp.exists() or any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
             raise ExportError("the exporter did not produce a single self-contained ONNX file", model=model.name,
                               hint="models over 2 GB need external data, which enginekiln does not handle yet")
+        activity.phase("onnx check")
         opset = check_onnx(onnx_tmp, model)
+        activity.phase("ONNX Runtime verification")
         try:
             actual = run_onnxruntime(onnx_tmp, feeds)
         except Exception as exc:  # noqa: BLE001
@@ -274,6 +284,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         if not report["ok"]:
             raise ExportError(f"ONNX Runtime disagrees with PyTorch: {report['reason']}", model=model.name,
                               hint="the export changed the model's numerics; check unsupported ops or loosen verify.rtol/atol")
+        activity.phase("writing reference data")
         ref_tmp = Path(tmp) / "reference.npz"
         agent.save_arrays(str(ref_tmp), {**{f"input.{k}": v for k, v in feeds.items()},
                                          **{f"output.{k}": v for k, v in expected.items()}})
@@ -286,6 +297,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
     record = {"model": model.name, "onnx_sha256": onnx_sha, "onnx_size": paths.onnx.stat().st_size,
               "reference_sha256": ref_sha, "opset": opset, "inputs": {k: list(v) for k, v in model.inputs.items()},
               "outputs": list(model.outputs)}
+    activity.phase("publishing")
     if publish is not None:
         publish(record)
     seconds = time.time() - start
@@ -329,7 +341,9 @@ def ensure_export(ctx, model: Model, say=print) -> dict:
     before = read_json(paths.provenance) or {}
     why = _why_export(before.get("inputs"), inputs)
     say(f"  exporting {model.name} ({why})")
-    result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record))
+    with ctx.progress.activity(f"export {model.name}") as activity:
+        result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record),
+                              activity=activity)
     outcome = "new ONNX" if result["changed"] else "same ONNX bytes as before: nothing downstream rebuilds"
     ctx.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
                     why=f"{why}; {outcome}")

@@ -28,8 +28,10 @@ import abc
 import hashlib
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from kiln.errors import CorruptEntry, StoreError
 
@@ -98,10 +100,39 @@ class EntryInfo:
     size: int
 
 
+class Transferring:
+    """One put or get under way: its bytes go to the store's `progress(name, done, total)`
+    callback and to its `display` (see `Store.transferring`)."""
+
+    def __init__(self, store: "Store", name: str, size: int, shown) -> None:
+        self.store, self.name, self.size, self.shown = store, name, size, shown
+        self.done = 0
+
+    def advance(self, n: int) -> None:
+        self.update(self.done + n)
+
+    def update(self, done: int) -> None:
+        self.done = done
+        if self.store.progress:
+            self.store.progress(self.name, done, self.size)
+        self.shown.update(done)
+
+
 class Store(abc.ABC):
     """What every store offers. Names are relative, `/`-separated (see `check_name`)."""
 
     url: str
+    #: progress(name, bytes_done, bytes_total) for every put and get (benchmarks, tests), or None
+    progress: Callable[[str, int, int], None] | None = None
+    #: where large puts and gets are shown (a kiln.progress.Progress; the run's Context sets it)
+    display = None
+
+    @contextmanager
+    def transferring(self, verb: str, name: str, size: int) -> Iterator[Transferring]:
+        """Report a put or get of `size` bytes of entry `name` while the block runs."""
+        from kiln.progress import short_name, transfer
+        with transfer(self.display, f"store {verb} {short_name(name)}", size) as shown:
+            yield Transferring(self, name, size, shown)
 
     @abc.abstractmethod
     def check(self) -> None:

@@ -76,8 +76,9 @@ class LocalStore(Store):
                              hint="pass the lowercase hex sha256 of the file", store=self.url)
         blob = self.root / "blobs" / expected
         # same name = same bytes: replacing is harmless (and repairs a blob damaged behind our back)
-        with open(path, "rb") as fin, atomic_file(blob, mode=BLOB_MODE) as fout:
-            sha, _ = copy_hashing(fin, fout, self._progress(name, os.fstat(fin.fileno()).st_size))
+        with open(path, "rb") as fin, self.transferring("put", name, os.fstat(fin.fileno()).st_size) as shown, \
+                atomic_file(blob, mode=BLOB_MODE) as fout:
+            sha, _ = copy_hashing(fin, fout, shown.advance)
             if sha != expected:
                 raise StoreError(f"refusing to store {name}: its bytes do not match the expected sha256",
                                  hint="the source file changed or was corrupted while being published; rebuild it",
@@ -100,17 +101,6 @@ class LocalStore(Store):
                     return False
         fsync_dir(entry.parent)
         return True
-
-    def _progress(self, name: str, total: int) -> Callable[[int], None] | None:
-        if not self.progress:
-            return None
-        done = 0
-
-        def progress(n: int) -> None:
-            nonlocal done
-            done += n
-            self.progress(name, done, total)
-        return progress
 
     @staticmethod
     def _clear_dangling(entry: Path) -> bool:
@@ -145,8 +135,9 @@ class LocalStore(Store):
                               hint="re-read the record that named these bytes", store=self.url,
                               recorded=info.sha256, expected=sha256)
         try:
-            with open(self._entry(name), "rb") as fin, atomic_file(dest) as fout:
-                actual, size = copy_hashing(fin, fout)
+            with open(self._entry(name), "rb") as fin, self.transferring("get", name, info.size) as shown, \
+                    atomic_file(dest) as fout:
+                actual, size = copy_hashing(fin, fout, shown.advance)
                 if actual != info.sha256:
                     raise _Refused  # dest never appears
         except FileNotFoundError:

@@ -231,10 +231,6 @@ class S3Store(Store):
             return False
         return True
 
-    def _report(self, name: str, done: int, total: int) -> None:
-        if self.progress:
-            self.progress(name, done, total)
-
     def _upload(self, name: str, key: str, path: Path, size: int, expected: str | None,
                 conditional: bool) -> str:
         """Upload `path`; returns its sha256. Raises StoreError (nothing visible) on a digest
@@ -244,15 +240,17 @@ class S3Store(Store):
             data = path.read_bytes()
             sha = hashlib.sha256(data).hexdigest()
             self._refuse_mismatch(name, expected, sha)
-            self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
-                                   Metadata={META_SHA: sha}, **cond)
-            self._report(name, len(data), size)
+            with self.transferring("put", name, size) as shown:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data,
+                                       Metadata={META_SHA: sha}, **cond)
+                shown.update(len(data))
             return sha
         sha = expected or sha256_file(path)
-        upload_multipart(self.client, self.bucket, key, path, size=size, metadata={META_SHA: sha},
-                         part_size=self.part_size, max_workers=self.max_workers, conditional=cond,
-                         verify=lambda actual: self._refuse_mismatch(name, sha, actual),
-                         report=lambda done: self._report(name, done, size))
+        with self.transferring("put", name, size) as shown:
+            upload_multipart(self.client, self.bucket, key, path, size=size, metadata={META_SHA: sha},
+                             part_size=self.part_size, max_workers=self.max_workers, conditional=cond,
+                             verify=lambda actual: self._refuse_mismatch(name, sha, actual),
+                             report=shown.update)
         return sha
 
     def _refuse_mismatch(self, name: str, expected: str | None, actual: str) -> None:
@@ -362,7 +360,7 @@ class S3Store(Store):
                   recorded: str, expected: str | None) -> str:
         """Hashed in order into a temp file; renamed to `dest` only if verified."""
         digest = hashlib.sha256()
-        with atomic_file(dest) as out:
+        with atomic_file(dest) as out, self.transferring("get", name, size) as shown:
             if size < self.multipart_threshold:
                 body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag)["Body"]
                 try:
@@ -371,12 +369,11 @@ class S3Store(Store):
                         out.write(chunk)
                 finally:
                     body.close()
-                self._report(name, size, size)
+                shown.update(size)
             else:
                 done = download_ranged(self.client, self.bucket, key, etag, size=size, out=out,
                                        digest=digest, part_size=self.part_size,
-                                       max_workers=self.max_workers,
-                                       report=lambda n: self._report(name, n, size))
+                                       max_workers=self.max_workers, report=shown.update)
                 if done != size:
                     raise StoreError(f"entry {name} came back short ({done} of {size} bytes)",
                                      hint="retry; the server or the network cut the transfer",

@@ -49,6 +49,9 @@ class Transport(abc.ABC):
     target: str
     #: the interpreter that runs kiln's device agent on the target
     python: str
+    #: where large uploads and downloads are shown (a kiln.progress.Progress; the run's Context
+    #: sets it), or None: not shown
+    display = None
 
     @abc.abstractmethod
     def run(self, argv: Sequence[str], *, timeout: float | None = None, check: bool = True,

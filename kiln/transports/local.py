@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 
 from kiln.errors import TransportError
-from kiln.files import atomic_copy, atomic_file, copy_hashing
+from kiln.files import atomic_file, copy_hashing
+from kiln.progress import transfer
 from kiln.transports.base import Result, Transport, quote_argv
 from kiln.transports.lines import LineSink
 
@@ -89,9 +90,11 @@ class LocalTransport(Transport):
             fin = open(local, "rb")
         except FileNotFoundError as exc:
             raise TransportError(f"cannot upload {local}: no such local file", target=self.target) from exc
-        mode = os.fstat(fin.fileno()).st_mode & 0o777  # kept, as over SSH
-        with fin, atomic_file(remote, mode=mode) as fout:
-            sha, _ = copy_hashing(fin, fout)
+        stat = os.fstat(fin.fileno())
+        mode = stat.st_mode & 0o777  # kept, as over SSH
+        with fin, transfer(self.display, f"upload {Path(local).name} to {self.target}", stat.st_size) as shown, \
+                atomic_file(remote, mode=mode) as fout:
+            sha, _ = copy_hashing(fin, fout, shown.advance)
             if sha256 and sha != sha256:  # refused inside atomic_file: the previous file stays
                 raise TransportError(f"local file {local} does not match its expected sha256; not uploaded",
                                      target=self.target, expected=sha256, actual=sha)
@@ -99,8 +102,12 @@ class LocalTransport(Transport):
 
     def get(self, remote, local) -> str:
         try:
-            sha, _ = atomic_copy(remote, local)
+            fin = open(remote, "rb")
         except FileNotFoundError as exc:
             raise TransportError(f"{remote} does not exist on target {self.target}",
                                  target=self.target) from exc
+        label = f"download {Path(remote).name} from {self.target}"
+        with fin, transfer(self.display, label, os.fstat(fin.fileno()).st_size) as shown, \
+                atomic_file(local) as fout:
+            sha, _ = copy_hashing(fin, fout, shown.advance)
         return sha

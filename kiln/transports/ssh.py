@@ -34,6 +34,7 @@ from typing import Sequence
 
 from kiln.errors import TransportError, UnreachableError
 from kiln.files import atomic_file
+from kiln.progress import transfer
 from kiln.transports.base import Result, Stream, Transport, quote_argv
 from kiln.transports.hostkeys import (DEFAULT_CONNECT_TIMEOUT, Hop, build_chain, key_fingerprint,
                                       open_verified, paramiko as _paramiko)
@@ -331,7 +332,8 @@ class SSHTransport(Transport):
         tmp = str(rpath.parent / f".{rpath.name}.{secrets.token_hex(6)}.part")
         self.run(["mkdir", "-p", "--", str(rpath.parent)])
         h = hashlib.sha256()
-        with self._channels:
+        with self._channels, transfer(self.display, f"upload {local.name} to {self.target}",
+                                      local.stat().st_size) as shown:
             sftp = self._sftp()
             try:
                 with open(local, "rb") as fin, sftp.open(tmp, "wb") as fout:
@@ -339,6 +341,7 @@ class SSHTransport(Transport):
                     for block in iter(lambda: fin.read(CHUNK), b""):
                         h.update(block)
                         fout.write(block)
+                        shown.advance(len(block))
                     mode = os.fstat(fin.fileno()).st_mode & 0o777
                 sftp.chmod(tmp, mode)
             except FileNotFoundError as exc:
@@ -387,10 +390,14 @@ class SSHTransport(Transport):
                 sftp = self._sftp()
                 try:
                     with sftp.open(remote, "rb") as fin:
-                        fin.prefetch()
-                        for block in iter(lambda: fin.read(CHUNK), b""):
-                            h.update(block)
-                            fout.write(block)
+                        size = fin.stat().st_size
+                        fin.prefetch(size)
+                        with transfer(self.display, f"download {PurePosixPath(remote).name} from {self.target}",
+                                      size) as shown:
+                            for block in iter(lambda: fin.read(CHUNK), b""):
+                                h.update(block)
+                                fout.write(block)
+                                shown.advance(len(block))
                 except FileNotFoundError as exc:
                     raise TransportError(f"{remote} does not exist on target {self.target}",
                                          target=self.target) from exc

@@ -10,6 +10,8 @@ task_engine = project.task_engine
 task_deploy = project.task_deploy
 task_cache_check = project.task_cache_check
 task_status = project.task_status
+task_rollback = project.task_rollback
+task_unpin = project.task_unpin
 task_report = project.task_report
 
 DOIT_CONFIG = project.doit_config()

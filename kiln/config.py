@@ -152,7 +152,17 @@ TARGET_KEYS = {
     "build_tool": Key((str,), default="trtexec", check=_one_of(BUILDER_TOOLS)),
     "trtexec": Key((str,), default=DEFAULT_TRTEXEC),
     "class_fields": Key((list,), default=[], doc="extra fingerprint fields that split hardware classes"),
+    "pin": Key((dict,), default={}, check=lambda v: _pins(v),
+               doc="{ <model> = \"<engine key prefix>\" }: keep that release active (see README, rollback and pins)"),
 }
+def _pins(value: dict) -> str | None:
+    for model, prefix in value.items():
+        if not isinstance(prefix, str) or not re.fullmatch(r"[0-9a-f]{6,64}", prefix):
+            return (f"{model} = {prefix!r}: an engine key prefix is 6 to 64 lowercase hex digits "
+                    "(as `doit status` shows them)")
+    return None
+
+
 STORE_KEYS = {"url": Key((str,), doc="file://<folder> or s3://<bucket>/<prefix>; default <artifacts>/store")}
 
 
@@ -360,6 +370,10 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
             if model not in models:
                 raise src.error(["targets", name, "models"], f"unknown model {model!r}",
                                 f"define [models.{model}] or use one of: {', '.join(sorted(models))}")
+        for model in t["pin"]:
+            if model not in t["models"]:
+                raise src.error(["targets", name, "pin"], f"pins {model!r}, which is not one of its models",
+                                f"pin one of: {', '.join(t['models'])}")
         install_dir = t["install_dir"]
         if t["transport"] == "local":
             install_dir = str((path.parent / install_dir).resolve())

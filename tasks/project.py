@@ -12,7 +12,7 @@ from kiln.config import check_artifacts
 from kiln.errors import ConfigError
 from kiln.pipeline.context import Context
 
-from . import export, fleet, report
+from . import control, export, fleet, report
 from .common import setup_logging
 from .reporter import reporter_for
 
@@ -67,8 +67,16 @@ class Project:
         """Is every (model, target) engine in the store for the recorded fingerprints? Exit 1 if not."""
         return report.cache_check_task(self.ctx)
 
+    def task_rollback(self):
+        """Switch a target back to its previous releases and hold them there until unpin or a new engine."""
+        yield from control.rollback_tasks(self.ctx)
+
+    def task_unpin(self):
+        """End the holds a rollback left; the next deploy activates the wanted engines."""
+        yield from control.unpin_tasks(self.ctx)
+
     def task_status(self):
-        """Fleet table: hardware class, engine key, deployed release, drift, and why a rebuild would happen."""
+        """What each device actually runs against what it should: state, drift, holds, pins (--offline: records)."""
         return report.status_task(self.ctx)
 
     def task_report(self):

@@ -6,6 +6,7 @@ tasks need start at once in parallel; `complete_run` closes the run's connection
 """
 from __future__ import annotations
 
+import sys
 import time
 
 from doit.reporter import ConsoleReporter
@@ -53,6 +54,13 @@ class SummaryReporter(ConsoleReporter):
             self.context.lock_artifacts(say=self.write_line)
         wanted = {n.split(":", 1)[1] for n in will_run if n.startswith("fingerprint:")}
         probe_in_background(self.context, [t for n, t in self.context.fleet.targets.items() if n in wanted])
+
+    def execute_task(self, task):
+        # `--json`: stdout carries the document and nothing else, so doit's own lines (this one,
+        # failures, the summary) go to stderr from here on
+        if (task.options or {}).get("json_out"):
+            self.outstream = sys.stderr
+        super().execute_task(task)
 
     def write_line(self, line: str) -> None:
         self.write(line + "\n")

@@ -439,19 +439,76 @@ def _swap_link(model_dir, name, target):
         os.close(fd)
 
 
-def rollback(model_dir, root):
-    """Make `previous` current again (or deactivate if there was none)."""
+def rollback(model_dir, root, swap=False):
+    """Make `previous` current again (or deactivate if there was none). With `swap` (a rollback
+    asked for by a person) the release rolled back from becomes `previous`, so it stays on the
+    device and rolling forward needs no new upload."""
     model_dir = inside(root, model_dir, "roll back in")
     prev = os.path.join(model_dir, "previous")
+    current = os.path.join(model_dir, "current")
     if os.path.islink(prev):
         target = os.readlink(prev)
+        old = os.readlink(current) if os.path.islink(current) else None
         _swap_link(model_dir, "current", target)
-        os.unlink(prev)
-        return {"active": os.path.basename(target)}
+        if swap and old and old != target:
+            _swap_link(model_dir, "previous", old)
+        else:
+            os.unlink(prev)
+        out = {"active": os.path.basename(target)}
+        if swap:
+            out["previous"] = os.path.basename(old) if old else None
+        return out
     current = os.path.join(model_dir, "current")
     if os.path.lexists(current):
         os.unlink(current)
     return {"active": None}
+
+
+def deactivate(model_dir, root):
+    """No release active for this model any more (it left the target's list): `current` becomes
+    `previous`, so a rollback restores it and its files stay until removed."""
+    model_dir = inside(root, model_dir, "deactivate a release in")
+    current = os.path.join(model_dir, "current")
+    if not os.path.islink(current):
+        return {"active": None, "previous": None}
+    old = os.readlink(current)
+    _swap_link(model_dir, "previous", old)
+    os.unlink(current)
+    _fsync_dir(model_dir)
+    return {"active": None, "previous": os.path.basename(old)}
+
+
+HOLD_FILE = "hold.json"
+
+
+def hold(model_dir, info, root):
+    """Record a hold (a person rolled this model back): deploys keep the active release while
+    the wanted engine is the one named in the hold. Written complete (temp + rename)."""
+    model_dir = inside(root, model_dir, "hold a release in")
+    path = _entry_inside(root, model_dir, HOLD_FILE, "hold")
+    tmp = os.path.join(model_dir, ".%s.%d.tmp" % (HOLD_FILE, os.getpid()))
+    with open(tmp, "w") as f:
+        f.write(json.dumps(info, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, path)
+    _fsync_dir(model_dir)
+    return {"held": info}
+
+
+def unhold(model_dir, root):
+    """Remove a hold; returns the hold that was removed (None if there was none)."""
+    model_dir = inside(root, model_dir, "remove a hold in")
+    path = _entry_inside(root, model_dir, HOLD_FILE, "remove a hold in")
+    try:
+        with open(path) as f:
+            old = json.loads(f.read() or "null")
+    except (OSError, ValueError):
+        old = None
+    if os.path.lexists(path):
+        os.unlink(path)
+        _fsync_dir(model_dir)
+    return {"removed": old}
 
 
 def prune(model_dir, keep, root):
@@ -790,7 +847,10 @@ def main(argv=None):
     s = writer("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
     s = sub.add_parser("upload"); s.add_argument("--file", required=True)
     s = writer("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
-    s = writer("rollback"); s.add_argument("--model-dir", required=True)
+    s = writer("rollback"); s.add_argument("--model-dir", required=True); s.add_argument("--swap", action="store_true")
+    s = writer("deactivate"); s.add_argument("--model-dir", required=True)
+    s = writer("hold"); s.add_argument("--model-dir", required=True)  # the hold (JSON) comes on stdin
+    s = writer("unhold"); s.add_argument("--model-dir", required=True)
     s = writer("prune"); s.add_argument("--model-dir", required=True); s.add_argument("--keep", action="append", default=[])
     s = sub.add_parser("state"); s.add_argument("--install-dir", required=True); s.add_argument("models", nargs="*")
     s = writer("stage-begin"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
@@ -827,7 +887,13 @@ def main(argv=None):
     elif a.cmd == "activate":
         out = activate(a.model_dir, a.release, a.root)
     elif a.cmd == "rollback":
-        out = rollback(a.model_dir, a.root)
+        out = rollback(a.model_dir, a.root, a.swap)
+    elif a.cmd == "deactivate":
+        out = deactivate(a.model_dir, a.root)
+    elif a.cmd == "hold":
+        out = hold(a.model_dir, json.loads(sys.stdin.readline()), a.root)
+    elif a.cmd == "unhold":
+        out = unhold(a.model_dir, a.root)
     elif a.cmd == "prune":
         out = prune(a.model_dir, a.keep, a.root)
     elif a.cmd == "state":

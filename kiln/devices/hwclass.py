@@ -105,6 +105,15 @@ def hardware_class(backend: str, fingerprint: Mapping, extra_fields: tuple[str, 
     return HardwareClass(backend, fields, digest({"backend": backend, "fields": fields}))
 
 
+def class_or_none(target, fingerprint: Mapping) -> HardwareClass | None:
+    """The class of `target` (a kiln.config.Target) by `fingerprint`; None if it forms none."""
+    from kiln.errors import ProbeError
+    try:
+        return hardware_class(target.backend, fingerprint, tuple(target.class_fields))
+    except ProbeError:
+        return None
+
+
 def describe_change(old: Mapping | None, new: Mapping, backend: str,
                     extra_fields: tuple[str, ...] = ()) -> list[str]:
     """Human lines for what moved a device to another class, e.g. "TensorRT 8.5.2 → 10.3.0"."""

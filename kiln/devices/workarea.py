@@ -23,6 +23,7 @@ import posixpath
 import secrets
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 
 #: agent subcommands that write or delete on the device: they get `--root <install_dir>`
 WRITING_SUBCOMMANDS = frozenset({"ort-build", "raw-inputs", "fetch", "activate", "rollback", "prune",
+                                 "deactivate", "hold", "unhold",
                                  "stage-begin", "stage-commit", "remove", "copy", "clean-inputs",
                                  "lock-take", "lock-release"})
 #: a deploy lock without a readable owner (a run killed by older code) is stale after this many seconds
@@ -79,6 +81,104 @@ for b in iter(lambda: f.read(1<<20), b""): h.update(b)
 print(h.hexdigest())' "$f"); fi
 printf 'sha=%s\n' "$(printf %s "$s" | cut -c1-64)"
 """
+
+
+#: sh: for the install_dir "$1" and each model "$2"...: its `current` and `previous` links, its
+#: hold and the current release's manifest (JSON, newlines dropped: JSON escapes them in strings);
+#: then every other folder of the install_dir with an active release (a model left the list).
+_RELEASE_STATE = r"""r=$1; shift
+for m in "$@"; do
+  printf '@model %s\n' "$m"
+  printf 'current=%s\n' "$(readlink -- "$r/$m/current" 2>/dev/null)"
+  printf 'previous=%s\n' "$(readlink -- "$r/$m/previous" 2>/dev/null)"
+  [ -f "$r/$m/hold.json" ] && printf 'hold=%s\n' "$(tr -d '\n' < "$r/$m/hold.json")"
+  [ -L "$r/$m/current" ] && [ -f "$r/$m/current/manifest.json" ] && \
+    printf 'manifest=%s\n' "$(tr -d '\n' < "$r/$m/current/manifest.json")"
+done
+for d in "$r"/*/; do
+  n=${d%/}; n=${n##*/}
+  [ -L "$r/$n/current" ] && printf '@active %s=%s\n' "$n" "$(readlink -- "$r/$n/current")"
+done
+exit 0
+"""
+
+
+@dataclass
+class ReleaseState:
+    """What one model has on a device: read from the device itself, never from our records."""
+    model: str
+    current: str | None = None       # engine key of the active release
+    previous: str | None = None
+    hold: dict | None = None         # set by `doit rollback:<t>`: {"release", "from", "wanted", "at", "by"}
+    manifest: dict = field(default_factory=dict)  # the active release's manifest.json
+
+    @property
+    def deployed_at(self) -> str | None:
+        return self.manifest.get("deployed_at")
+
+    @property
+    def latency_ms(self) -> float | None:
+        median = ((self.manifest.get("smoke_test") or {}).get("latency_ms") or {}).get("median")
+        return float(median) if isinstance(median, (int, float)) else None
+
+
+def parse_release_state(text: str, models: Sequence[str]) -> tuple[dict[str, ReleaseState], dict[str, str]]:
+    """The output of _RELEASE_STATE -> (state per listed model, {other folder: its active key})."""
+    states = {m: ReleaseState(m) for m in models}
+    others: dict[str, str] = {}
+    state: ReleaseState | None = None
+    for line in text.splitlines():
+        if line.startswith("@model "):
+            state = states.get(line[len("@model "):])
+        elif line.startswith("@active "):
+            name, _, link = line[len("@active "):].partition("=")
+            if name not in states and link:
+                others[name] = posixpath.basename(link)
+        elif state is not None and "=" in line:
+            field_name, _, value = line.partition("=")
+            if field_name in ("current", "previous"):
+                setattr(state, field_name, posixpath.basename(value) if value else None)
+            elif field_name in ("hold", "manifest"):
+                try:
+                    parsed = json.loads(value)
+                except ValueError:
+                    log.warning("unreadable %s for %s on the device: %.80s", field_name, state.model, value)
+                    continue
+                if isinstance(parsed, dict):
+                    setattr(state, field_name, parsed)
+    return states, others
+
+
+def _local_release_state(root: str, models: Sequence[str]) -> str:
+    """_RELEASE_STATE's output, produced in this process."""
+    def link(path: str) -> str:
+        try:
+            return os.readlink(path)
+        except OSError:
+            return ""
+
+    def flat(path: str) -> str | None:
+        try:
+            with open(path) as f:
+                return f.read().replace("\n", "")
+        except OSError:
+            return None
+    out = []
+    for m in models:
+        out += [f"@model {m}", f"current={link(posixpath.join(root, m, 'current'))}",
+                f"previous={link(posixpath.join(root, m, 'previous'))}"]
+        for name, path in (("hold", posixpath.join(root, m, "hold.json")),
+                           ("manifest", posixpath.join(root, m, "current", "manifest.json"))):
+            if (text := flat(path)) is not None and (name == "hold" or os.path.islink(posixpath.join(root, m, "current"))):
+                out.append(f"{name}={text}")
+    try:
+        names = sorted(os.listdir(root))
+    except OSError:
+        names = []
+    for n in names:
+        if not n.startswith(".") and (target := link(posixpath.join(root, n, "current"))):
+            out.append(f"@active {n}={target}")
+    return "\n".join(out) + "\n"
 
 
 class Device:
@@ -274,6 +374,14 @@ class Device:
                                 self.target, (done.get("held") or {}).get("owner"))
             except KilnError as exc:
                 log.warning("could not release the deploy lock on %s: %s", self.target, exc.message)
+
+    def release_states(self, models: Sequence[str]) -> tuple[dict[str, ReleaseState], dict[str, str]]:
+        """Per model: current, previous, hold and the active manifest; plus the other folders of the
+        install_dir that have an active release. One command, no agent (nothing is written)."""
+        if self.is_local:  # read here, without a shell: a no-op run on this machine starts no process
+            return parse_release_state(_local_release_state(self.root, models), models)
+        result = self.transport.run(["sh", "-c", _RELEASE_STATE, "kiln-state", self.root, *models])
+        return parse_release_state(result.stdout, models)
 
     def active_releases(self, models: Sequence[str]) -> dict[str, str | None]:
         """Which release each model has active on the device (one round trip, no agent)."""

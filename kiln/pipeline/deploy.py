@@ -23,9 +23,11 @@ from kiln.errors import CommandFailed, CorruptEntry, DeployError, KilnError
 from kiln.faults import kill_point
 from kiln.keys import read_json, write_json_if_changed
 from kiln.pipeline.context import Context
+from kiln.devices.workarea import ReleaseState
 from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_blob, engine_spec, ensure_engine
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
+from kiln.pipeline.releases import plan_releases, wanted_engine_keys
 from kiln.stores.base import reference_entry
 
 
@@ -36,32 +38,56 @@ def target_engines(ctx: Context, target: Target) -> list[EngineSpec]:
     return [engine_spec(ctx, ctx.fleet.models[m], hw, fingerprint, deploying=target) for m in target.models]
 
 
+def device_releases(ctx: Context, target: Target) -> tuple[dict[str, ReleaseState], dict[str, str]]:
+    """The device's releases: from this run's probe when it read them, else asked now."""
+    releases = probe_target(ctx, target).releases
+    if releases is None:  # a local target, or the probe failed: ask the device itself
+        releases = Device(ctx.transport(target), target).release_states(target.models)
+    return releases
+
+
 def deploy_is_current(ctx: Context, target: Target) -> bool:
-    """Up to date iff the recorded deployment names the engines the target should run now,
-    and the device agrees (its active releases are read with its probe, on one connection)."""
+    """Up to date iff the recorded deployment names the releases the target should run now (the
+    wanted engines, or a pinned or held release), the device has exactly those active, and no
+    model that left the target's list is still active there."""
+    wanted = wanted_engine_keys(ctx, target)
+    if None in wanted.values():
+        return False
     try:
-        wanted = {spec.model.name: current_engine_key(ctx, spec) for spec in target_engines(ctx, target)}
+        states, others = device_releases(ctx, target)
+        plans = plan_releases(target, wanted, states)
     except KilnError:
         return False
+    keys = {m: p.key for m, p in plans.items()}
     deployed = read_json(ctx.deployment_record(target.name)) or {}
-    if None in wanted.values() or deployed.get("releases") != wanted:
+    if deployed.get("releases") != keys or others:
         return False
-    active = probe_target(ctx, target).active
-    if active is None:  # a local target, or the probe failed: ask the device itself
-        try:
-            active = Device(ctx.transport(target), target).active_releases(target.models)
-        except KilnError:
-            return False
-    if active != wanted:
+    if any(states[m].current != key for m, key in keys.items()):
         return False
-    ctx.events.emit(f"deploy:{target.name}", "skip", target=target.name, why="the wanted releases are active")
+    # a hold the wanted engine has outgrown is ended by the deploy that activates it
+    if any(states[m].hold and plans[m].source != "hold" for m in keys):
+        return False
+    held = [f"{m} ({p.why})" for m, p in plans.items() if p.overridden]
+    ctx.events.emit(f"deploy:{target.name}", "skip", target=target.name,
+                    why="the wanted releases are active" + (f"; kept by hand: {'; '.join(held)}" if held else ""))
     return True
 
 
 def ensure_deployed(ctx: Context, target: Target, say=print) -> dict:
     """Engines for the target's class (from the store, else built on one builder of the class),
-    then staged, verified and activated on the target. Needs its fingerprint recorded."""
-    engines = {spec.model.name: ensure_engine(ctx, spec, say=say) for spec in target_engines(ctx, target)}
+    then staged, verified and activated on the target. Needs its fingerprint recorded. A model
+    pinned in the fleet file or held by a rollback keeps that release (kiln.pipeline.releases)."""
+    specs = target_engines(ctx, target)
+    states, _ = device_releases(ctx, target)
+    plans = plan_releases(target, {s.model.name: current_engine_key(ctx, s) for s in specs}, states)
+    engines = {}
+    for spec in specs:
+        plan = plans[spec.model.name]
+        if plan.overridden:
+            say(f"  {target.name}: {plan.model} stays on {plan.key[:12]}: {plan.why}")
+            engines[plan.model] = {"key": plan.key, "sha256": None, "kept": plan.source}
+        else:
+            engines[plan.model] = ensure_engine(ctx, spec, say=say)
     result = deploy_target(ctx, target, engines, say=say)
     if not result["changed"]:
         say(f"  {target.name}: releases already active")
@@ -75,8 +101,13 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
     start = time.time()
     with device.lock(owner=f"{ctx.run_id}"):
         kill_point("deploy:locked")
-        active = device.active_releases(target.models)
+        states, leftover = device.release_states(target.models)  # under the lock: what is really there
+        active = {m: s.current for m, s in states.items()}
         todo = {m: rec for m, rec in engines.items() if active.get(m) != rec["key"]}
+        # a release still on the device (a pinned or held one, or the one a rollback turned away
+        # from) was verified when it was staged: it is switched back without a new upload
+        on_device = {m for m, rec in todo.items() if rec.get("kept") or states[m].previous == rec["key"]}
+        ended_holds = [m for m, s in states.items() if s.hold and not engines.get(m, {}).get("kept") == "hold"]
         # active but never confirmed by this controller (a run killed between activation and its
         # health check, or another controller's deploy): checked again below, as if just switched
         confirmed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})
@@ -86,6 +117,9 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                             why=f"{model} release {engines[model]['key'][:12]} already active")
         staged = {}
         for model, record in todo.items():
+            if model in on_device:
+                staged[model] = {"smoke": {}}  # its smoke test ran when it was staged
+                continue
             staged[model] = _stage(ctx, device, target, model, record, say)
         kill_point("deploy:staged")
         switched: dict[str, str | None] = {}
@@ -100,6 +134,10 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                         switched[model] = posixpath.basename(link) if link else None
                     raise
                 switched[model] = result.get("previous")
+            for model, key in sorted(leftover.items()):  # it left the target's list: nothing active
+                device.agent("deactivate", "--model-dir", device.path(model))
+                switched[model] = key  # a rollback makes it active again
+                todo[model] = {"key": None, "deactivated": key}
         except KilnError as exc:  # all models switch, or none
             states = _roll_back(ctx, device, target, switched, todo, why=f"activation failed: {exc.message}")
             raise DeployError(f"activation failed on {target.name}: {exc.message}; {_summary(states)}",
@@ -114,6 +152,10 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         if switched:
             _after_activation(ctx, device, target, switched, {**todo, **{m: engines[m] for m in unconfirmed}}, say)
         kill_point("deploy:checked")
+        for model in ended_holds:  # the wanted engine changed since the rollback (or it was unpinned)
+            device.agent("unhold", "--model-dir", device.path(model))
+            ctx.events.emit(task, "deploy", key=engines[model]["key"], target=target.name, action="hold-ended",
+                            why=f"{model}: the wanted engine changed since the rollback; the hold ends")
         for model, record in engines.items():  # also removes `.staging-*` folders of dead runs
             device.agent("prune", "--model-dir", device.path(model), "--keep", record["key"])
         # temp files of dead runs, and inputs neither the current nor the previous releases use
@@ -126,13 +168,23 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
             say(f"  {target.name}: removed {len(removed)} unused input(s) from {device.path('.kiln', 'inputs')}")
     seconds = time.time() - start
     for model, record in todo.items():
+        if record.get("deactivated"):
+            ctx.events.emit(task, "deploy", key=record["deactivated"], target=target.name, action="deactivate",
+                            why=f"{model} is no longer in targets.{target.name}.models: release "
+                                f"{record['deactivated'][:12]} deactivated (kept on the device as previous)")
+            say(f"  {target.name}: deactivated {model} (no longer in its models; release "
+                f"{record['deactivated'][:12]} kept as previous)")
+            continue
         why = (f"{model}: {active.get(model)[:12]} → {record['key'][:12]}" if active.get(model)
                else f"{model}: first release {record['key'][:12]}")
+        if record.get("kept"):
+            why += f" ({record['kept']})"
         ctx.events.emit(task, "deploy", key=record["key"], target=target.name, why=why, seconds=seconds)
+        median = (staged[model]["smoke"].get("latency_ms") or {}).get("median")
         say(f"  {target.name}: activated {model} release {record['key'][:12]}"
-            f" (smoke test median {staged[model]['smoke'].get('latency_ms', {}).get('median', float('nan')):.1f} ms)")
+            + (f" (smoke test median {median:.1f} ms)" if isinstance(median, (int, float)) else ""))
     deployment = {"target": target.name, "releases": {m: r["key"] for m, r in engines.items()},
-                  "sha256": {m: r["sha256"] for m, r in engines.items()}}
+                  "sha256": {m: r["sha256"] for m, r in engines.items() if r.get("sha256")}}
     write_json_if_changed(ctx.deployment_record(target.name), deployment)
     return {**deployment, "changed": sorted(todo), "seconds": seconds}
 
@@ -233,6 +285,12 @@ def _after_activation(ctx: Context, device: Device, target: Target, switched: di
                           hint=detail) from exc
 
 
+def run_hooks(device: Device, target: Target, say) -> None:
+    """The target's restart, then its health check (each only if set)."""
+    for what in ("restart", "health_check"):
+        _run_hook(device, target, what, say)
+
+
 def _run_hook(device: Device, target: Target, what: str, say) -> None:
     command = getattr(target, what)
     if command:
@@ -272,7 +330,7 @@ def _roll_back(ctx: Context, device: Device, target: Target, switched: dict[str,
             if active == previous:
                 states[model] = f"rolled back to {back}"
             elif active == new:
-                states[model] = f"still on new {new[:12]} (rollback failed: {exc.message})"
+                states[model] = f"still on new {(new or 'nothing')[:12]} (rollback failed: {exc.message})"
             else:
                 states[model] = f"unknown (rollback failed: {exc.message})"
             ctx.events.emit(f"deploy:{target.name}", "rollback", target=target.name, key=previous,

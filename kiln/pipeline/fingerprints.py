@@ -24,7 +24,9 @@ from kiln.stores.base import fingerprint_entry
 class Probe:
     target: str
     fingerprint: dict | None = None
-    active: dict[str, str | None] | None = None   # releases active on the device when probed
+    #: the device's releases when probed (kiln.devices.workarea.Device.release_states), read on the
+    #: probe's connection so a deploy's up-to-date check needs no second trip; None for local targets
+    releases: tuple[dict, dict] | None = None
     error: KilnError | None = None
     seconds: float = 0.0
 
@@ -43,7 +45,7 @@ def _probe(ctx: Context, target: Target) -> Probe:
             from kiln.devices.fingerprint import probe_remote  # the NVIDIA parsers load for remote targets only
             transport = ctx.transport(target)
             probe.fingerprint = probe_remote(transport, trtexec=target.trtexec, python=target.python)
-            probe.active = Device(transport, target).active_releases(target.models)
+            probe.releases = Device(transport, target).release_states(target.models)
     except KilnError as exc:
         probe.error = exc
     probe.seconds = time.monotonic() - start

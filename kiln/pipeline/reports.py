@@ -1,4 +1,4 @@
-"""cache-check and status: what the store holds and what the fleet runs, without touching a device.
+"""cache-check: what the store holds for the fleet, without touching a device (status: kiln.pipeline.status).
 
 Fingerprints and ONNX records are read from artifacts/ when present, else from
 the store, so a CI worker with an empty checkout can ask "is every engine built?".
@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 
 from kiln.pipeline.context import Context
 from kiln.pipeline.engines import EngineSpec, engine_key_inputs
-from kiln.errors import ExportError, ProbeError, StoreError
-from kiln.pipeline.export import ExportPaths, export_inputs
-from kiln.devices.hwclass import HardwareClass, describe_change, hardware_class
+from kiln.errors import StoreError
+from kiln.pipeline.export import ExportPaths
+from kiln.pipeline.status import fleet_status, format_status  # noqa: F401 - `status` lives there
+from kiln.devices.hwclass import class_or_none
 from kiln.keys import digest, read_json
 from kiln.signing import controller_trust
 from kiln.stores.base import blob_entry, engine_entry, engine_manifest_entry, fingerprint_entry, onnx_record_entry
@@ -50,6 +51,9 @@ def recorded_onnx(ctx: Context, model: str) -> dict | None:
 
 
 def cache_report(ctx: Context) -> list[CacheRow]:
+    """Per (model, class): hit or miss. Raises StoreError when the store cannot be asked at all
+    (missing bucket, wrong endpoint, rejected credentials): an outage is not a miss."""
+    ctx.store  # opened and checked once: one request
     rows: dict[tuple[str, str], CacheRow] = {}
     unknown: list[CacheRow] = []
     onnx_records: dict[str, dict | None] = {}
@@ -63,7 +67,7 @@ def cache_report(ctx: Context) -> list[CacheRow]:
                 missing = "no recorded fingerprint" if fingerprint is None else "model never exported"
                 unknown.append(CacheRow(model_name, None, "unknown", None, [target.name], missing))
                 continue
-            hw = _class_of(target, fingerprint)
+            hw = class_or_none(target, fingerprint)
             if hw is None:
                 unknown.append(CacheRow(model_name, None, "unknown", None, [target.name],
                                         "recorded fingerprint forms no hardware class"))
@@ -106,13 +110,6 @@ def engine_in_store_why(ctx: Context, key: str) -> tuple[bool, str]:
     return False, ""
 
 
-def _class_of(target, fingerprint: dict) -> HardwareClass | None:
-    try:
-        return hardware_class(target.backend, fingerprint, tuple(target.class_fields))
-    except ProbeError:
-        return None
-
-
 def cache_ok(rows: list[CacheRow]) -> bool:
     return bool(rows) and all(r.status == "hit" for r in rows)
 
@@ -148,50 +145,3 @@ def cache_junit(rows: list[CacheRow]) -> str:
     out.append("</testsuite>")
     return "\n".join(out) + "\n"
 
-
-def fleet_status(ctx: Context) -> list[dict]:
-    """Per (target, model): class, wanted engine key, deployed release, drift, why a rebuild would happen."""
-    rows = []
-    for target in ctx.fleet.targets.values():
-        fingerprint = read_json(ctx.fingerprint_file(target.name))
-        previous = read_json(ctx.previous_fingerprint_file(target.name))
-        probe_error = read_json(ctx.probe_error_file(target.name))
-        deployed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})
-        hw = _class_of(target, fingerprint) if fingerprint else None
-        drift = describe_change(previous, fingerprint, target.backend, tuple(target.class_fields)) \
-            if previous and fingerprint else []
-        for model_name in target.models:
-            model = ctx.fleet.models[model_name]
-            onnx = read_json(ExportPaths.for_model(ctx.artifacts, model_name).record)
-            why = []
-            if probe_error:
-                why.append(f"probe failed: {probe_error.get('error')}")
-            provenance = read_json(ExportPaths.for_model(ctx.artifacts, model_name).provenance)
-            try:
-                if provenance is None or digest(export_inputs(model, ctx.hashes)) != provenance["export_key"]:
-                    why.append("export is stale (checkpoint, factory or options changed)")
-            except ExportError as exc:
-                why.append(exc.message)
-            key = None
-            if hw and onnx:
-                spec = EngineSpec(model, hw, fingerprint, (target,))
-                key = digest(engine_key_inputs(spec, onnx))
-                record = read_json(ctx.engine_record(model_name, hw.id))
-                if record is None or record["key"] != key:
-                    why.append(f"engine for class {hw.id} not built yet")
-            if key and deployed.get(model_name) != key:
-                why.append("a newer engine is waiting to be deployed" if deployed.get(model_name) else "never deployed")
-            rows.append({"target": target.name, "model": model_name, "class": hw.id if hw else None,
-                         "engine_key": key, "deployed": deployed.get(model_name), "drift": drift,
-                         "why": why or ["up to date"]})
-    return rows
-
-
-def format_status(rows: list[dict]) -> str:
-    lines = [f"{'target':16} {'model':18} {'hardware class':42} {'wanted':13} {'deployed':13} state"]
-    for r in rows:
-        lines.append(f"{r['target']:16} {r['model']:18} {(r['class'] or '-'):42} {(r['engine_key'] or '-')[:12]:13} "
-                     f"{(r['deployed'] or '-')[:12]:13} {'; '.join(r['why'])}")
-        if r["drift"]:
-            lines.append(f"{'':16} drift: {'; '.join(r['drift'])}")
-    return "\n".join(lines)

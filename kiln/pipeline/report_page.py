@@ -169,7 +169,7 @@ def task_graph(fleet, classes: dict) -> tuple[list[dict], list[tuple[str, str]]]
 
 NODE_H = 22          # px
 ROW_H = 30           # px between node centres in a column
-COL_GAP = 90         # px between columns
+COL_GAP = 64         # px between columns
 CHAR_W = 7.4         # px per character of the 12px monospace label
 MARGIN = 16
 HEADER_H = 28
@@ -302,9 +302,10 @@ def _short(key: str | None, n: int = 12) -> str:
 
 
 def tone(state: str | None) -> str:
-    """ok | warn | bad for a state text."""
+    """ok | warn | bad for a state text (`doit status`: up to date; pending, drift, pinned, rolled back,
+    unknown, removed; differs from wanted, unreachable)."""
     s = (state or "").lower()
-    if any(w in s for w in ("unreachable", "fail", "error", "corrupt", "mismatch", "rolled back", "unknown")):
+    if any(w in s for w in ("unreachable", "fail", "error", "corrupt", "differs")):
         return "bad"
     if s in ("up to date", "ok", "current", "active", "hit") or s.startswith("up to date"):
         return "ok"
@@ -483,7 +484,7 @@ def _fleet_section(rows: list[dict]) -> str:
             f'<td>{_code_or_dash(r.get("class"))}</td><td>{_short(r.get("wanted"))}</td>'
             f'<td>{_short(r.get("active"))}</td><td>{_short(r.get("previous"))}</td>'
             f'<td class="state"><span class="badge {t}">{e(r["state"])}</span>{pinned}{why_html}</td>'
-            f'<td class="wrap">{drift}</td><td>{e(r.get("deployed_at") or "") or "<span class=none>-</span>"}</td>'
+            f'<td class="wrap">{drift}</td><td class="time">{e(r.get("deployed_at") or "") or "<span class=none>-</span>"}</td>'
             f'<td class="num">{_num(r.get("latency_ms"), ".2f", " ms")}</td></tr>')
     if not rows:
         out.append('<tr><td colspan="10" class="none">no target deploys a model</td></tr>')
@@ -557,7 +558,8 @@ def _engines_section(engines: list[dict], rows: list[dict]) -> str:
                        f'<td class="num">{_seconds(rec.get("build_seconds"))}</td>'
                        f'<td class="num">{_num(rec.get("latency_ms"), ".2f", " ms")}</td>'
                        f'<td>{e(rec.get("built_on") or "") or "<span class=none>-</span>"}</td>'
-                       f'<td>{e(rec.get("built_at") or "") or "<span class=none>-</span>"}</td><td>{used}</td></tr>')
+                       f'<td class="time">{e(rec.get("built_at") or "") or "<span class=none>-</span>"}</td>'
+                       f'<td class="wrap">{used}</td></tr>')
         for (m, cls), targets in sorted(((k, v) for k, v in missing.items() if k[0] == model), key=lambda kv: str(kv[0][1])):
             out.append(f'<tr><td><code>{e(cls)}</code></td><td colspan="6"><span class="badge warn">not built yet'
                        f'</span></td><td>{e(", ".join(targets))}</td></tr>')

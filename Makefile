@@ -13,8 +13,11 @@ venv: $(STAMP)
 $(STAMP): requirements-dev.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "enginekiln needs Python >= 3.11")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "enginekiln: installing the pinned dependencies into $(VENV) (torch 2.13.0 CPU, onnx, onnxruntime,"
+	@echo "  onnxscript, transformers, boto3, fabric/paramiko, moto, pytest, rich, ...): about 90 s on the"
+	@echo "  first run, a few seconds afterwards. pip shows each package (a progress bar on a terminal)."
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --progress-bar $$([ -t 1 ] && echo on || echo off) -r requirements-dev.txt
 	touch $@
 
 # The SSH fleet simulator needs OpenSSH's server, the report page test Debian's chromium and its

@@ -347,9 +347,12 @@ def _new_file_header(inv: Inventory) -> str:
 
 def _validate(out: Path, text: str) -> None:
     """Load `text` as the fleet file at `out` would be loaded (a file next to it, so relative paths
-    mean the same); models referenced but not defined yet get a placeholder for this check only."""
+    mean the same). What the import adds later may be missing: models referenced but not defined
+    yet, or (in a file about to receive its first targets) targets, get placeholders for this check."""
     doc = tomllib.loads(text)
     check = text
+    if not doc.get("targets"):
+        check += "\n[targets.kiln-import-placeholder]\nmodels = []\ninstall_dir = \".kiln-import-placeholder\"\n"
     if not doc.get("models"):
         wanted = sorted({m for t in doc.get("targets", {}).values() for m in t.get("models", [])}) or ["placeholder"]
         check += "".join(f"\n[models.{render_string(m)}]\nfactory = \"placeholder:build\"\ncheckpoint = \"x.pt\"\n"

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kiln.errors import ConfigError
+from kiln.errors import ConfigError, KilnError
 
 PARSERS = ("auto", "ansible", "builtin")
 #: extensions the yaml plugin accepts (it also tries files without one)
@@ -125,7 +125,15 @@ def _load_with_ansible(path: Path) -> Inventory:
                 vars={str(k): v for k, v in merged.items() if k not in drop})
         groups = tuple(sorted(str(g) for g in manager.groups))
     except AnsibleError as exc:
-        raise InventoryError(f"{path}: ansible-core could not read this inventory: {_first_line(exc)}",
+        # Ansible prints its reasons as warnings; the built-in reader, when it has one, says where
+        detail = _first_line(exc)
+        try:
+            _BuiltinReader(path).read()
+        except KilnError as builtin:
+            detail = f"{detail}; the built-in reader says: {builtin.message}"
+        except Exception:  # a source only Ansible knows how to read (a plugin, a script)
+            pass
+        raise InventoryError(f"{path}: ansible-core could not read this inventory: {detail}",
                              hint="fix the inventory (ansible-inventory -i INVENTORY --list shows what Ansible "
                                   "makes of it)") from exc
     finally:

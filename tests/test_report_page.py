@@ -239,3 +239,42 @@ def test_report_page_in_chromium(tmp_path):
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 5000
     shutil.copyfile(shot, page.parent / "screenshot.png")
     assert (page.parent / "screenshot.png").stat().st_size == shot.stat().st_size
+    assert "records only: no device was contacted" in html
+
+    # --live: the active releases, deploy times and smoke-test latencies as the device reports them
+    p.doit("report", "--live", timeout=60)
+    live = parse(page.read_text())
+    assert "live: active releases read from the devices" in "".join(live.text)
+    cells = row_cells(page.read_text(), "local", "tiny")
+    release = p.active()
+    assert release and cells["wanted"] == cells["active"] == release[:12]
+    assert cells["state"].startswith("up to date") and cells["deployed"][:4].isdigit()
+    assert cells["latency"].endswith(" ms")
+
+
+def row_cells(page: str, target: str, model: str) -> dict[str, str]:
+    """The text of each cell of one fleet table row, by column name."""
+    class Row(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.depth, self.cells = 0, []
+
+        def handle_starttag(self, tag, attrs):
+            a = dict(attrs)
+            if tag == "tr" and a.get("data-target") == target and a.get("data-model") == model:
+                self.depth = 1
+            elif self.depth and tag == "td":
+                self.cells.append("")
+
+        def handle_endtag(self, tag):
+            if tag == "tr":
+                self.depth = 0
+
+        def handle_data(self, data):
+            if self.depth and self.cells:
+                self.cells[-1] += data
+    parser = Row()
+    parser.feed(page)
+    names = ("target", "model", "class", "wanted", "active", "previous", "state", "drift", "deployed", "latency")
+    assert len(parser.cells) == len(names), parser.cells
+    return dict(zip(names, (c.strip() for c in parser.cells)))

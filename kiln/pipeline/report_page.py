@@ -39,9 +39,9 @@ def gather_report(ctx, live: bool = False) -> dict:
     from kiln.errors import KilnError
     from kiln.keys import read_json
     from kiln.pipeline.fingerprints import recorded_classes
-    from kiln.pipeline.reports import fleet_status
+    from kiln.pipeline.status import fleet_status
 
-    rows = [normalize_status_row(r) for r in _fleet_status(ctx, fleet_status, live)]
+    rows = [normalize_status_row(r) for r in fleet_status(ctx, offline=not live)]
     fleet = ctx.fleet
     classes = recorded_classes(ctx)
 
@@ -84,15 +84,6 @@ def gather_report(ctx, live: bool = False) -> dict:
         "engines": engines, "events": tail_events(ctx.events.path),
         "graph": {"nodes": graph_nodes, "edges": graph_edges},
     }
-
-
-def _fleet_status(ctx, fleet_status, live: bool) -> list[dict]:
-    """`fleet_status(ctx, offline=not live)`; a `fleet_status(ctx)` that reads records only (no
-    `offline` parameter) answers the records-only question directly."""
-    import inspect
-    if "offline" in inspect.signature(fleet_status).parameters:
-        return fleet_status(ctx, offline=not live)
-    return fleet_status(ctx)
 
 
 def normalize_status_row(row: dict) -> dict:
@@ -463,7 +454,7 @@ def _fleet_section(rows: list[dict]) -> str:
     targets = sorted({r["target"] for r in rows if r.get("target")})
     tones = [tone(r["state"]) for r in rows]
     counts = " &middot; ".join(f'<span class="badge {t}">{tones.count(t)} {label}</span>'
-                               for t, label in (("ok", "up to date"), ("warn", "pending"), ("bad", "failing"))
+                               for t, label in (("ok", "up to date"), ("warn", "not up to date"), ("bad", "failing"))
                                if tones.count(t))
     out = ['<section id="fleet"><h2>Fleet</h2>',
            f'<div class="summary">{len(targets)} target(s), {len(rows)} deployment(s) {counts}</div>',
@@ -632,7 +623,7 @@ def _graph_section(graph: dict, rows: list[dict], unclassified: list[dict]) -> s
               '<span><i style="background:#fbefff;border-color:#c297ff"></i>engine</span>'
               '<span><i style="background:#f6f8fa;border-color:#8c959f"></i>fingerprint</span>'
               '<span><i style="background:#dafbe1;border-color:#4ac26b"></i>deploy (up to date)</span>'
-              '<span><i style="background:#fff8c5;border-color:#d4a72c"></i>pending</span>'
+              '<span><i style="background:#fff8c5;border-color:#d4a72c"></i>not up to date</span>'
               '<span><i style="background:#ffebe9;border-color:#ff8182"></i>failing</span>'
               '<span><i style="background:#fff1e5;border-color:#fb8f44"></i>deploy group</span>'
               '<span class="muted">dashed: a target without a recorded class (its engine task appears once it '

@@ -73,6 +73,18 @@ class Project:
             raise AssertionError(f"doit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}")
         return run
 
+    def doit_json(self, *args: str, timeout: float = 300) -> tuple[int, object, str]:
+        """Run a `--json` command: (exit code, its stdout parsed as one JSON document, stderr).
+        The parse is strict: anything but the document on stdout fails it."""
+        proc = subprocess.run([sys.executable, "-m", "doit", *args], cwd=REPO, env=self.env,
+                              capture_output=True, text=True, timeout=timeout)
+        try:
+            document = json.loads(proc.stdout)
+        except ValueError as exc:
+            raise AssertionError(f"stdout of doit {' '.join(args)} is not one JSON document ({exc}):\n"
+                                 f"{proc.stdout}\n-- stderr:\n{proc.stderr}") from None
+        return proc.returncode, document, proc.stderr
+
     def checkpoint(self, model: str = "tiny") -> Path:
         return self.root / "ckpt" / f"{model}.pt"
 

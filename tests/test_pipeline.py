@@ -236,20 +236,22 @@ def test_events_explain_every_decision(project):
 
 
 def test_cache_check_and_status_follow_the_store(project):
-    ok = project.doit("cache-check", "--json")
-    report = json.loads(ok.out[ok.out.index("{"):ok.out.rindex("}") + 1])
-    assert report["ok"] and [r["status"] for r in report["engines"]] == ["hit"]
+    code, report, _ = project.doit_json("cache-check", "--json")
+    assert code == 0 and report["ok"] and [r["status"] for r in report["engines"]] == ["hit"]
     assert report["engines"][0]["targets"] == ["local"]
     save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.03;"
                           f"torch.save(sd, {str(project.checkpoint())!r})")
     project.doit("export")
-    miss = project.doit("cache-check", "--json", "--junit", str(project.root / "junit.xml"), check=False)
-    assert miss.returncode != 0
-    report = json.loads(miss.out[miss.out.index("{"):miss.out.rindex("}") + 1])
+    code, report, stderr = project.doit_json("cache-check", "--json", "--junit", str(project.root / "junit.xml"))
+    assert code == 1, stderr  # 1: something is missing (2 would be: could not check)
     assert not report["ok"] and report["engines"][0]["status"] == "miss"
+    assert "1 engine(s) missing" in stderr
     assert 'failures="1"' in (project.root / "junit.xml").read_text()
     status = project.doit("status")
     assert "engine for class" in status.out and "not built yet" in status.out
+    for args in (["status", "--json"], ["status", "--offline", "--json"]):
+        code, document, _ = project.doit_json(*args)
+        assert code == 0 and document["rows"][0]["state"] == "pending", document
     project.doit("engine")
     assert project.doit("cache-check").returncode == 0
     status = project.doit("status")

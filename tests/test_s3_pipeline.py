@@ -311,6 +311,26 @@ def test_missing_bucket_fails_with_one_clear_error(moto_s3, tmp_path):
     assert p.doit("cache-check").returncode == 0
 
 
+@pytest.mark.parametrize("fault", ["missing bucket", "rejected credentials"])
+def test_cache_check_exits_2_when_it_cannot_check(moto_s3, bucket, tmp_path, fault):
+    """An outage is not a miss: CI must be able to tell them apart (exit 2 vs 1), and stdout
+    still carries one JSON document saying the store was not checked."""
+    secret = "kiln-WRONG-secret-" + uuid.uuid4().hex
+    if fault == "missing bucket":
+        p = S3Project(tmp_path, moto_s3, f"kiln-missing-{uuid.uuid4().hex[:8]}", "p")
+        code, report, stderr = p.doit_json("cache-check", "--json")
+    else:
+        p = S3Project(tmp_path, moto_s3, bucket, "p",
+                      env={"AWS_ACCESS_KEY_ID": "AKIAKILNWRONGKEY0000", "AWS_SECRET_ACCESS_KEY": secret})
+        with moto_s3.enforce_auth():
+            code, report, stderr = p.doit_json("cache-check", "--json")
+    assert code == 2, stderr
+    assert report["checked"] is False and not report["ok"] and report["engines"] == []
+    reason = "does not exist" if fault == "missing bucket" else "rejected the credentials"
+    assert reason in report["error"] and reason in stderr
+    assert "Traceback" not in stderr and secret not in stderr + json.dumps(report)
+
+
 def test_bad_credentials_fail_with_one_clear_error_and_no_secret(moto_s3, bucket, tmp_path):
     secret = "kiln-WRONG-secret-" + uuid.uuid4().hex
     p = S3Project(tmp_path, moto_s3, bucket, "p",

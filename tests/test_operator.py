@@ -86,6 +86,7 @@ def test_status_reads_the_device_pins_hold_and_a_removed_model_is_deactivated(re
     p.fleet.write_text(fleet + 'pin = { tiny = "nothex" }\n')
     bad = p.doit("list", check=False)
     assert bad.returncode == 2 and "targets.local.pin" in bad.out and "hex" in bad.out
+    p.fleet.write_text(fleet)
 
     switch_by_hand(p, "tiny", old)
     live, offline = status(p)[("local", "tiny")], status(p, "--offline")[("local", "tiny")]

@@ -262,7 +262,9 @@ def import_inventory(inventory: Path | str, out: Path | str = "targets.toml", *,
             text += f"# imported from the Ansible inventory {inv.path.name}\n"
         text += "\n".join(appended)
 
-    _check_group_target_clash(out, inv, tomllib.loads(text))
+    final = tomllib.loads(text)
+    _check_group_target_clash(out, inv, final)
+    _check_same_address(out, inv, final, set(settings))
     _validate(out, text)
     result.text = text
     if not defined_models:
@@ -314,6 +316,22 @@ def _check_group_target_clash(out: Path, inv: Inventory, doc: dict) -> None:
                                   hint=f"`deploy:{g}` must name one thing: rename the group or the host in "
                                        f"{inv.path.name} (an inventory alias with ansible_host keeps the address), "
                                        "or leave one out with --group")
+
+
+def _check_same_address(out: Path, inv: Inventory, doc: dict, imported: set[str]) -> None:
+    """Two ssh targets written with the same host, port and proxy jump are one device (enginekiln
+    refuses them before connecting; say so now, naming the inventory)."""
+    seen: dict[tuple, str] = {}
+    for name, t in doc.get("targets", {}).items():
+        if t.get("transport", "local") != "ssh":
+            continue
+        address = (str(t.get("host") or name).lower(), t.get("port"), t.get("proxy_jump"))
+        if address in seen and {name, seen[address]} & imported:
+            where = f"{address[0]}" + (f":{address[1]}" if address[1] else "")
+            raise ConfigError(f"{out}: targets {seen[address]!r} and {name!r} both reach {where}",
+                              hint=f"one device, one target: give each host of {inv.path.name} its own ansible_host "
+                                   "(or port), or leave one out")
+        seen.setdefault(address, name)
 
 
 def _new_table(conn: dict, *, backend: str, models: list[str], install_dir: str) -> dict[str, Any]:

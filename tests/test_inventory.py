@@ -370,3 +370,10 @@ def test_an_imported_inventory_deploys_to_the_simulated_fleet_unchanged(tmp_path
         assert manifest["target"] == name
         assert sim.logins(name) >= 1
     assert p.doit("deploy:edge").ran() == set()
+
+
+def test_two_hosts_with_one_address_are_refused(tmp_path):
+    inv = write(tmp_path / "hosts.ini", "[orins]\norin-[01:02] ansible_host=10.0.1.1[1:2]  # ranges are for names\n")
+    with pytest.raises(ConfigError, match=r"targets 'orin-01' and 'orin-02' both reach 10\.0\.1\.1\[1:2\]") as err:
+        import_inventory(inv, tmp_path / "t.toml", parser="builtin")
+    assert "hosts.ini" in err.value.hint and not (tmp_path / "t.toml").exists()

@@ -104,6 +104,21 @@ def test_an_unreachable_device_fails_alone(tmp_path, jetsons):
     # asking for the offline device's fingerprint by name fails
     probe = p.doit("fingerprint:orin-b", check=False)
     assert probe.returncode != 0 and "orin-b" in probe.out
+    # status asks the devices themselves, one command each: a release switched by hand on orin-a
+    # is reported, the offline device is unreachable, and orin-c is as deployed
+    model_dir = jetsons.srv("orin-a") / "kiln/tiny"
+    (model_dir / "releases" / ("ab" * 32)).mkdir()
+    (model_dir / "by-hand").symlink_to(f"releases/{'ab' * 32}")
+    (model_dir / "by-hand").rename(model_dir / "current")
+    logins = {n: jetsons.logins(n) for n in ("orin-a", "orin-c")}
+    code, report, stderr = p.doit_json("status", "--json")
+    rows = {r["target"]: r for r in report["rows"]}
+    assert code == 0 and report["source"] == "devices", stderr
+    assert rows["orin-a"]["state"] == "differs from wanted" and rows["orin-a"]["active"] == "ab" * 32, rows
+    assert rows["orin-b"]["state"] == "unreachable" and rows["orin-c"]["state"] == "up to date", rows
+    assert rows["orin-c"]["latency_ms"] > 0 and rows["orin-c"]["deployed_at"]
+    for n in ("orin-a", "orin-c"):
+        assert jetsons.wait_logins(n, logins[n] + 1) - logins[n] == 1
 
 
 def test_unknown_host_key_is_refused(tmp_path, jetsons):

@@ -295,7 +295,8 @@ class Progress:
             return _Off()
         mode = asked
         if mode == "auto":
-            mode = "rich" if _is_terminal(stream) else "plain"
+            dumb = os.environ.get("TERM", "") in ("dumb", "unknown")  # no cursor movement there
+            mode = "rich" if _is_terminal(stream) and not dumb else "plain"
         if mode == "rich":
             try:
                 import rich  # noqa: F401 - only to know it is there; the display imports it when shown
@@ -403,6 +404,13 @@ class Progress:
             self.tick()
 
     # -- sharing the terminal with stdout -----------------------------------------------------
+    def guard(self, stream: TextIO) -> TextIO:
+        """`stream`, or a GuardedStream over it when the live display is on the same kind of
+        terminal (for a stream captured before `guard_streams`, like a doit reporter's)."""
+        if self._resolve().name != "rich" or not _is_terminal(stream) or isinstance(stream, GuardedStream):
+            return stream
+        return GuardedStream(stream, self)
+
     def guard_streams(self) -> None:
         """While the live display is on a terminal: route writes to sys.stdout, sys.stderr and the
         kiln/root log handlers through it (see the module docstring). Does nothing for the plain
@@ -616,6 +624,7 @@ class _Rich(_Renderer):
         if act.handle is None:
             return
         self.bar.remove_task(act.handle)
+        self.bar.refresh()  # the line below is printed with the display as it is now, without this one
         mark = "[green]✓[/green]" if ok else "[red]✗[/red]"
         from rich.text import Text
         line = Text.from_markup(f"{mark} ")

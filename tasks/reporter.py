@@ -3,6 +3,8 @@
 The reporter is also where a run starts and ends: `initialize` receives the tasks the
 command selected (doit's own answer, no re-parsing of sys.argv), so the probes those
 tasks need start at once in parallel; `complete_run` closes the run's connections.
+It also starts the run's progress display (kiln/progress.py, on stderr) and counts the
+selected deploys as they finish ("deploy 7/12 devices").
 """
 from __future__ import annotations
 
@@ -46,6 +48,9 @@ class SummaryReporter(ConsoleReporter):
         self.uptodate: list[str] = []
         self.failed: dict[str, str] = {}
         self.started = time.time()
+        self.deploys: set[str] = set()       # the selected deploy:<target> tasks
+        self.deployed: dict[str, bool] = {}  # those finished (up to date, done or failed): ok?
+        self.fleet_progress = None           # "deploy 7/12 devices", from the first deploy that runs
 
     def initialize(self, tasks, selected_tasks):
         super().initialize(tasks, selected_tasks)
@@ -54,6 +59,36 @@ class SummaryReporter(ConsoleReporter):
             self.context.lock_artifacts(say=self.write_line)
         wanted = {n.split(":", 1)[1] for n in will_run if n.startswith("fingerprint:")}
         probe_in_background(self.context, [t for n, t in self.context.fleet.targets.items() if n in wanted])
+        self._start_progress(will_run)
+
+    def _start_progress(self, will_run: set[str]) -> None:
+        """The progress display picks its renderer now, before a task swaps sys.stderr; on a
+        terminal, lines to stdout (doit's and the tasks') are routed around its live display."""
+        progress = self.context.progress.start()
+        progress.guard_streams()
+        self.outstream = progress.guard(self.outstream)
+        targets = self.context.fleet.targets
+        self.deploys = {n for n in will_run if n.startswith("deploy:") and n.split(":", 1)[1] in targets}
+
+    def _deploy_started(self, task) -> None:
+        if task.name in self.deploys and len(self.deploys) > 1 and self.fleet_progress is None:
+            self.fleet_progress = self.context.progress.activity("deploy", total=len(self.deploys), unit="devices")
+            self._count_deploys()
+
+    def _deploy_finished(self, task, ok: bool) -> None:
+        if task.name in self.deploys and task.name not in self.deployed:
+            self.deployed[task.name] = ok
+            self._count_deploys()
+
+    def _count_deploys(self) -> None:
+        if self.fleet_progress is None:
+            return
+        failed = sum(not ok for ok in self.deployed.values())
+        if failed:
+            self.fleet_progress.set_extra(f"{failed} failed")
+        self.fleet_progress.update(len(self.deployed))
+        if len(self.deployed) == len(self.deploys):
+            self.fleet_progress.finish()
 
     def execute_task(self, task):
         # `--json`: stdout carries the document and nothing else, so doit's own lines (this one,
@@ -61,21 +96,25 @@ class SummaryReporter(ConsoleReporter):
         if (task.options or {}).get("json_out"):
             self.outstream = sys.stderr
         super().execute_task(task)
+        self._deploy_started(task)
 
     def write_line(self, line: str) -> None:
         self.write(line + "\n")
         self.outstream.flush()
 
     def add_success(self, task):
+        self._deploy_finished(task, ok=True)
         if task.actions and task.name[0] != "_":
             self.ran.append(task.name)
 
     def skip_uptodate(self, task):
         super().skip_uptodate(task)
+        self._deploy_finished(task, ok=True)
         if task.name[0] != "_":
             self.uptodate.append(task.name)
 
     def add_failure(self, task, fail):
+        self._deploy_finished(task, ok=False)
         super().add_failure(task, fail)
         first = (fail.get_msg() or "").strip().splitlines()
         if ":" not in task.name and fail.get_name() == "UnmetDependency":
@@ -92,6 +131,7 @@ class SummaryReporter(ConsoleReporter):
 
     def complete_run(self):
         try:
+            self.context.progress.close()  # the live display ends before doit's report and the summary
             super().complete_run()
             self._summary()
         finally:

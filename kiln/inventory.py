@@ -279,6 +279,10 @@ class _BuiltinReader:
 
     # -- reading
     def read(self) -> Inventory:
+        if self.path.is_dir():
+            raise self.error("is a folder; the built-in reader reads one INI or YAML file",
+                             hint="import one file of it, or install ansible-core (pip install 'enginekiln[ansible]'), "
+                                  "which reads inventory folders")
         try:
             raw = self.path.read_bytes()
         except OSError as exc:

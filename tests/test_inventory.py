@@ -193,6 +193,9 @@ def test_unsupported_connections_templates_and_vaulted_values_are_errors(tmp_pat
         with pytest.raises(InventoryError, match=problem) as err:
             import_inventory(write(tmp_path / name, text), tmp_path / "t.toml", parser="builtin")
         assert name in str(err.value)
+    with pytest.raises(InventoryError, match="is a folder") as err:
+        load_inventory(SAMPLES, "builtin")
+    assert "ansible-core" in err.value.hint
 
 
 def test_unused_ansible_variables_and_ssh_options_are_reported(tmp_path):

@@ -235,6 +235,13 @@ def test_events_explain_every_decision(project):
     assert build["target"] == "local" and "no engine in the store" in build["why"]
 
 
+def _ci_step(name: str) -> str:
+    import yaml  # PyYAML comes with the pinned dev dependencies
+    workflow = yaml.safe_load((REPO / "examples/ci/github-actions.yml").read_text())
+    steps = [s for job in workflow["jobs"].values() for s in job["steps"]]
+    return next(s["run"] for s in steps if s.get("name") == name)
+
+
 def test_cache_check_and_status_follow_the_store(project):
     code, report, _ = project.doit_json("cache-check", "--json")
     assert code == 0 and report["ok"] and [r["status"] for r in report["engines"]] == ["hit"]
@@ -247,6 +254,13 @@ def test_cache_check_and_status_follow_the_store(project):
     assert not report["ok"] and report["engines"][0]["status"] == "miss"
     assert "1 engine(s) missing" in stderr
     assert 'failures="1"' in (project.root / "junit.xml").read_text()
+    # the CI example's own command, as written, leaves a file that is one JSON document
+    step = _ci_step("Is every engine in the store?")
+    assert "sed" not in step and "> cache-check.json" in step
+    command = step.replace(".venv/bin/doit", f"{sys.executable} -m doit -f {REPO / 'dodo.py'}")
+    ci = subprocess.run(["bash", "-c", command], cwd=project.root, env=project.env, capture_output=True, text=True)
+    assert ci.returncode == 1, ci.stderr
+    assert json.loads((project.root / "cache-check.json").read_text())["engines"][0]["status"] == "miss"
     status = project.doit("status")
     assert "engine for class" in status.out and "not built yet" in status.out
     for args in (["status", "--json"], ["status", "--offline", "--json"]):

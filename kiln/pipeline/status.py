@@ -171,7 +171,7 @@ def _state(target: Target, plan, state: ReleaseState, confirmed: str | None, dri
 def format_status(rows: list[dict]) -> str:
     """Aligned plain text (logs, pipes)."""
     head = ("target", "model", "class", "wanted", "active", "previous", "state", "deployed", "smoke ms")
-    table = [head] + [(r["target"], r["model"], r["class"] or "-", _short(r.get("wanted_release") or r["wanted"]),
+    table = [head] + [(r["target"], r["model"], r["class"] or "-", _short(r["wanted"]),
                        _short(r["active"]), _short(r["previous"]), r["state"], (r["deployed_at"] or "-")[:19],
                        f"{r['latency_ms']:.1f}" if r["latency_ms"] is not None else "-") for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
@@ -207,7 +207,7 @@ def print_status_table(rows: list[dict], file) -> None:
     for col in ("target", "model", "class", "wanted", "active", "previous", "state", "deployed", "smoke ms", "why"):
         table.add_column(col, overflow="fold")
     for r in rows:
-        table.add_row(r["target"], r["model"], r["class"] or "-", _short(r.get("wanted_release") or r["wanted"]),
+        table.add_row(r["target"], r["model"], r["class"] or "-", _short(r["wanted"]),
                       _short(r["active"]), _short(r["previous"]),
                       f"[{STATE_STYLE.get(r['state'], '')}]{r['state']}[/]", (r["deployed_at"] or "-")[:19],
                       f"{r['latency_ms']:.1f}" if r["latency_ms"] is not None else "-", _notes(r))

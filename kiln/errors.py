@@ -89,3 +89,16 @@ class VerificationError(BuildError):
 
 class DeployError(KilnError):
     """Staging, smoke test, activation or health check on a target failed."""
+
+
+class ResourceError(KilnError):
+    """This machine refused a file operation or a program: no space left, no permission, a
+    read-only file system, a program that is not installed. Not a bug and not a wrong fleet file:
+    the message names the path (or program), what was needed, and the fix. Made from an OSError
+    by kiln.oserrors.resource_error, which chains the original."""
+
+    def __init__(self, message: str, *, path: str | None = None, errno: int | None = None,
+                 hint: str | None = None, **context: object) -> None:
+        self.path = path
+        self.errno = errno
+        super().__init__(message, hint=hint, **context)

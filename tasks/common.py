@@ -2,7 +2,11 @@
 
 Task creators only build dicts; the work happens in kiln's functions, called
 from actions. A KilnError inside an action becomes a doit TaskFailed (the work
-said no, with a clear message); anything else is a TaskError (a bug).
+said no, with a clear message), and so does an OSError that says something about
+the machine (disk full, read-only, no permission, a program not installed:
+kiln.oserrors explains it in one line, no traceback). Anything else is a TaskError
+(a bug, with its traceback). Exit codes: 1 when a task failed, 2 for a bug or a
+wrong fleet file (tasks/project.py), 3 for a bad command line (doit's own).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import sys
 from doit.exceptions import TaskFailed
 
 from kiln.errors import KilnError
+from kiln.oserrors import resource_error
 
 
 def setup_logging() -> None:
@@ -42,14 +47,31 @@ def action(fn):
             result = fn(*args, **kwargs)
         except KilnError as exc:
             return TaskFailed(str(exc))
+        except Exception as exc:
+            # the machine said no (ENOSPC, EROFS, EACCES, a missing program), possibly wrapped by a
+            # library: one line naming the path and the fix. Any other exception is a bug: doit
+            # shows it with its traceback
+            if (err := resource_error(exc)) is None:
+                raise
+            return TaskFailed(str(err))
         return result if isinstance(result, dict) else None
     return run
 
 
 def check(fn):
     """Wrap a library predicate as a doit `uptodate` callable. A task doit has no saved values
-    for (never run here, or `doit forget`) is not up to date, whatever the records say."""
-    return lambda task, values: bool(values) and fn()
+    for (never run here, or `doit forget`) is not up to date, whatever the records say. A check
+    that cannot decide (a KilnError or an OSError, e.g. the hash cache on a full disk) says
+    "not up to date": the action then runs and reports the problem as a failed task; doit
+    itself would end the whole run with a traceback (exit 3)."""
+    def uptodate(task, values):
+        if not values:
+            return False
+        try:
+            return fn()
+        except (KilnError, OSError):
+            return False
+    return uptodate
 
 
 def step(name: str, doc: str, run, is_current, task_dep=()) -> dict:

@@ -11,8 +11,10 @@ from __future__ import annotations
 import sys
 import time
 
+from doit.exceptions import TaskFailed, UnmetDependency
 from doit.reporter import ConsoleReporter
 
+from kiln.errors import ResourceError
 from kiln.pipeline.context import Context
 from kiln.pipeline.fingerprints import probe_in_background
 
@@ -39,11 +41,25 @@ def selected_closure(tasks: dict, selected: list[str]) -> set[str]:
     return seen
 
 
+class DependencyFailed(TaskFailed):
+    """A task not run because a task it depends on failed (doit's UnmetDependency).
+
+    doit counts UnmetDependency as an error (exit 2, like a bug), so `doit deploy` after a failed
+    export would exit 2, the code enginekiln keeps for "nothing could start" (a wrong fleet
+    file). doit's runner decides between 1 and 2 by the type of the failure right after handing
+    it to the reporter; the reporter re-types an UnmetDependency whose dependencies all *failed*
+    (TaskFailed, or this) so the run exits 1, "a task failed". One caused by a bug stays 2."""
+
+    def get_name(self) -> str:
+        return "UnmetDependency"
+
+
 class SummaryReporter(ConsoleReporter):
     context: Context
 
     def __init__(self, outstream, options):
         super().__init__(outstream, options)
+        self.failures_kind: dict[str, str] = {}  # task -> "failed" | "error", for DependencyFailed
         self.ran: list[str] = []
         self.uptodate: list[str] = []
         self.failed: dict[str, str] = {}
@@ -56,7 +72,11 @@ class SummaryReporter(ConsoleReporter):
         super().initialize(tasks, selected_tasks)
         will_run = selected_closure(tasks, selected_tasks)
         if any(n.split(":")[0] in WRITERS for n in will_run):
-            self.context.lock_artifacts(say=self.write_line)
+            try:
+                self.context.lock_artifacts(say=self.write_line)
+            except ResourceError as exc:  # e.g. a full disk: nothing can run, as with an unwritable folder
+                sys.stderr.write(f"enginekiln: {exc}\n")
+                raise SystemExit(2) from None
         wanted = {n.split(":", 1)[1] for n in will_run if n.startswith("fingerprint:")}
         probe_in_background(self.context, [t for n, t in self.context.fleet.targets.items() if n in wanted])
         self._start_progress(will_run)
@@ -115,12 +135,17 @@ class SummaryReporter(ConsoleReporter):
 
     def add_failure(self, task, fail):
         self._deploy_finished(task, ok=False)
+        if type(fail) is UnmetDependency and all(self.failures_kind.get(n) == "failed" for n in fail.message.split()):
+            fail.__class__ = DependencyFailed  # see DependencyFailed: exit 1, not 2
+        self.failures_kind[task.name] = "failed" if isinstance(fail, TaskFailed) else "error"
         super().add_failure(task, fail)
         first = (fail.get_msg() or "").strip().splitlines()
         if ":" not in task.name and fail.get_name() == "UnmetDependency":
             return  # a group placeholder: its members are listed already
         if fail.get_name() == "UnmetDependency":
             self.failed[task.name] = f"not run: depends on failed {', '.join(first) or 'tasks'}"
+        elif fail.traceback:  # a bug: its exception line, the traceback is printed above
+            self.failed[task.name] = f"{(first[-1] if first else fail.get_name())} (a bug: traceback above)"
         else:
             self.failed[task.name] = first[0] if first else fail.get_name()
 

@@ -187,19 +187,27 @@ class Context:
         run leaves nothing to clean up."""
         import fcntl
 
+        from kiln.oserrors import fleet_places, translated
+
         if self._artifacts_lock is not None:
             return
         path = self.artifacts / ".lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
-            say(f"enginekiln: {self.artifacts} is in use by {holder}; waiting for it to finish")
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"run {self.run_id} (pid {os.getpid()})\n".encode(), 0)
+        # a full disk or a read-only artifacts folder: a ResourceError naming the path and the fix
+        with translated(path=path, places=lambda: fleet_places(self.fleet)):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run"
+                    say(f"enginekiln: {self.artifacts} is in use by {holder}; waiting for it to finish")
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"run {self.run_id} (pid {os.getpid()})\n".encode(), 0)
+            except BaseException:
+                os.close(fd)
+                raise
         self._artifacts_lock = fd
 
     def close(self) -> None:

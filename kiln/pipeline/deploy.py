@@ -21,6 +21,7 @@ from kiln.config import Target
 from kiln.devices.workarea import Device
 from kiln.errors import CommandFailed, CorruptEntry, DeployError, KilnError
 from kiln.faults import kill_point
+from kiln.oserrors import explain_os_errors
 from kiln.keys import read_json, write_json_if_changed
 from kiln.pipeline.context import Context
 from kiln.devices.workarea import ReleaseState
@@ -73,6 +74,7 @@ def deploy_is_current(ctx: Context, target: Target) -> bool:
     return True
 
 
+@explain_os_errors
 def ensure_deployed(ctx: Context, target: Target, say=print) -> dict:
     """Engines for the target's class (from the store, else built on one builder of the class),
     then staged, verified and activated on the target. Needs its fingerprint recorded. A model

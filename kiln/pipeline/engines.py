@@ -45,6 +45,7 @@ from kiln.devices.hwclass import HardwareClass, hardware_class
 from kiln.devices.workarea import Device
 from kiln.errors import BuildError, CorruptEntry, KilnError, UnreachableError
 from kiln.keys import digest, read_json, write_json_if_changed
+from kiln.oserrors import explain_os_errors
 from kiln.pipeline.context import Context
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
@@ -109,6 +110,7 @@ def engine_is_current(ctx: Context, spec: EngineSpec) -> bool:
     return record is not None and key is not None and record["key"] == key
 
 
+@explain_os_errors
 def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
     """Make sure the store holds a verified engine for `spec`; returns its record."""
     onnx_record = read_json(ExportPaths.for_model(ctx.artifacts, spec.model.name).record)

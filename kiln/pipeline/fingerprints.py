@@ -16,6 +16,7 @@ from kiln.devices.hwclass import HardwareClass, describe_change, hardware_class
 from kiln.devices.workarea import Device
 from kiln.errors import KilnError, ProbeError
 from kiln.keys import read_json, write_json_if_changed
+from kiln.oserrors import explain_os_errors
 from kiln.pipeline.context import Context
 from kiln.stores.base import fingerprint_entry
 
@@ -71,6 +72,7 @@ def fingerprint_is_current(ctx: Context, target: Target) -> bool:
     return True
 
 
+@explain_os_errors
 def record_fingerprint(ctx: Context, target: Target) -> str:
     """Probe `target` and record its fingerprint (locally, then in the store for CI workers).
 

@@ -56,8 +56,7 @@ class LocalTransport(Transport):
             proc = subprocess.Popen([str(a) for a in argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                     stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE, env=full_env, start_new_session=True)
         except OSError as exc:
-            raise TransportError(f"cannot start {argv[0]!r} on target {self.target}: {exc.strerror}",
-                                 target=self.target, command=command) from exc
+            raise self._cannot_start(exc, str(argv[0]), command) from exc
         out, err = LineSink(stream), LineSink(stream)
         pumps = [threading.Thread(target=_pump, args=(proc.stdout, out), daemon=True),
                  threading.Thread(target=_pump, args=(proc.stderr, err), daemon=True)]
@@ -84,6 +83,21 @@ class LocalTransport(Transport):
         if check and code != 0:
             raise self._fail(result, f"command {Path(str(argv[0])).name}")
         return result
+
+    def _cannot_start(self, exc: OSError, program: str, command: str) -> TransportError:
+        """A program that is not there (or not runnable): its path and which setting names it."""
+        from kiln.oserrors import resource_error
+        if program == self.python:
+            fix = (f"set python of [targets.{self.target}] in the fleet file to an interpreter that exists "
+                   "(default: the one running enginekiln)")
+        else:
+            fix = (f"install {Path(program).name} on this machine, or set its full path in "
+                   f"[targets.{self.target}] of the fleet file (e.g. trtexec = \"/usr/src/tensorrt/bin/trtexec\")")
+        err = resource_error(exc, program=program, doing=f"target {self.target}", fix=fix)
+        if err is None:
+            return TransportError(f"cannot start {program!r} on target {self.target}: {exc.strerror}",
+                                  target=self.target, command=command)
+        return TransportError(err.message, hint=err.hint, target=self.target, command=command)
 
     def put(self, local, remote, *, sha256=None) -> str:
         try:

@@ -109,7 +109,7 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         # a release still on the device (a pinned or held one, or the one a rollback turned away
         # from) was verified when it was staged: it is switched back without a new upload
         on_device = {m for m, rec in todo.items() if rec.get("kept") or states[m].previous == rec["key"]}
-        ended_holds = [m for m, s in states.items() if s.hold and not engines.get(m, {}).get("kept") == "hold"]
+        ended_holds = [m for m, s in states.items() if s.hold and not engines.get(m, {}).get("kept")]
         # active but never confirmed by this controller (a run killed between activation and its
         # health check, or another controller's deploy): checked again below, as if just switched
         confirmed = (read_json(ctx.deployment_record(target.name)) or {}).get("releases", {})

@@ -172,7 +172,7 @@ def format_status(rows: list[dict]) -> str:
     """Aligned plain text (logs, pipes)."""
     head = ("target", "model", "class", "wanted", "active", "previous", "state", "deployed", "smoke ms")
     table = [head] + [(r["target"], r["model"], r["class"] or "-", _short(r["wanted"]),
-                       _short(r["active"]), _short(r["previous"]), r["state"], (r["deployed_at"] or "-")[:19],
+                       _short(r["active"]), _short(r["previous"]), r["state"], (r["deployed_at"] or "-")[:16].replace("T", " "),
                        f"{r['latency_ms']:.1f}" if r["latency_ms"] is not None else "-") for r in rows]
     widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
     lines = []
@@ -199,16 +199,22 @@ STATE_STYLE = {"up to date": "green", "pending": "yellow", "drift": "yellow", "r
                "unknown": "dim"}
 
 
-def print_status_table(rows: list[dict], file) -> None:
-    """A rich table, for a terminal."""
+def print_status_table(rows: list[dict], file, width: int | None = None) -> None:
+    """A rich table, for a terminal: names, keys and states never wrap; the class is shortened
+    and the reasons wrap when the terminal is narrow."""
     from rich.console import Console
     from rich.table import Table
     table = Table(show_lines=False, header_style="bold")
     for col in ("target", "model", "class", "wanted", "active", "previous", "state", "deployed", "smoke ms", "why"):
-        table.add_column(col, overflow="fold")
+        if col == "why":
+            table.add_column(col, overflow="fold", min_width=20)
+        elif col == "class":
+            table.add_column(col, overflow="ellipsis", no_wrap=True, max_width=28)
+        else:
+            table.add_column(col, no_wrap=True)
     for r in rows:
         table.add_row(r["target"], r["model"], r["class"] or "-", _short(r["wanted"]),
                       _short(r["active"]), _short(r["previous"]),
-                      f"[{STATE_STYLE.get(r['state'], '')}]{r['state']}[/]", (r["deployed_at"] or "-")[:19],
+                      f"[{STATE_STYLE.get(r['state'], '')}]{r['state']}[/]", (r["deployed_at"] or "-")[:16].replace("T", " "),
                       f"{r['latency_ms']:.1f}" if r["latency_ms"] is not None else "-", _notes(r))
-    Console(file=file).print(table)
+    Console(file=file, width=width).print(table)

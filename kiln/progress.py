@@ -203,8 +203,9 @@ class Activity:
             text = f"done in {took}"
         if self.extra:
             text += f"; {self.extra}"
-        if self.phases:
-            text += " (" + ", ".join(f"{name} {format_seconds(s)}" for name, s in self.phases) + ")"
+        shown = [(name, s) for name, s in self.phases if s >= 0.05]  # "0.0 s" says nothing
+        if shown:
+            text += " (" + ", ".join(f"{name} {format_seconds(s)}" for name, s in shown) + ")"
         return text
 
 
@@ -629,7 +630,7 @@ class _Rich(_Renderer):
         from rich.text import Text
         line = Text.from_markup(f"{mark} ")
         line.append(f"{act.label}{act.sep}{act.end_text(now, ok)}")
-        self.console.print(line, overflow="ellipsis", no_wrap=True)
+        self.console.print(line)
         if not self.bar.tasks:
             self.bar.stop()
 

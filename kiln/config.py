@@ -181,8 +181,12 @@ SIGNING_KEYS = {
                    doc="public key ids (\"ed25519:<base64>\") of other controllers whose engines are used; "
                        "this controller's own key is always trusted"),
 }
+PYTHON_PATH = Key((list,), default=[], check=lambda v: None if all(isinstance(x, str) and x for x in v)
+                  else "must be a list of folder paths (strings)",
+                  doc="folders searched for factory modules after the fleet file's own folder, relative to "
+                      "the fleet file, e.g. python_path = [\"src\", \"../models\"] (a top-level key: before any [table])")
 TOP_KEYS = {"store": STORE_KEYS, "signing": SIGNING_KEYS, "defaults": {"export": EXPORT_KEYS, "verify": VERIFY_KEYS, "build": BUILD_KEYS},
-            "models": None, "targets": None}
+            "python_path": PYTHON_PATH, "models": None, "targets": None}
 
 
 # -- the objects -------------------------------------------------------------------
@@ -198,6 +202,9 @@ class Model:
     export: dict[str, Any]
     verify: dict[str, Any]
     build: dict[str, Any]
+    #: folders searched for the factory module before sys.path: the fleet file's folder, then
+    #: its python_path (kiln.factories)
+    factory_path: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -257,6 +264,13 @@ class _Source:
 
     def line_of(self, keys: list[str]) -> int | None:
         """Best effort: the line of the deepest table header or key of `keys` found."""
+        if len(keys) == 1:  # a top-level key (python_path = [...]) is set before the first table
+            key_re = re.compile(rf"^\s*(?:{_key_pattern(keys[0])})\s*=")
+            for i, line in enumerate(self.lines):
+                if line.lstrip().startswith("["):
+                    break
+                if key_re.match(line):
+                    return i + 1
         for cut in range(len(keys), 0, -1):
             parts = [_key_pattern(k) for k in keys[:cut]]
             table_re = re.compile(r"^\s*\[\s*" + r"\s*\.\s*".join(f"(?:{p})" for p in parts) + r"\s*\]")
@@ -298,6 +312,9 @@ def _validate(table: dict, schema: dict, src: _Source, where: list[str], fill: b
         spec = schema.get(key)
         if spec is None and key not in schema:
             known = ", ".join(sorted(schema))
+            if where and key == "python_path":  # TOML puts a key written after [a table] into that table
+                raise src.error(where + [key], "unknown key", "python_path is a top-level key: move it above "
+                                                              "the first [table] of the file")
             raise src.error(where + [key], "unknown key", f"remove it or use one of: {known}")
         if isinstance(spec, dict):
             if not isinstance(value, dict):
@@ -336,8 +353,8 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}",
-                          hint="fix the syntax; a table declared twice (e.g. two [targets.x]) is a duplicate target") from exc
+        from kiln.toml_errors import toml_error  # the line at fault, quoted, in plain words
+        raise toml_error(path, text, exc) from exc
 
     top = {k: v for k, v in raw.items() if k not in ("models", "targets")}
     checked = _validate(top, {k: v for k, v in TOP_KEYS.items() if v is not None}, src, [])
@@ -350,6 +367,13 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
         raise src.error(["targets"], "no targets defined", "add a [targets.<name>] table")
 
     defaults = checked["defaults"]
+    factory_path = [path.parent]
+    for folder in checked["python_path"]:
+        resolved = (path.parent / Path(folder).expanduser()).resolve()
+        if not resolved.is_dir():
+            raise src.error(["python_path"], f"folder {folder!r} ({resolved}) does not exist",
+                            "python_path folders are relative to the fleet file; fix or remove this one")
+        factory_path.append(resolved)
     models = {}
     for name, table in raw["models"].items():
         _checked_name(src, ["models", name], name, "model")
@@ -360,7 +384,8 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
             # the model's own values win over [defaults], which win over the schema's defaults
             export={**defaults["export"], **m["export"]},
             verify={**defaults["verify"], **m["verify"]},
-            build={**defaults["build"], **m["build"]})
+            build={**defaults["build"], **m["build"]},
+            factory_path=tuple(dict.fromkeys(factory_path)))
 
     targets = {}
     for name, table in raw["targets"].items():

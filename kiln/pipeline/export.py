@@ -6,13 +6,14 @@ the torch/onnx versions. `export_model` does the work: load the checkpoint safel
 export a single deterministic ONNX file, run onnx.checker, check the opset is the
 one asked for, save fixed reference inputs with PyTorch's outputs, and check ONNX
 Runtime against them.
+
+Factories are found next to the fleet file, then in its python_path, then on Python's
+path (kiln.factories); checkpoints are read without running code from them, as a
+state_dict, a training checkpoint holding one, or safetensors (kiln.checkpoints).
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import logging
-import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -21,10 +22,12 @@ from pathlib import Path
 
 from kiln.config import Model
 from kiln.errors import ExportError
+from kiln.factories import factory_imports, find_factory_source, import_factory
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.local_probe import package_version
 from kiln.faults import kill_point
+from kiln.oserrors import Place, explain_os_errors, resource_error, translated
 from kiln.progress import NULL
 
 log = logging.getLogger(__name__)
@@ -46,18 +49,10 @@ class ExportPaths:
                    base / f"{model}.provenance.json")
 
 
-def factory_source(factory: str) -> Path:
-    """The source file of a factory's module, found without importing the module itself."""
-    module = factory.split(":")[0]
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as exc:
-        raise ExportError(f"cannot find the factory module {module!r}: {exc}", factory=factory,
-                          hint="check `factory` in the fleet file and that the module is importable") from exc
-    if spec is None or not spec.origin or not os.path.isfile(spec.origin):
-        raise ExportError(f"cannot find the factory module {module!r}", factory=factory,
-                          hint="check `factory` in the fleet file and that the module is importable")
-    return Path(spec.origin)
+def factory_source(model: Model) -> Path:
+    """The source file of the model's factory module, found without importing anything:
+    next to the fleet file, in its python_path, then on Python's path (kiln.factories)."""
+    return find_factory_source(model.factory, model.factory_path, model.name)
 
 
 def export_inputs(model: Model, hashes: HashCache) -> dict:
@@ -69,7 +64,7 @@ def export_inputs(model: Model, hashes: HashCache) -> dict:
         "format": EXPORT_FORMAT,
         "checkpoint_sha256": hashes.sha256(model.checkpoint),
         "factory": model.factory,
-        "factory_source_sha256": hashes.sha256(factory_source(model.factory)),
+        "factory_source_sha256": hashes.sha256(factory_source(model)),
         "inputs": {k: list(v) for k, v in model.inputs.items()},
         "outputs": list(model.outputs),
         "export": model.export,
@@ -85,28 +80,34 @@ def export_key(model: Model, hashes: HashCache) -> str:
 
 
 def build_module(model: Model):
-    """Call the model's factory (imports torch and the factory's module)."""
-    module_name, func_name = model.factory.split(":")
-    try:
-        module = importlib.import_module(module_name)
-        factory = getattr(module, func_name)
-    except Exception as exc:  # noqa: BLE001 - any import failure of user code is reported the same way
-        raise ExportError(f"cannot import factory {model.factory}: {type(exc).__name__}: {exc}",
-                          model=model.name, hint="fix the factory module or `factory` in the fleet file") from exc
-    try:
-        return factory()
-    except Exception as exc:  # noqa: BLE001
-        raise ExportError(f"factory {model.factory} raised {type(exc).__name__}: {exc}", model=model.name,
-                          hint="fix the factory; it must return a torch.nn.Module") from exc
+    """Call the model's factory (imports torch and the factory's module), with the fleet file's
+    folder and python_path first on sys.path while it is imported and called."""
+    with factory_imports(model.factory_path):
+        factory = import_factory(model.factory, model.factory_path, model.name)
+        try:
+            return factory()
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"factory {model.factory} raised {type(exc).__name__}: {exc}", model=model.name,
+                              hint="fix the factory; it must return a torch.nn.Module") from exc
 
 
 def create_checkpoint(model: Model) -> Path:
-    """Demo/test models: make the checkpoint from the factory under a fixed seed."""
+    """Demo/test models: make the checkpoint from the factory under a fixed seed (a safetensors
+    file if its name ends in .safetensors, else a torch state_dict)."""
     import torch
     torch.manual_seed(model.seed or 0)
     module = build_module(model)
-    with atomic_file(model.checkpoint) as f:
-        torch.save(module.state_dict(), f)
+    place = Place(model.checkpoint.parent, f"the checkpoint folder of model {model.name}",
+                  f"set checkpoint of [models.{model.name}] to a file in a writable folder")
+    with translated(path=model.checkpoint, places=[place]):
+        if model.checkpoint.suffix == ".safetensors":
+            from safetensors.torch import save
+            data = save({k: v.contiguous() for k, v in module.state_dict().items()})
+            with atomic_file(model.checkpoint) as f:
+                f.write(data)
+        else:
+            with atomic_file(model.checkpoint) as f:
+                torch.save(module.state_dict(), f)
     return model.checkpoint
 
 
@@ -118,14 +119,12 @@ def load_module(model: Model, activity=NULL):
     if not isinstance(module, torch.nn.Module):
         raise ExportError(f"factory {model.factory} returned {type(module).__name__}, not a torch.nn.Module",
                           model=model.name, hint="return the model instance from the factory")
-    try:
-        state = torch.load(model.checkpoint, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
-        raise ExportError(f"cannot load checkpoint {model.checkpoint}: {type(exc).__name__}: {exc}",
-                          model=model.name,
-                          hint="the file is corrupt or not a plain state_dict (weights_only=True refuses pickled code)") from exc
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
+    from kiln.checkpoints import fit_state_dict, read_state_dict
+    state = read_state_dict(model.checkpoint, model=model.name)  # no code from the file is run
+    state, prefix = fit_state_dict(state, set(module.state_dict()), path=model.checkpoint, model=model.name)
+    if prefix:
+        log.info("%s: checkpoint keys carry the prefix %r (a LightningModule attribute, DataParallel...): removed",
+                 model.name, prefix)
     try:
         module.load_state_dict(state, strict=True)
     except Exception as exc:  # noqa: BLE001
@@ -266,6 +265,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - exporter errors come in many types
+            if (err := resource_error(exc, path=onnx_tmp)) is not None:
+                raise err from exc  # a full disk is not the exporter's fault: no "try the other exporter"
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:2000]}",
                               model=model.name, hint="see the exporter message; try the other exporter or opset") from exc
         if not onnx_tmp.exists() or any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
@@ -330,6 +331,7 @@ def export_is_current(ctx, model: Model) -> bool:
     return True
 
 
+@explain_os_errors
 def ensure_export(ctx, model: Model, say=print) -> dict:
     """Export `model` and publish its ONNX, reference data and record to the store.
 

@@ -122,7 +122,7 @@ def target_settings(inv: Inventory, host: InventoryHost, warnings: dict[str, lis
             key = str(key)
             # Ansible hands the path to ssh as it is: relative to where ansible runs (here)
             out["identity_file"] = key if key.startswith(("~", "/")) else str(cwd / key)
-        out.update(_ssh_args(host, warnings, where))
+        out.update(_ssh_args(host, warnings, where, cwd))
     python = get(("ansible_python_interpreter",))
     if python is not None and str(python) not in AUTO_INTERPRETERS:
         out["python"] = str(python)
@@ -130,7 +130,7 @@ def target_settings(inv: Inventory, host: InventoryHost, warnings: dict[str, lis
     return out
 
 
-def _ssh_args(host: InventoryHost, warnings: dict[str, list[str]], where: str) -> dict[str, str]:
+def _ssh_args(host: InventoryHost, warnings: dict[str, list[str]], where: str, cwd: Path) -> dict[str, str]:
     """proxy_jump and known_hosts from ansible_ssh_common_args / ansible_ssh_extra_args; other ssh
     options have no enginekiln equivalent (use ~/.ssh/config) and are reported."""
     out: dict[str, str] = {}
@@ -167,7 +167,7 @@ def _ssh_args(host: InventoryHost, warnings: dict[str, list[str]], where: str) -
                 out["proxy_jump"] = val
             elif name.lower() == "userknownhostsfile" and val:
                 files = val.split()
-                out["known_hosts"] = os.path.expanduser(files[0]) if files[0].startswith("~") else files[0]
+                out["known_hosts"] = files[0] if files[0].startswith(("~", "/")) else str(cwd / files[0])
                 if len(files) > 1:
                     warnings.setdefault(f"UserKnownHostsFile lists {len(files)} files; enginekiln uses the first, "
                                         f"{files[0]}", []).append(host.name)

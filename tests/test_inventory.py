@@ -79,7 +79,7 @@ def test_group_vars_are_inherited_through_children_and_host_vars_win(tmp_path):
     assert t["xavier-01"]["python"] == "/usr/bin/python3.8" and "python" not in t["orin-01"]   # auto_silent: default
     assert t["orin-01"]["identity_file"] == "~/.ssh/fleet_ed25519"
     assert t["orin-01"]["proxy_jump"] == "bastion.example.com"
-    assert t["orin-01"]["known_hosts"] == os.path.expanduser("~/.ssh/fleet_known_hosts")
+    assert t["orin-01"]["known_hosts"] == "~/.ssh/fleet_known_hosts"
     assert t["orin-01"]["groups"] == ["jetsons", "line_1", "orins"]
     assert t["localhost"] == {"transport": "local", "backend": "tensorrt", "python": "/usr/bin/python3",
                               "models": ["det"], "groups": ["controller"], "install_dir": "/srv/kiln"}

@@ -33,7 +33,7 @@ from typing import Any
 from kiln.config import NAME_RULE, load_fleet, valid_name
 from kiln.errors import ConfigError
 from kiln.inventory import Inventory, InventoryError, InventoryHost, Vaulted, load_inventory, plain
-from kiln.toml_text import find_table, render_string, render_table, render_value, replace_table
+from kiln.toml_text import render_string, render_table, render_value, replace_tables
 
 DEFAULT_INSTALL_DIR = "/opt/kiln"
 DEFAULT_BACKEND = "onnxruntime"
@@ -238,6 +238,7 @@ def import_inventory(inventory: Path | str, out: Path | str = "targets.toml", *,
 
     text = existing if existing is not None else _new_file_header(inv)
     appended: list[str] = []
+    replacements: dict[tuple[str, ...], str] = {}
     old_targets = raw.get("targets", {})
     for name, conn in settings.items():
         if name in old_targets:
@@ -246,16 +247,19 @@ def import_inventory(inventory: Path | str, out: Path | str = "targets.toml", *,
             if table == old:
                 result.unchanged.append(name)
                 continue
-            if find_table(text, ["targets", name]) is None:
-                raise ConfigError(f"{out}: cannot update target {name!r}: it is not written as a "
-                                  f"[targets.{name}] table", hint=f"write it as [targets.{name}] and import again")
-            text = replace_table(text, ["targets", name], render_table(["targets", name], table))
+            replacements[("targets", name)] = render_table(["targets", name], table)
             result.updated.append(name)
         else:
             table = _new_table(conn, backend=backend or DEFAULT_BACKEND, models=new_models,
                                install_dir=install_dir or DEFAULT_INSTALL_DIR)
             appended.append(render_table(["targets", name], table))
             result.added.append(name)
+    if replacements:
+        try:
+            text = replace_tables(text, replacements)
+        except KeyError as exc:
+            raise ConfigError(f"{out}: cannot update target(s) {exc.args[0]}: not written as [targets.<name>] "
+                              "tables", hint="write each target as a [targets.<name>] table and import again") from None
     if appended:
         text = text.rstrip("\n") + "\n\n" if text.strip() else text
         if existing is not None:

@@ -84,26 +84,41 @@ def _top_level_lines(lines: list[str]) -> list[int]:
     return out
 
 
-def find_table(text: str, path: list[str]) -> tuple[int, int] | None:
-    """(first, end) line indexes of the `[path]` table in `text` (header to the line before the next
-    header, less the blank and comment lines just before that header), or None."""
+def table_spans(text: str, paths: list[list[str]]) -> dict[tuple[str, ...], tuple[int, int]]:
+    """{path: (first, end)} line indexes of each `[path]` table found in `text`: from its header to
+    the line before the next header, less the blank and comment lines just before that header
+    (they usually belong to the next table). Tables not written as a `[path]` header are absent."""
     lines = text.splitlines(keepends=True)
     headers = _top_level_lines(lines)
-    pattern = _header_re(path)
+    patterns = {tuple(p): _header_re(p) for p in paths}
+    spans = {}
     for n, i in enumerate(headers):
-        if pattern.match(lines[i].rstrip("\r\n")):
-            end = headers[n + 1] if n + 1 < len(headers) else len(lines)
-            while end > i + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
-                end -= 1
-            return i, end
-    return None
+        for path, pattern in patterns.items():
+            if path not in spans and pattern.match(lines[i].rstrip("\r\n")):
+                end = headers[n + 1] if n + 1 < len(headers) else len(lines)
+                while end > i + 1 and (not lines[end - 1].strip() or lines[end - 1].lstrip().startswith("#")):
+                    end -= 1
+                spans[path] = (i, end)
+                break
+    return spans
+
+
+def find_table(text: str, path: list[str]) -> tuple[int, int] | None:
+    return table_spans(text, [path]).get(tuple(path))
+
+
+def replace_tables(text: str, new: dict[tuple[str, ...], str]) -> str:
+    """`text` with the lines of each table `[path]` replaced by `new[path]` (a rendered table)."""
+    spans = table_spans(text, [list(p) for p in new])
+    missing = [".".join(p) for p in new if tuple(p) not in spans]
+    if missing:
+        raise KeyError(", ".join(missing))
+    lines = text.splitlines(keepends=True)
+    for path, (first, end) in sorted(spans.items(), key=lambda item: item[1][0], reverse=True):
+        lines[first:end] = [new[path]]
+    return "".join(lines)
 
 
 def replace_table(text: str, path: list[str], new: str) -> str:
     """`text` with the lines of table `[path]` replaced by `new` (a rendered table)."""
-    span = find_table(text, path)
-    if span is None:
-        raise KeyError(".".join(path))
-    lines = text.splitlines(keepends=True)
-    first, end = span
-    return "".join(lines[:first]) + new + "".join(lines[end:])
+    return replace_tables(text, {tuple(path): new})

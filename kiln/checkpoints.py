@@ -217,10 +217,16 @@ def fit_state_dict(state: dict, wanted: set[str], *, path: Path, model: str | No
         raise ExportError(f"checkpoint {path} holds the model's weights several times, under "
                           f"{', '.join(repr(p) for p in matching)}", model=model,
                           hint="save the one you want on its own (`torch.save(lit.<attribute>.state_dict(), path)`)")
-    missing = sorted(wanted - set(state))
-    unexpected = sorted(set(state) - wanted)
+    # the closest reading (as is, or under one prefix) says best what differs
+    for key in wanted:
+        prefixes.update(k[: len(k) - len(key)] for k in state if k.endswith("." + key) and k != key)
+    overlap = lambda p: len({k[len(p):] for k in state if k.startswith(p)} & wanted)
+    best = max(sorted(prefixes | {""}), key=overlap)
+    have = {k[len(best):] for k in state if k.startswith(best)}
+    missing, unexpected = sorted(wanted - have), sorted(have - wanted)
+    under = f" (keys under {best!r})" if best else ""
     show = lambda keys: ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-    raise ExportError(f"checkpoint {path.name} does not fit the factory's model: "
+    raise ExportError(f"checkpoint {path.name} does not fit the factory's model{under}: "
                       + "; ".join(part for part in (f"missing {show(missing)}" if missing else "",
                                                     f"unexpected {show(unexpected)}" if unexpected else "") if part),
                       model=model, hint="the checkpoint and the factory must describe the same architecture")

@@ -109,6 +109,18 @@ def resource_error(exc: BaseException, *, path: str | os.PathLike | None = None,
     return ResourceError(message, path=where, errno=number, hint=fix or hint)
 
 
+def machine_error(exc: BaseException, path: str | os.PathLike | None = None) -> OSError | None:
+    """The disk-space, read-only or permission OSError inside `exc` (a library may wrap it), with
+    `path` as its file when it names none; None if there is none. For code that catches broadly
+    (an exporter raises anything) and re-raises this for a caller who knows the places."""
+    os_exc = _os_error(exc)
+    if os_exc is None or os_exc.errno not in SPACE + READ_ONLY + PERMISSION:
+        return None
+    if os_exc.filename is None and path is not None:
+        return type(os_exc)(os_exc.errno, os_exc.strerror, os.fspath(path))
+    return os_exc
+
+
 @contextlib.contextmanager
 def translated(*, path: str | os.PathLike | None = None,
                places: Iterable[Place] | Callable[[], Iterable[Place]] = ()) -> Iterator[None]:

@@ -8,6 +8,7 @@ selected deploys as they finish ("deploy 7/12 devices").
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -76,7 +77,13 @@ class SummaryReporter(ConsoleReporter):
                 self.context.lock_artifacts(say=self.write_line)
             except ResourceError as exc:  # e.g. a full disk: nothing can run, as with an unwritable folder
                 sys.stderr.write(f"enginekiln: {exc}\n")
-                raise SystemExit(2) from None
+                self.context.close()
+                sys.stdout.flush()
+                sys.stderr.flush()
+                # nothing ran, so there is nothing to record; a SystemExit would still let doit rewrite
+                # its state file in the same full folder (<artifacts>/.doit.db, rewritten in place: a
+                # full disk would leave it truncated) and end with its traceback
+                os._exit(2)
         wanted = {n.split(":", 1)[1] for n in will_run if n.startswith("fingerprint:")}
         probe_in_background(self.context, [t for n, t in self.context.fleet.targets.items() if n in wanted])
         self._start_progress(will_run)

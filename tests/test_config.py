@@ -140,3 +140,75 @@ def test_tensorrt_build_settings_are_checked_when_the_fleet_is_loaded(tmp_path, 
     cpu_only = textwrap.dedent(GOOD).replace(*change, 1).replace("backend = \"tensorrt\"", "backend = \"onnxruntime\"")
     path.write_text(cpu_only)
     Context.load(path, tmp_path / "artifacts")
+
+
+# -- malformed TOML: the line at fault, quoted, in plain words -----------------------------------
+
+def _line(text: str, marker: str) -> int:
+    """1-based number of the line of `text` (dedented) that contains `marker`."""
+    return next(i for i, l in enumerate(textwrap.dedent(text).split("\n"), 1) if marker in l)
+
+
+MALFORMED = [
+    # (change to GOOD, the line the message must point at, words it must use)
+    pytest.param(("[targets.local]\nmodels", "[targets.orin-01]\nmodels"), "[targets.orin-01]", 2,
+                 ["[targets.orin-01] is defined twice (first at line {first})", "a duplicate target",
+                  "merge the two [targets.orin-01] tables"], id="table-twice"),
+    # tomllib reports a key set twice after its whole value, here three lines further
+    pytest.param(("groups = [\"jetsons\"]", "groups = [\"jetsons\"]\nmodels = [\n  \"det\",\n]"), "models = [", 2,
+                 ["the key models is set twice in the same table (first at line {first})"], id="key-twice-multiline"),
+    pytest.param(("host = \"orin-01.lab\"", "host = \"orin-01.lab"), "host = \"orin-01.lab", 1,
+                 ["a string is missing its closing quote"], id="missing-quote"),
+    # tomllib reports an unclosed array at the next key
+    pytest.param(("groups = [\"jetsons\"]", "groups = [\"jetsons\""), "groups = [\"jetsons\"", 1,
+                 ["the array [ opened on this line is never closed", "add the closing ]"], id="unclosed-array"),
+    pytest.param(("inputs = { pixel_values = [1, 3, 32, 32] }", "inputs = { pixel_values = [1, 3, 32, 32],\n"
+                  "           other = [1] }"), "inputs = {", 1,
+                 ["the inline table {{ opened on this line is not closed on this line"], id="inline-table-two-lines"),
+    pytest.param(("install_dir = \"/opt/kiln\"", "install_dir = \"C:\\kiln\""), "install_dir = \"C:", 1,
+                 ["a backslash", "'literal string'"], id="backslash"),
+    pytest.param(("precision = \"fp16\"", "precision = fp16"), "precision = fp16", 1,
+                 ["the value after = is not a TOML value"], id="unquoted-string"),
+]
+
+
+@pytest.mark.parametrize("change, marker, nth, words", MALFORMED)
+def test_malformed_toml_points_at_the_real_line(tmp_path, change, marker, nth, words):
+    text = GOOD.replace(*change, 1)
+    lines = textwrap.dedent(text).split("\n")
+    hits = [i for i, l in enumerate(lines, 1) if marker in l]
+    line, first = hits[nth - 1], hits[0]
+    message = error(tmp_path, text)
+    head, quoted = message.splitlines()[:2]
+    assert head.startswith(f"{tmp_path / 'targets.toml'}:{line}: not valid TOML: "), message
+    assert quoted == f"  {line:>5} | {lines[line - 1]}", message
+    for word in words:
+        assert word.format(first=first) in message, message
+    assert "Cannot declare" not in message and "(at line" not in message  # tomllib's wording and position
+
+
+def test_a_string_left_open_to_the_end_of_the_file_points_at_its_start(tmp_path):
+    text = textwrap.dedent(GOOD) + "\n[targets.extra]\nmodels = [\"det\"]\ninstall_dir = \"/srv/kiln\n"
+    message = error(tmp_path, text)
+    line = text.split("\n").index("install_dir = \"/srv/kiln") + 1
+    assert message.startswith(f"{tmp_path / 'targets.toml'}:{line}: not valid TOML: a string is missing its closing quote")
+
+
+# -- python_path ---------------------------------------------------------------------------------
+
+def test_python_path_folders_are_resolved_after_the_fleet_files_own(tmp_path):
+    (tmp_path / "src").mkdir()
+    fleet = load(tmp_path, 'python_path = ["src", "."]\n' + GOOD)
+    assert fleet.models["det"].factory_path == (tmp_path, tmp_path / "src")
+
+
+def test_a_missing_python_path_folder_is_refused_at_its_line(tmp_path):
+    message = error(tmp_path, '# models live elsewhere\npython_path = ["../nope"]\n' + GOOD)
+    assert message.startswith(f"{tmp_path / 'targets.toml'}:2: python_path: folder '../nope'"), message
+    assert "relative to the fleet file" in message
+
+
+def test_python_path_below_a_table_says_it_is_a_top_level_key(tmp_path):
+    message = error(tmp_path, GOOD.replace("[store]\nurl = \"file://store\"",
+                                           "[store]\nurl = \"file://store\"\npython_path = [\"src\"]"))
+    assert "store.python_path: unknown key" in message and "move it above the first [table]" in message

@@ -27,7 +27,7 @@ from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.devices.local_probe import package_version
 from kiln.faults import kill_point
-from kiln.oserrors import Place, explain_os_errors, resource_error, translated
+from kiln.oserrors import Place, explain_os_errors, machine_error, translated
 from kiln.progress import NULL
 
 log = logging.getLogger(__name__)
@@ -265,8 +265,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         except ExportError:
             raise
         except Exception as exc:  # noqa: BLE001 - exporter errors come in many types
-            if (err := resource_error(exc, path=onnx_tmp)) is not None:
-                raise err from exc  # a full disk is not the exporter's fault: no "try the other exporter"
+            if (os_exc := machine_error(exc, onnx_tmp)) is not None:
+                raise os_exc from exc  # a full disk is not the exporter's fault: explained by ensure_export
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:2000]}",
                               model=model.name, hint="see the exporter message; try the other exporter or opset") from exc
         if not onnx_tmp.exists() or any(p.name != "model.onnx" for p in Path(tmp).iterdir()):

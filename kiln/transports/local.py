@@ -10,7 +10,7 @@ from pathlib import Path
 
 from kiln.errors import TransportError
 from kiln.files import atomic_file, copy_hashing
-from kiln.progress import transfer
+from kiln.progress import short_name, transfer
 from kiln.transports.base import Result, Transport, quote_argv
 from kiln.transports.lines import LineSink
 
@@ -106,7 +106,7 @@ class LocalTransport(Transport):
             raise TransportError(f"cannot upload {local}: no such local file", target=self.target) from exc
         stat = os.fstat(fin.fileno())
         mode = stat.st_mode & 0o777  # kept, as over SSH
-        with fin, transfer(self.display, f"upload {Path(local).name} to {self.target}", stat.st_size) as shown, \
+        with fin, transfer(self.display, f"upload {short_name(Path(local).name)} to {self.target}", stat.st_size) as shown, \
                 atomic_file(remote, mode=mode) as fout:
             sha, _ = copy_hashing(fin, fout, shown.advance)
             if sha256 and sha != sha256:  # refused inside atomic_file: the previous file stays
@@ -120,7 +120,7 @@ class LocalTransport(Transport):
         except FileNotFoundError as exc:
             raise TransportError(f"{remote} does not exist on target {self.target}",
                                  target=self.target) from exc
-        label = f"download {Path(remote).name} from {self.target}"
+        label = f"download {short_name(Path(remote).name)} from {self.target}"
         with fin, transfer(self.display, label, os.fstat(fin.fileno()).st_size) as shown, \
                 atomic_file(local) as fout:
             sha, _ = copy_hashing(fin, fout, shown.advance)

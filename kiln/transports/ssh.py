@@ -34,7 +34,7 @@ from typing import Sequence
 
 from kiln.errors import TransportError, UnreachableError
 from kiln.files import atomic_file
-from kiln.progress import transfer
+from kiln.progress import short_name, transfer
 from kiln.transports.base import Result, Stream, Transport, quote_argv
 from kiln.transports.hostkeys import (DEFAULT_CONNECT_TIMEOUT, Hop, build_chain, key_fingerprint,
                                       open_verified, paramiko as _paramiko)
@@ -332,7 +332,7 @@ class SSHTransport(Transport):
         tmp = str(rpath.parent / f".{rpath.name}.{secrets.token_hex(6)}.part")
         self.run(["mkdir", "-p", "--", str(rpath.parent)])
         h = hashlib.sha256()
-        with self._channels, transfer(self.display, f"upload {local.name} to {self.target}",
+        with self._channels, transfer(self.display, f"upload {short_name(local.name)} to {self.target}",
                                       local.stat().st_size) as shown:
             sftp = self._sftp()
             try:
@@ -392,7 +392,7 @@ class SSHTransport(Transport):
                     with sftp.open(remote, "rb") as fin:
                         size = fin.stat().st_size
                         fin.prefetch(size)
-                        with transfer(self.display, f"download {PurePosixPath(remote).name} from {self.target}",
+                        with transfer(self.display, f"download {short_name(PurePosixPath(remote).name)} from {self.target}",
                                       size) as shown:
                             for block in iter(lambda: fin.read(CHUNK), b""):
                                 h.update(block)

@@ -118,17 +118,21 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
         raise BuildError(f"model {spec.model.name} has not been exported", model=spec.model.name,
                          hint=f"run `doit export:{spec.model.name}` first")
     key = digest(engine_key_inputs(spec, onnx_record))
-    return ctx.once(("engine", key), lambda: _ensure(ctx, spec, key, onnx_record, say))
+    # once per key and run; the record is per (model, class): two models whose ONNX bytes are
+    # equal share one engine, and each gets its record
+    manifest = ctx.once(("engine", key), lambda: _ensure(ctx, spec, key, onnx_record, say))
+    return _write_record(ctx, spec, key, manifest)
 
 
 def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
+    """The engine's manifest in the store: found there, else built on one builder and published."""
     model, task = spec.model, f"engine:{spec.task_name}"
     store = ctx.store
     manifest = _stored_manifest(ctx, key, say)
     if manifest is not None:
         ctx.events.emit(task, "cache-hit", key=key, why=f"engine for {spec.hwclass.id} already in {store.url}")
         say(f"  cache hit: engine {key[:12]} for {spec.hwclass.id} is in the store")
-        return _write_record(ctx, spec, key, manifest)
+        return manifest
 
     errors = []
     for target in spec.builders:
@@ -143,7 +147,7 @@ def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) ->
             errors.append(f"{target.name}: {exc.message}")
             log.warning("builder %s unreachable, trying the next builder of %s", target.name, spec.hwclass.id)
             continue
-        return _write_record(ctx, spec, key, manifest)
+        return manifest
     tried = "; ".join(errors) or "the class has no recorded member"
     raise BuildError(f"no builder of hardware class {spec.hwclass.id} could build {model.name}: {tried}",
                      model=model.name, hint="bring one of the class's devices online (or run "

@@ -257,7 +257,8 @@ def test_cache_check_and_status_follow_the_store(project):
     # the CI example's own command, as written, leaves a file that is one JSON document
     step = _ci_step("Is every engine in the store?")
     assert "sed" not in step and "> cache-check.json" in step
-    command = step.replace(".venv/bin/doit", f"{sys.executable} -m doit -f {REPO / 'dodo.py'}")
+    command = step.replace(".venv/bin/doit", f"{sys.executable} -m doit -f {REPO / 'dodo.py'}").replace(
+        "--junit cache-check.xml", f"--junit {project.root / 'ci.xml'}")  # doit runs in the dodo's folder
     ci = subprocess.run(["bash", "-c", command], cwd=project.root, env=project.env, capture_output=True, text=True)
     assert ci.returncode == 1, ci.stderr
     assert json.loads((project.root / "cache-check.json").read_text())["engines"][0]["status"] == "miss"

@@ -80,7 +80,7 @@ def resource_error(exc: BaseException, *, path: str | os.PathLike | None = None,
         return _program_error(os_exc, program or str(os_exc.filename), doing, fix)
     if number not in SPACE + READ_ONLY + PERMISSION:
         return None
-    where = os.path.abspath(os.fspath(os_exc.filename if os_exc.filename is not None else path or "."))
+    where = _destination(os.path.abspath(os.fspath(os_exc.filename if os_exc.filename is not None else path or ".")))
     place = _place_of(where, places)
     about = [place.what] if place else []
     mount = _mount_point(where)
@@ -183,6 +183,15 @@ def _program_error(exc: OSError, program: str, doing: str | None, fix: str | Non
         message = f"cannot run {program}: not a program for this machine (exec format error){needed}"
         hint = "install the build of the program for this machine's architecture"
     return ResourceError(message, path=program, errno=exc.errno, hint=fix or hint)
+
+
+def _destination(path: str) -> str:
+    """The file being written, not the temp name kiln.files.atomic_file writes it under
+    (`.<name>.<random>.part` next to it)."""
+    folder, base = os.path.split(path)
+    if base.startswith(".") and base.endswith(".part") and base.count(".") >= 3:
+        return os.path.join(folder, base[1:-len(".part")].rsplit(".", 1)[0])
+    return path
 
 
 def _place_of(path: str, places: Iterable[Place]) -> Place | None:

@@ -14,7 +14,7 @@ import functools
 import logging
 import sys
 
-from doit.exceptions import TaskFailed
+from doit.exceptions import BaseFail, TaskFailed
 
 from kiln.errors import KilnError
 from kiln.oserrors import resource_error
@@ -54,7 +54,8 @@ def action(fn):
             if (err := resource_error(exc)) is None:
                 raise
             return TaskFailed(str(err))
-        return result if isinstance(result, dict) else None
+        # values for doit to keep, or a failure the action chose (e.g. cache-check's exit 2)
+        return result if isinstance(result, (dict, BaseFail)) else None
     return run
 
 

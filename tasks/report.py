@@ -15,6 +15,8 @@ from kiln.pipeline.context import Context
 from kiln.pipeline.reports import cache_json, cache_junit, cache_ok, cache_report, format_cache_table
 from kiln.pipeline.status import fleet_status, format_status, print_status_table
 
+from .common import action  # a full disk or read-only folder: one line, not a traceback
+
 JSON_PARAM = {"name": "json_out", "long": "json", "type": bool, "default": False,
               "help": "print a machine-readable JSON report (and nothing else) on stdout"}
 JSON_FILE_PARAM = {"name": "json_path", "long": "json-out", "type": str, "default": "",
@@ -59,7 +61,7 @@ def _cache_check(ctx: Context, json_out: bool, json_path: str, junit: str):
 def cache_check_task(ctx: Context) -> dict:
     return {"basename": "cache-check",
             "doc": "is every engine in the store? exit 0 all present, 1 something missing, 2 could not check",
-            "actions": [lambda json_out, json_path, junit: _cache_check(ctx, json_out, json_path, junit)],
+            "actions": [action(lambda json_out, json_path, junit: _cache_check(ctx, json_out, json_path, junit))],
             "uptodate": [False], "verbosity": 2,
             "params": MACHINE_PARAMS + [{"name": "junit", "long": "junit", "type": str, "default": "",
                                          "help": "also write a JUnit XML report to this path"}]}
@@ -82,7 +84,7 @@ def _status(ctx: Context, json_out: bool, json_path: str, offline: bool):
 
 def status_task(ctx: Context) -> dict:
     return {"basename": "status", "doc": "what each device actually runs vs what it should (--offline: records only)",
-            "actions": [lambda json_out, json_path, offline: _status(ctx, json_out, json_path, offline)],
+            "actions": [action(lambda json_out, json_path, offline: _status(ctx, json_out, json_path, offline))],
             "uptodate": [False], "verbosity": 2,
             "params": MACHINE_PARAMS + [{"name": "offline", "long": "offline", "type": bool, "default": False,
                                          "help": "use this controller's records; contact no device"}]}
@@ -104,5 +106,5 @@ def _report_page(ctx: Context, live: bool):
 
 def report_page_task(ctx: Context) -> dict:
     """`doit report`: <artifacts>/report/index.html. A report: it takes no artifacts lock (tasks/reporter.py)."""
-    return {"basename": "report", "actions": [lambda live: _report_page(ctx, live)], "uptodate": [False],
+    return {"basename": "report", "actions": [action(lambda live: _report_page(ctx, live))], "uptodate": [False],
             "verbosity": 2, "params": [LIVE_PARAM]}

@@ -119,6 +119,15 @@ def test_a_full_artifacts_disk_stops_before_any_task_exit_2(tmp_path):
     assert "export:tiny" not in run.out  # nothing ran
 
 
+@needs_mounts
+def test_a_report_written_into_a_read_only_folder_names_the_file(tmp_path):
+    p = Project(tmp_path)
+    junit = tmp_path / "reports" / "cache.xml"
+    run = doit_mounted(p, [read_only(junit.parent)], "cache-check", "--junit", str(junit), timeout=60)
+    assert run.returncode == 1 and "Traceback" not in run.out, run.out
+    assert f"read-only file system: cannot write {junit} (mounted read-only at {junit.parent})" in run.out
+
+
 # -- the translator, with real OSErrors ------------------------------------------------
 
 def test_enospc_from_dev_full_names_the_file_the_free_space_and_the_setting(tmp_path):

@@ -121,6 +121,11 @@ def import_factory(factory: str, search: Sequence[Path] = (), model: str | None 
         raise ExportError(f"importing factory module {module_name!r} ({source}) raised {type(exc).__name__}: {exc}",
                           model=model, hint="fix the module, or install what it imports into enginekiln's "
                                             "environment") from exc
+    if getattr(module, "__file__", None) and os.path.realpath(module.__file__) != os.path.realpath(source):
+        raise ExportError(f"factory module {module_name!r} of model {model} is {source}, but Python imported "
+                          f"{module.__file__} (its package was already imported from elsewhere)", model=model,
+                          hint="give the factory modules of different fleets different names, "
+                               "or run the fleets in separate processes (doit does)")
     try:
         return getattr(module, func_name)
     except AttributeError:

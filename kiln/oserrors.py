@@ -9,8 +9,8 @@ its traceback). One helper, used
 * by the task wrapper (tasks/common.py), for anything that escapes a task action;
 * by the library where it knows better what a folder is and which setting moves it
   (`translated(places=fleet_places(fleet))`: the artifacts folder -> KILN_ARTIFACTS, a local
-  target's install_dir -> its `install_dir`, the local store -> `[store] url`, a checkpoint's
-  folder -> the model's `checkpoint`); `@explain_os_errors` does that for the pipeline's entry
+  target's install_dir -> its `install_dir`, the local store -> `[store] url`);
+  `@explain_os_errors` does that for the pipeline's entry
   points (export, fingerprint, engine, deploy), which take the run's Context first.
 
 Errors over SSH never get here: the SSH transport maps them to TransportError on the device.
@@ -55,9 +55,8 @@ def fleet_places(fleet) -> list[Place]:
         if t.transport == "local":
             places.append(Place(Path(t.install_dir), f"the install_dir of target {t.name}",
                                 f"set install_dir of [targets.{t.name}] in {fleet.path} to another folder"))
-    for m in fleet.models.values():
-        places.append(Place(Path(m.checkpoint).parent, f"the checkpoint folder of model {m.name}",
-                            f"set checkpoint of [models.{m.name}] in {fleet.path} to a file elsewhere"))
+    # (checkpoint folders are not places here: often the fleet file's own folder, which holds
+    # everything else too; writing a demo checkpoint names its folder itself, see create_checkpoint)
     return places
 
 

@@ -299,9 +299,8 @@ class Progress:
             dumb = os.environ.get("TERM", "") in ("dumb", "unknown")  # no cursor movement there
             mode = "rich" if _is_terminal(stream) and not dumb else "plain"
         if mode == "rich":
-            try:
-                import rich  # noqa: F401 - only to know it is there; the display imports it when shown
-            except ImportError:
+            from importlib.util import find_spec
+            if find_spec("rich") is None:  # not imported here: the display imports it when first shown
                 if asked == "rich":
                     log.warning("%s=rich but the rich library is not installed (pip install rich); "
                                 "showing plain progress lines", ENV)

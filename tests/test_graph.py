@@ -179,7 +179,7 @@ def test_the_library_works_from_python_without_doit(tmp_path):
         assert fingerprint_is_current(ctx, target)
         (spec,) = target_engines(ctx, target)
         record = ensure_engine(ctx, spec, say=lines.append)
-        assert ensure_engine(ctx, spec, say=lines.append) is record  # once per run
+        assert ensure_engine(ctx, spec, say=lines.append) == record  # once per run: no second build
         result = ensure_deployed(ctx, target, say=lines.append)
         assert result["releases"] == {"tiny": record["key"]} and deploy_is_current(ctx, target)
     assert p.active() == record["key"]

@@ -41,7 +41,7 @@ demo: venv
 	$(DOIT) status
 
 test: venv sysdeps
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 bench: venv sysdeps
 	$(PY) bench/run.py

@@ -185,8 +185,8 @@ def format_status(rows: list[dict]) -> str:
 
 def _notes(row: dict) -> str:
     parts = [w for w in row["why"] if w != "up to date"]
-    if row["drift"] and row["state"] != "up to date":
-        parts.append("drift: " + "; ".join(row["drift"]))
+    if row["drift"]:  # the last change of the device's class, kept until the next one
+        parts.append("device changed: " + "; ".join(row["drift"]))
     return "; ".join(parts)
 
 

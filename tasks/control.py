@@ -16,15 +16,17 @@ MODEL_PARAM = {"name": "models", "long": "model", "type": list, "default": [],
 
 def rollback_tasks(ctx: Context):
     yield {"name": None, "doc": "switch a target back to its previous releases and hold them there"}
-    for target in ctx.fleet.targets.values():
-        yield {"name": target.name, "doc": f"roll {target.name} back to its previous releases (held until unpin)",
-               "actions": [action(lambda models, t=target: rollback_target(ctx, t, models or None, say=say))],
-               "params": [MODEL_PARAM], "uptodate": [False], "verbosity": 2}
+    yield from _per_target(ctx, rollback_target, "roll {} back to its previous releases (held until unpin)")
 
 
 def unpin_tasks(ctx: Context):
     yield {"name": None, "doc": "end the holds left by rollback"}
+    yield from _per_target(ctx, unpin_target, "end {}'s rollback holds; the next deploy activates the wanted engines")
+
+
+def _per_target(ctx: Context, control, doc: str):
+    """One task per target running `control(ctx, target, models, say)`; always runs, never probes."""
     for target in ctx.fleet.targets.values():
-        yield {"name": target.name, "doc": f"end {target.name}'s rollback holds; the next deploy activates the wanted engines",
-               "actions": [action(lambda models, t=target: unpin_target(ctx, t, models or None, say=say))],
+        yield {"name": target.name, "doc": doc.format(target.name),
+               "actions": [action(lambda models, t=target: control(ctx, t, models or None, say=say))],
                "params": [MODEL_PARAM], "uptodate": [False], "verbosity": 2}

@@ -138,6 +138,11 @@ TARGET_KEYS = {
     "install_dir": Key((str,), required=True, doc="where releases live on the device"),
     "health_check": Key((str,), doc="shell command run on the device after activation; non-zero = roll back"),
     "restart": Key((str,), doc="shell command run on the device after activation (e.g. restart a service)"),
+    "busy_check": Key((str,), doc="shell command run on the device before switching: exit 0 = free, "
+                                  "anything else = busy (the deploy waits, then stays pending)"),
+    "busy_timeout": Key((int, float), default=300, check=lambda v: None if v >= 0 else "must be >= 0",
+                        doc="seconds a deploy waits for a busy device before it ends pending"),
+    "busy_interval": Key((int, float), default=10, check=_positive, doc="seconds between two busy checks"),
     "host": Key((str,), doc="ssh host or ~/.ssh/config alias (ssh transport)"),
     "user": Key((str,)),
     "port": Key((int,), check=lambda v: None if 0 < v < 65536 else "must be a TCP port"),

@@ -189,8 +189,11 @@ class SummaryReporter(ConsoleReporter):
         self.write(f"ran {len(self.ran)}, up to date {len(self.uptodate)}, failed {len(self.failed)} "
                    f"in {time.time() - self.started:.1f} s\n")
         why = self._why_this_run()
+        pending = {e["task"]: e["why"] for e in self.context.events.emitted if e.get("action") == "busy"}
         for name in self.ran:
-            if name.split(":")[0] in ("engine", "deploy", "export", "fingerprint"):
+            if name in pending:  # a busy device: not failed, nothing switched, the next run tries again
+                self.write(f"  PENDING {name}: {pending[name]}\n")
+            elif name.split(":")[0] in ("engine", "deploy", "export", "fingerprint"):
                 self.write(f"  ok      {name}" + (f": {why[name]}" if name in why else "") + "\n")
         for name, decision in engines.items():
             self.write(f"  engine  {name}: {decision}\n")

@@ -28,6 +28,7 @@ from kiln.devices.workarea import ReleaseState
 from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_blob, engine_spec, ensure_engine
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
+from kiln.pipeline.busy import wait_until_free
 from kiln.pipeline.releases import plan_releases, wanted_engine_keys
 from kiln.stores.base import reference_entry
 
@@ -91,7 +92,7 @@ def ensure_deployed(ctx: Context, target: Target, say=print) -> dict:
         else:
             engines[plan.model] = ensure_engine(ctx, spec, say=say)
     result = deploy_target(ctx, target, engines, say=say)
-    if not result["changed"]:
+    if not result["changed"] and not result.get("pending"):
         say(f"  {target.name}: releases already active")
     return result
 
@@ -124,6 +125,14 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                 continue
             staged[model] = _stage(ctx, device, target, model, record, say)
         kill_point("deploy:staged")
+        busy = wait_until_free(ctx, target, device, say) if (todo or leftover) else None
+        if busy:  # pending, not failed: the new releases wait on the device, the old ones serve
+            ctx.events.emit(task, "skip", target=target.name, action="busy",
+                            why=f"{target.name} is busy ({busy}); nothing switched, the next run tries again")
+            say(f"  {target.name}: PENDING, still busy after {target.busy_timeout:g} s ({busy}); "
+                "nothing was switched, the next run tries again")
+            return {"target": target.name, "releases": confirmed, "changed": [], "pending": busy,
+                    "seconds": time.time() - start}
         switched: dict[str, str | None] = {}
         try:
             for model, record in todo.items():

@@ -28,6 +28,7 @@ from kiln.keys import digest, read_json
 from kiln.pipeline.context import MAX_PARALLEL, Context
 from kiln.pipeline.engines import EngineSpec, engine_key_inputs
 from kiln.pipeline.export import ExportPaths, export_inputs
+from kiln.pipeline.busy import last_busy
 from kiln.pipeline.releases import plan_release
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def _target_rows(ctx: Context, target: Target, answer, offline: bool) -> list[di
     hw = class_or_none(target, fingerprint) if fingerprint else None
     drift = describe_change(previous_fp, fingerprint, target.backend, tuple(target.class_fields)) \
         if previous_fp and fingerprint else []
+    busy = last_busy(ctx, target)
     unreachable = answer if isinstance(answer, KilnError) else None
     states, others = ({}, {}) if unreachable else answer
     rows = []
@@ -100,6 +102,10 @@ def _target_rows(ctx: Context, target: Target, answer, offline: bool) -> list[di
             rows.append(row)
             continue
         row.update(_state(target, plan, state, confirmed.get(model_name), drift, offline, why))
+        if busy and row["state"] != "up to date":
+            row["busy"] = busy
+            row["why"].append(f"the last deploy found the device busy at {busy.get('since')} "
+                              f"({busy.get('why')}) and switched nothing")
         rows.append(row)
     for model_name, key in sorted(others.items()):
         rows.append({"target": target.name, "model": model_name, "class": hw.id if hw else None, "wanted": None,

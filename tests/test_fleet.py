@@ -59,6 +59,9 @@ def test_identical_devices_share_one_build_and_a_second_run_does_nothing(tmp_pat
         assert manifest["smoke_test"]["latency_ms"]["p99"] > 0
     orin_release = {(jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
     assert len(orin_release) == 1
+    code, report, _ = p.doit_json("cache-check", "--json")  # the profile, as trtexec measured it
+    assert code == 0 and all(r["profile"]["throughput_qps"] > 0 and r["profile"]["latency_ms"]["p99"] > 0
+                             and r["profile"]["measured_on"] in ORINS + ["xavier"] for r in report["engines"])
     loads_before = sum(len(jetsons.loads(n)) for n in ORINS + ["xavier"])
     logins_before = {n: jetsons.logins(n) for n in ORINS + ["xavier"]}
 

@@ -245,6 +245,9 @@ def _ci_step(name: str) -> str:
 def test_cache_check_and_status_follow_the_store(project):
     code, report, _ = project.doit_json("cache-check", "--json")
     assert code == 0 and report["ok"] and [r["status"] for r in report["engines"]] == ["hit"]
+    profile = report["engines"][0]["profile"]  # measured on the builder when it was verified
+    assert profile["engine_bytes"] > 0 and 0 < profile["latency_ms"]["p50"] <= profile["latency_ms"]["p99"]
+    assert profile["measured_on"] == "local" and profile["throughput_qps"] is None  # ORT reports none
     assert report["engines"][0]["targets"] == ["local"]
     save_weights(project, f"k = next(k for k in sd if k.endswith('weight')); sd[k] = sd[k] + 0.03;"
                           f"torch.save(sd, {str(project.checkpoint())!r})")

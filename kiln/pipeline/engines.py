@@ -50,8 +50,8 @@ from kiln.pipeline.context import Context
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
 from kiln.signing import UntrustedEngine, Verdict, controller_trust
-from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, onnx_entry, quarantine_entry,
-                              reference_entry, timing_cache_entry)
+from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, lease_entry, onnx_entry,
+                              quarantine_entry, reference_entry, timing_cache_entry)
 from kiln.faults import kill_point
 from kiln.progress import NULL
 
@@ -126,14 +126,60 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
 
 def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
     """The engine's manifest in the store: found there, else built on one builder and published."""
-    model, task = spec.model, f"engine:{spec.task_name}"
-    store = ctx.store
+    task, store = f"engine:{spec.task_name}", ctx.store
     manifest = _stored_manifest(ctx, key, say)
     if manifest is not None:
         ctx.events.emit(task, "cache-hit", key=key, why=f"engine for {spec.hwclass.id} already in {store.url}")
         say(f"  cache hit: engine {key[:12]} for {spec.hwclass.id} is in the store")
         return manifest
+    return _build_leased(ctx, spec, key, lambda: _build_any(ctx, spec, key, onnx_record, say), say)
 
+
+def lease_seconds(ctx: Context, spec: EngineSpec) -> float:
+    """How long a build lease lasts: `[store] lease_seconds`, else twice the longest builder's
+    `command_timeout` (a build and its verification each run within it)."""
+    if ctx.fleet.lease_seconds:
+        return float(ctx.fleet.lease_seconds)
+    return 2.0 * max((float(t.settings.get("command_timeout") or 3600) for t in spec.builders), default=3600.0)
+
+
+def _build_leased(ctx: Context, spec: EngineSpec, key: str, build, say) -> dict:
+    """Build under the key's lease in the store (kiln.stores.lease): when another controller holds
+    it, wait for its manifest (shown as "waiting for <owner>'s build") and use it as a cache hit."""
+    from kiln.stores.lease import build_once, describe, new_owner
+    task, shown = f"engine:{spec.task_name}", {"said": -1e9, "activity": None, "holder": None}
+
+    def waiting(holder, seconds: float) -> None:
+        line = f"waiting for {describe(holder.owner)}'s build of {key[:12]} (since {seconds:.0f} s)"
+        if shown["activity"] is None:  # shown only while waiting (the build has its own activity)
+            shown["activity"] = ctx.progress.activity(f"engine {spec.task_name}")
+        if shown["holder"] != holder.owner:
+            shown["holder"] = holder.owner
+            shown["activity"].phase(f"waiting for {describe(holder.owner)}'s build")
+        shown["activity"].note(line)
+        if seconds - shown["said"] >= 30:  # the log gets a line now and then, the display every look
+            shown["said"] = seconds
+            say(f"  {line}")
+
+    try:
+        outcome = build_once(ctx.store, lease_entry(key), new_owner(ctx.run_id), lease_seconds(ctx, spec),
+                             ready=lambda: _stored_manifest(ctx, key, say), build=build, waiting=waiting,
+                             what=f"{task} {key}")
+    finally:
+        if shown["activity"] is not None:
+            shown["activity"].finish()
+    if outcome.built:
+        return outcome.value
+    who = describe(outcome.holder) if outcome.holder else "another controller"
+    ctx.events.emit(task, "cache-hit", key=key, waited=round(outcome.waited, 3), built_by=outcome.holder,
+                    why=f"built by another controller ({who}) while this run waited {outcome.waited:.0f} s")
+    say(f"  cache hit: engine {key[:12]} for {spec.hwclass.id} was built by {who} (waited {outcome.waited:.0f} s)")
+    return outcome.value
+
+
+def _build_any(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
+    """Build on the first builder of the class that can (the caller holds the key's lease)."""
+    model = spec.model
     errors = []
     for target in spec.builders:
         if not _still_in_class(ctx, spec, target):
@@ -308,6 +354,18 @@ def publish_manifest(store, key: str, manifest: dict) -> dict:
                      key=key[:12], hint="run again")
 
 
+def engine_profile(manifest: dict) -> dict:
+    """What the engine costs on its class, as measured when it was verified on its builder (the
+    backend's own numbers: ONNX Runtime's timed runs, trtexec's latency percentiles and throughput),
+    stored with the engine. Fields a backend does not report are None, never estimated."""
+    report = manifest.get("verification") or {}
+    latency = report.get("latency_ms") if isinstance(report.get("latency_ms"), dict) else {}
+    return {"latency_ms": {"p50": latency.get("median"), "p90": latency.get("p90"), "p99": latency.get("p99")},
+            "throughput_qps": report.get("throughput_qps"), "engine_bytes": manifest.get("size"),
+            "device_memory_bytes": report.get("device_memory_bytes"), "measured_on": manifest.get("built_on"),
+            "measured_at": manifest.get("built_at")}
+
+
 def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> dict:
     """The local record follows the store's manifest (rewritten when they differ). Build facts
     (seconds, builder, time, the verification's median latency) are copied for `doit report`."""
@@ -317,7 +375,7 @@ def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> d
               "key": key, "sha256": manifest["sha256"], "size": manifest.get("size"),
               "backend": spec.hwclass.backend, "engine_file": spec.backend.engine_file,
               "build_seconds": manifest.get("build_seconds"), "built_on": manifest.get("built_on"),
-              "built_at": manifest.get("built_at"), "latency_ms": latency}
+              "built_at": manifest.get("built_at"), "latency_ms": latency, "profile": engine_profile(manifest)}
     write_json_if_changed(ctx.engine_record(spec.model.name, spec.hwclass.id), record)
     kill_point("engine:record-written")
     return record

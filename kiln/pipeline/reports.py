@@ -10,7 +10,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 
 from kiln.pipeline.context import Context
-from kiln.pipeline.engines import EngineSpec, engine_key_inputs
+from kiln.pipeline.engines import EngineSpec, engine_key_inputs, engine_profile
 from kiln.errors import StoreError
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.status import fleet_status, format_status  # noqa: F401 - `status` lives there
@@ -30,6 +30,7 @@ class CacheRow:
     key: str | None
     targets: list[str] = field(default_factory=list)
     why: str = ""
+    profile: dict | None = None   # the engine's measured cost on its class (kiln.pipeline.engines.engine_profile)
 
 
 def _from_store(ctx: Context, name: str) -> dict | None:
@@ -76,10 +77,11 @@ def cache_report(ctx: Context) -> list[CacheRow]:
             if row is None:
                 spec = EngineSpec(ctx.fleet.models[model_name], hw, fingerprint, (target,))
                 key = digest(engine_key_inputs(spec, onnx))
-                hit, why = engine_in_store_why(ctx, key)
+                hit, why, manifest = _lookup(ctx, key)
                 row = rows[(model_name, hw.id)] = CacheRow(
                     model_name, hw.id, "hit" if hit else "miss", key, [],
-                    why or f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class")
+                    why or f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class",
+                    engine_profile(manifest) if hit else None)
             row.targets.append(target.name)
     return sorted(rows.values(), key=lambda r: (r.model, r.hardware_class)) + unknown
 
@@ -89,7 +91,12 @@ def engine_in_store(ctx: Context, key: str) -> bool:
 
 
 def engine_in_store_why(ctx: Context, key: str) -> tuple[bool, str]:
-    """(hit, why). A hit iff the key's manifest exists, a trusted key signed it (kiln.signing: the
+    """(hit, why): see _lookup."""
+    return _lookup(ctx, key)[:2]
+
+
+def _lookup(ctx: Context, key: str) -> tuple[bool, str, dict | None]:
+    """(hit, why, the manifest of a hit). A hit iff the key's manifest exists, a trusted key signed it (kiln.signing: the
     [signing] trusted ids and this controller's own key, if it has one) and the blob it names
     exists (records only, no payload; writes nothing, so read-only CI credentials do: an
     untrusted manifest is reported, not quarantined). Stores written before blobs/ kept the
@@ -98,16 +105,16 @@ def engine_in_store_why(ctx: Context, key: str) -> tuple[bool, str]:
     manifest = _from_store(ctx, engine_manifest_entry(key))
     sha = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(sha, str):
-        return False, ""
+        return False, "", None
     verdict = controller_trust(ctx).verdict(manifest)
     if not verdict.ok:
         label = "unsigned" if verdict.status == "unsigned" else "untrusted"
-        return False, f"{label}: the engine in the store is not signed by a trusted key ({verdict.describe()})"
+        return False, f"{label}: the engine in the store is not signed by a trusted key ({verdict.describe()})", None
     for name in (blob_entry(sha), engine_entry(key)):
         info = ctx.store.info(name)
         if info is not None and info.sha256 == sha:
-            return True, "engine in the store"
-    return False, ""
+            return True, "engine in the store", manifest
+    return False, "", None
 
 
 def cache_ok(rows: list[CacheRow]) -> bool:

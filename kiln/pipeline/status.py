@@ -89,6 +89,7 @@ def _target_rows(ctx: Context, target: Target, answer, offline: bool) -> list[di
         row = {"target": target.name, "model": model_name, "class": hw.id if hw else None, "wanted": wanted,
                "active": state.current, "previous": state.previous, "pinned": None, "held": None,
                "deployed_at": state.deployed_at, "latency_ms": state.latency_ms, "drift": drift,
+               "profile": _profile(ctx, model_name, hw, wanted),
                "source": "records" if offline else "device"}
         if unreachable:
             row.update(active=confirmed.get(model_name), state="unreachable",
@@ -135,6 +136,12 @@ def _wanted_key(ctx: Context, target: Target, model, hw, fingerprint, why: list[
     if record is None or record["key"] != key:
         why.append(f"engine for class {hw.id} not built yet")
     return key
+
+
+def _profile(ctx: Context, model: str, hw, key: str | None) -> dict | None:
+    """The wanted engine's measured cost on this class (kiln.pipeline.engines.engine_profile)."""
+    record = read_json(ctx.engine_record(model, hw.id)) if hw and key else None
+    return record.get("profile") if record and record.get("key") == key else None
 
 
 def _state(target: Target, plan, state: ReleaseState, confirmed: str | None, drift: list[str],

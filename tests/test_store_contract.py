@@ -601,3 +601,59 @@ def test_a_corrupt_small_entry_read_as_bytes_is_quarantined(backend, tmp_path):
     assert json.loads(quarantined(store, name + ".reason.json"))["recorded_sha256"] == sha(data)
     with pytest.raises(KeyError):
         store.get_bytes("engines/ab/nothing/manifest.json")
+
+
+# -- mutable records: compare-and-swap (build leases, kiln.stores.lease) ------------------
+
+def test_record_create_read_replace_delete_by_version(store):
+    name = "leases/ab/" + "ab" * 32 + ".json"
+    assert store.read_record(name) is None
+    first = store.create_exclusive(name, b'{"v": 1}')
+    assert first and store.read_record(name) == (b'{"v": 1}', first)
+    assert store.create_exclusive(name, b'{"v": 2}') is None           # exists: nobody overwrites it
+    assert store.read_record(name) == (b'{"v": 1}', first)
+    assert store.replace_if(name, b'{"v": 3}', "0" * 32) is None         # not the version held
+    second = store.replace_if(name, b'{"v": 3}', first)
+    assert second and second != first and store.read_record(name) == (b'{"v": 3}', second)
+    assert store.replace_if(name, b'{"v": 4}', first) is None           # a stale version loses
+    assert store.delete_if(name, first) is False                        # never deletes a newer version
+    assert store.read_record(name) == (b'{"v": 3}', second)
+    assert store.delete_if(name, second) is True
+    assert store.read_record(name) is None
+    assert store.delete_if(name, second) is False
+    assert store.replace_if(name, b'{"v": 5}', second) is None          # gone: nothing to replace
+    assert store.create_exclusive(name, b'{"v": 6}')                    # free again
+
+
+def test_record_races_have_exactly_one_winner(backend):
+    racers = 6
+    stores = [backend.make() for _ in range(racers)]
+    name = "leases/cd/" + "cd" * 32 + ".json"
+
+    def race(call):
+        barrier, results, errors = threading.Barrier(racers), [None] * racers, []
+
+        def run(i):
+            try:
+                barrier.wait()
+                results[i] = call(i)
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        return results
+
+    created = race(lambda i: stores[i].create_exclusive(name, f'{{"racer": {i}}}'.encode()))
+    winners = [i for i, etag in enumerate(created) if etag]
+    assert len(winners) == 1, created
+    data, etag = stores[0].read_record(name)
+    assert data == f'{{"racer": {winners[0]}}}'.encode() and etag == created[winners[0]]
+
+    replaced = race(lambda i: stores[i].replace_if(name, f'{{"taker": {i}}}'.encode(), etag))
+    winners = [i for i, new in enumerate(replaced) if new]
+    assert len(winners) == 1, replaced
+    assert stores[0].read_record(name)[0] == f'{{"taker": {winners[0]}}}'.encode()

@@ -60,6 +60,11 @@ engine_entry = _by_digest("engines", "/engine")
 timing_cache_entry = _by_digest("timing-caches", ".cache")  # by class digest
 
 
+def lease_entry(key: str) -> str:
+    """The build lease of an engine key (kiln.stores.lease): a mutable record, see `Store.create_exclusive`."""
+    return f"leases/{key[:2]}/{key}.json"
+
+
 def onnx_record_entry(model: str) -> str:
     """Pointer to the model's current ONNX (its export record), for CI workers."""
     return f"models/{model}/onnx.json"
@@ -195,6 +200,30 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Names of the entries under `prefix`, sorted."""
+
+    # -- mutable records with compare-and-swap (build leases) ----------------------
+    # Small JSON records that several controllers race on. They are not content-addressed
+    # entries: no recorded sha256, read and written only through these four methods. Each
+    # version of a record has an opaque `etag`; a write or delete pinned to an etag succeeds
+    # only if the record still holds that version, and only one of several racers wins.
+
+    @abc.abstractmethod
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        """Create record `name` holding `data` unless it exists. Returns the new version's etag,
+        or None if the record already existed (another writer won)."""
+
+    @abc.abstractmethod
+    def read_record(self, name: str) -> tuple[bytes, str] | None:
+        """(bytes, etag) of record `name`, or None if absent."""
+
+    @abc.abstractmethod
+    def replace_if(self, name: str, data: bytes, etag: str) -> str | None:
+        """Replace record `name` with `data` only if it still holds version `etag`. Returns the
+        new etag, or None if the record changed or is gone (another writer won)."""
+
+    @abc.abstractmethod
+    def delete_if(self, name: str, etag: str) -> bool:
+        """Delete record `name` only if it still holds version `etag`; True if deleted."""
 
     # -- small payloads ---------------------------------------------------------
     def put_bytes(self, name: str, data: bytes, *, overwrite: bool = False) -> bool:

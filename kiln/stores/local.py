@@ -3,12 +3,16 @@
 Physical layout under the root: `blobs/<sha256>` (payloads, read-only 0444 once
 written), `entries/<name>` (symlinks to blobs: the recorded digest is the link's
 target name), `quarantine/<name>` + `quarantine/<name>.reason.json` (corrupt bytes
-moved aside, never deleted)."""
+moved aside, never deleted), `records/<name>` (mutable records such as build leases:
+plain files, changed only under an exclusive `flock` on `records/<dir>/.<leaf>.lock`, so
+compare-and-swap holds across processes and controllers sharing the folder)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -188,3 +192,62 @@ class LocalStore(Store):
                 if rel.startswith(prefix):
                     found.append(rel)
         return sorted(found)
+
+    # -- mutable records (kiln.stores.base.Store.create_exclusive) -------------------
+    def _record(self, name: str) -> Path:
+        return self.root / "records" / check_name(name)
+
+    @contextmanager
+    def _record_lock(self, name: str):
+        """An exclusive flock next to the record (the lock file is never removed: removing it
+        would let two processes hold locks on two different files of one name)."""
+        import fcntl
+        path = self._record(name)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path.parent / f".{path.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise StoreError(f"cannot lock record {name} in {self.root}: {exc.strerror}",
+                             hint="check the local store folder's permissions", store=self.url) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield path
+        finally:
+            os.close(fd)  # releases the lock
+
+    @staticmethod
+    def _etag(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    def _write_record(self, path: Path, data: bytes) -> str:
+        with atomic_file(path) as out:
+            out.write(data)
+        return self._etag(data)
+
+    def read_record(self, name: str) -> tuple[bytes, str] | None:
+        try:
+            data = self._record(name).read_bytes()  # replaced by rename: always one whole version
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return None
+        return data, self._etag(data)
+
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        with self._record_lock(name) as path:
+            if path.exists():
+                return None
+            return self._write_record(path, data)
+
+    def replace_if(self, name: str, data: bytes, etag: str) -> str | None:
+        with self._record_lock(name) as path:
+            now = self.read_record(name)
+            if now is None or now[1] != etag:
+                return None
+            return self._write_record(path, data)
+
+    def delete_if(self, name: str, etag: str) -> bool:
+        with self._record_lock(name) as path:
+            now = self.read_record(name)
+            if now is None or now[1] != etag:
+                return False
+            path.unlink()
+            return True

@@ -78,6 +78,12 @@ def _is_bad_param(exc: botocore.exceptions.ClientError) -> bool:
     return exc.response.get("Error", {}).get("Code") in ("InvalidArgument", "InvalidRequest", "BadRequest")
 
 
+def _is_conflict(exc: botocore.exceptions.ClientError) -> bool:
+    """AWS answers 409 ConditionalRequestConflict to a conditional write racing another one."""
+    return exc.response.get("Error", {}).get("Code") == "ConditionalRequestConflict" or \
+        exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 409
+
+
 class S3Store(Store):
     """An S3 bucket + prefix. Constructing one does no I/O; the client is made on first use."""
 
@@ -430,6 +436,68 @@ class S3Store(Store):
                 method, Params={"Bucket": self.bucket, "Key": self._key(name)}, ExpiresIn=expires)
         except BOTO_ERRORS as exc:
             raise self._error(exc, "presign a URL", name) from exc
+
+    # -- mutable records (kiln.stores.base.Store.create_exclusive) -------------------
+    # Plain objects (no sha256 record), versioned by their ETag: creates carry `If-None-Match: *`,
+    # replaces and deletes `If-Match: <etag>` (AWS S3 since 2024, MinIO, moto). On a server that
+    # rejects the condition the store checks first and writes after (racy: a small window in
+    # which two controllers can both think they won; the engine manifest's own conditional
+    # create still keeps one engine per key).
+
+    def read_record(self, name: str) -> tuple[bytes, str] | None:
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(name))
+            return response["Body"].read(), response["ETag"]
+        except BOTO_ERRORS as exc:
+            if is_missing(exc):
+                return None
+            raise self._error(exc, "read the record", name) from exc
+
+    def _record_call(self, name: str, action: str, call, unconditional) -> bool:
+        """Run a conditional call: True if it went through, False if the condition failed."""
+        try:
+            call()
+            return True
+        except botocore.exceptions.ClientError as exc:
+            if is_precondition(exc) or _is_conflict(exc) or (is_missing(exc) and action != "create"):
+                return False
+            if not (is_not_implemented(exc) or _is_bad_param(exc)):
+                raise self._error(exc, f"{action} the record", name) from exc
+        except botocore.exceptions.BotoCoreError as exc:
+            raise self._error(exc, f"{action} the record", name) from exc
+        log.warning("S3 server of bucket %r rejects conditional %s of %s; checking first instead (racy)",
+                    self.bucket, action, name)
+        return unconditional()
+
+    def create_exclusive(self, name: str, data: bytes) -> str | None:
+        key = self._key(name)
+        put = lambda **cond: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **cond)
+        done = self._record_call(name, "create", lambda: put(IfNoneMatch="*"),
+                                 lambda: self.read_record(name) is None and (put() or True))
+        return self._version_if_ours(name, data) if done else None
+
+    def replace_if(self, name: str, data: bytes, etag: str) -> str | None:
+        key = self._key(name)
+        put = lambda **cond: self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **cond)
+        done = self._record_call(name, "replace", lambda: put(IfMatch=etag),
+                                 lambda: self._holds(name, etag) and (put() or True))
+        return self._version_if_ours(name, data) if done else None
+
+    def delete_if(self, name: str, etag: str) -> bool:
+        key = self._key(name)
+        delete = lambda **cond: self.client.delete_object(Bucket=self.bucket, Key=key, **cond)
+        return self._record_call(name, "delete", lambda: delete(IfMatch=etag),
+                                 lambda: self._holds(name, etag) and (delete() or True))
+
+    def _holds(self, name: str, etag: str) -> bool:
+        now = self.read_record(name)
+        return now is not None and now[1] == etag
+
+    def _version_if_ours(self, name: str, data: bytes) -> str | None:
+        """The etag of the record just written, read back: None if another writer's bytes are
+        already there (a server whose check and write are not one step, e.g. moto)."""
+        now = self.read_record(name)
+        return now[1] if now is not None and now[0] == data else None
 
     # promote(staging_name, final_name, sha256) comes from Store: download-verify, then
     # put_file the verified local copy (see the module docstring for why not a server-side copy).

@@ -1,8 +1,9 @@
 """PyTorch checkpoint -> ONNX, with the checks that make the ONNX trustworthy.
 
 `export_key` says whether an export is needed without importing torch: it hashes
-the checkpoint (stat-cached), the factory's source file, the export options and
-the torch/onnx versions. `export_model` does the work: load the checkpoint safely,
+the checkpoint (stat-cached), the factory's source file, every module of the model's
+code and the versions of the packages it imports as recorded by the last export
+(kiln.model_code, stat-cached too), the export options and the torch/onnx versions. `export_model` does the work: load the checkpoint safely,
 export a single deterministic ONNX file, run onnx.checker, check the opset is the
 one asked for, save fixed reference inputs with PyTorch's outputs, and check ONNX
 Runtime against them.
@@ -25,6 +26,7 @@ from kiln.errors import ExportError
 from kiln.factories import factory_imports, find_factory_source, import_factory
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
+from kiln.model_code import code_key, describe_change, record_model_code, watch_imports
 from kiln.devices.local_probe import package_version
 from kiln.faults import kill_point
 from kiln.oserrors import Place, explain_os_errors, machine_error, translated
@@ -55,8 +57,11 @@ def factory_source(model: Model) -> Path:
     return find_factory_source(model.factory, model.factory_path, model.name)
 
 
-def export_inputs(model: Model, hashes: HashCache) -> dict:
-    """Everything that determines the exported ONNX. Its digest is the export key."""
+def export_inputs(model: Model, hashes: HashCache, provenance: dict | None = None) -> dict:
+    """Everything that determines the exported ONNX. Its digest is the export key.
+
+    `provenance` is the last export's (ExportPaths.provenance): the model code it recorded
+    (modules, packages) is hashed again by name through the stat cache; none before a first export."""
     if not model.checkpoint.exists():
         raise ExportError(f"checkpoint {model.checkpoint} does not exist", model=model.name,
                           hint="train/copy the checkpoint there, or fix `checkpoint` in the fleet file")
@@ -65,6 +70,7 @@ def export_inputs(model: Model, hashes: HashCache) -> dict:
         "checkpoint_sha256": hashes.sha256(model.checkpoint),
         "factory": model.factory,
         "factory_source_sha256": hashes.sha256(factory_source(model)),
+        "code": code_key((provenance or {}).get("code"), model.factory_path, hashes),
         "inputs": {k: list(v) for k, v in model.inputs.items()},
         "outputs": list(model.outputs),
         "export": model.export,
@@ -75,8 +81,8 @@ def export_inputs(model: Model, hashes: HashCache) -> dict:
     }
 
 
-def export_key(model: Model, hashes: HashCache) -> str:
-    return digest(export_inputs(model, hashes))
+def export_key(model: Model, hashes: HashCache, provenance: dict | None = None) -> str:
+    return digest(export_inputs(model, hashes, provenance))
 
 
 def build_module(model: Model):
@@ -220,7 +226,8 @@ def run_onnxruntime(path: Path, feeds: dict) -> dict:
     return dict(zip(names, session.run(names, feeds)))
 
 
-def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=None, activity=NULL) -> dict:
+def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=None, activity=NULL,
+                 hashes: HashCache | None = None) -> dict:
     """Export, check, write reference data; returns the record (written only if changed).
 
     Records follow bytes: `publish(record)` (if given) runs after the ONNX and reference
@@ -228,7 +235,9 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
     written; the provenance (what `export_is_current` reads) is written last. A kill at
     any point leaves the previous provenance, so the next run exports and publishes again.
 
-    `activity` (a kiln.progress activity) is told each phase as it starts."""
+    `activity` (a kiln.progress activity) is told each phase as it starts. The model code the
+    factory imports is recorded in the provenance and its key replaces `key_inputs["code"]`
+    (kiln.model_code; `hashes` is the run's stat cache, a private one under artifacts if None)."""
     activity.phase("importing torch")
     import torch
 
@@ -237,7 +246,11 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
 
     start = time.time()
     torch.manual_seed(0)
-    module = load_module(model, activity)
+    with watch_imports() as imported:
+        module = load_module(model, activity)
+    hashes = hashes or HashCache(paths.onnx.parent.parent / "cache" / "hashes.json")
+    code = record_model_code(model.factory.split(":")[0], imported, hashes)
+    key_inputs = {**key_inputs, "code": code_key(code, model.factory_path, hashes)}
     activity.phase("reference outputs")
     feeds = reference_inputs(model)
     with torch.no_grad():
@@ -304,7 +317,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
     seconds = time.time() - start
     changed = write_json_if_changed(paths.record, record)
     kill_point("export:record-written")
-    write_json_if_changed(paths.provenance, {"export_key": digest(key_inputs), "inputs": key_inputs,
+    write_json_if_changed(paths.provenance, {"export_key": digest(key_inputs), "inputs": key_inputs, "code": code,
                                              "onnx_sha256": onnx_sha, "seconds": round(seconds, 3),
                                              "ort_max_abs_diff": report["max_abs_diff"],
                                              "ort_rows_permuted": report["permuted"]})
@@ -321,13 +334,13 @@ def export_is_current(ctx, model: Model) -> bool:
     if provenance is None or not (paths.onnx.exists() and paths.reference.exists() and paths.record.exists()):
         return False
     try:
-        key = digest(export_inputs(model, ctx.hashes))
+        key = digest(export_inputs(model, ctx.hashes, provenance))
     except ExportError:
         return False  # the export itself reports it properly
     if key != provenance["export_key"]:
         return False
     ctx.events.emit(f"export:{model.name}", "skip", key=key,
-                    why="checkpoint, factory source, export options and versions unchanged")
+                    why="checkpoint, model code, export options and versions unchanged")
     return True
 
 
@@ -339,13 +352,13 @@ def ensure_export(ctx, model: Model, say=print) -> dict:
     `models/<model>/onnx.json`, then the local record and provenance (see export_model)."""
     store = ctx.store  # a missing bucket or bad credentials fail here, before minutes of export
     paths = ExportPaths.for_model(ctx.artifacts, model.name)
-    inputs = export_inputs(model, ctx.hashes)
     before = read_json(paths.provenance) or {}
+    inputs = export_inputs(model, ctx.hashes, before)
     why = _why_export(before.get("inputs"), inputs)
     say(f"  exporting {model.name} ({why})")
     with ctx.progress.activity(f"export {model.name}") as activity:
         result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record),
-                              activity=activity)
+                              activity=activity, hashes=ctx.hashes)
     outcome = "new ONNX" if result["changed"] else "same ONNX bytes as before: nothing downstream rebuilds"
     ctx.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
                     why=f"{why}; {outcome}")
@@ -392,5 +405,6 @@ def _why_export(old: dict | None, new: dict) -> str:
     if not old:
         return "first export"
     changed = [k for k in sorted(new) if old.get(k) != new.get(k)]
-    names = {"checkpoint_sha256": "checkpoint changed", "factory_source_sha256": "factory source changed"}
+    names = {"checkpoint_sha256": "checkpoint changed", "factory_source_sha256": "factory source changed",
+             "code": describe_change(old.get("code"), new.get("code"))}
     return ", ".join(names.get(k, f"{k} changed") for k in changed) or "outputs missing"

@@ -120,8 +120,8 @@ def _wanted_key(ctx: Context, target: Target, model, hw, fingerprint, why: list[
     paths = ExportPaths.for_model(ctx.artifacts, model.name)
     onnx, provenance = read_json(paths.record), read_json(paths.provenance)
     try:
-        if provenance is None or digest(export_inputs(model, ctx.hashes)) != provenance["export_key"]:
-            why.append("export is stale (checkpoint, factory or options changed)")
+        if provenance is None or digest(export_inputs(model, ctx.hashes, provenance)) != provenance["export_key"]:
+            why.append("export is stale (checkpoint, model code or options changed)")
     except ExportError as exc:
         why.append(exc.message)
     if fingerprint is None:

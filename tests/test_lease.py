@@ -1,0 +1,138 @@
+"""Build leases (kiln.stores.lease) on a folder store and on moto's S3 server: one holder at a
+time, an expired lease goes to exactly one of several takers, only the owner releases."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import pytest
+
+from kiln.stores import lease as leases
+from kiln.stores.base import lease_entry
+from kiln.stores.local import LocalStore
+
+KEY = "5e" * 32
+NAME = lease_entry(KEY)
+
+
+@pytest.fixture(params=["local", "moto"])
+def make_store(request, tmp_path):
+    """A factory of store instances sharing one store (each racer gets its own, like controllers)."""
+    if request.param == "local":
+        return lambda: LocalStore(tmp_path / "store")
+    server = request.getfixturevalue("moto_s3")
+    from kiln.stores.s3 import S3Store
+    url = f"s3://{server.new_bucket()}/t-{uuid.uuid4().hex[:8]}"
+    return lambda: S3Store.from_url(url, endpoint_url=server.endpoint, max_attempts=3)
+
+
+def owner(name: str) -> dict:
+    return leases.new_owner(name)
+
+
+def race(n: int, call) -> list:
+    barrier, results, errors = threading.Barrier(n), [None] * n, []
+
+    def run(i):
+        try:
+            barrier.wait()
+            results[i] = call(i)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_exclusive_create_one_holder_among_racers(make_store):
+    owners = [owner(f"run{i}") for i in range(5)]
+    stores = [make_store() for _ in owners]
+    got = race(5, lambda i: leases.acquire(stores[i], NAME, owners[i], ttl=60))
+    holders = [i for i, (ours, _held) in enumerate(got) if ours is not None]
+    assert len(holders) == 1, got
+    winner = owners[holders[0]]
+    for i, (ours, held) in enumerate(got):
+        if i != holders[0]:
+            assert ours is None and held.owner == winner  # the losers see who builds
+    record = json.loads(stores[0].read_record(NAME)[0])
+    assert record["owner"] == winner and record["expires"] - record["created"] == 60
+
+
+def test_expired_lease_goes_to_exactly_one_taker(make_store):
+    dead = owner("dead")
+    first, _ = leases.acquire(make_store(), NAME, dead, ttl=10, clock=lambda: 1000.0)
+    assert first is not None
+    # still valid at t=1005: nobody takes it
+    ours, held = leases.acquire(make_store(), NAME, owner("early"), ttl=10, clock=lambda: 1005.0)
+    assert ours is None and held.owner == dead
+    takers = [owner(f"taker{i}") for i in range(5)]
+    stores = [make_store() for _ in takers]
+    got = race(5, lambda i: leases.acquire(stores[i], NAME, takers[i], ttl=10, clock=lambda: 1011.0))
+    won = [i for i, (ours, _held) in enumerate(got) if ours is not None]
+    assert len(won) == 1, got
+    assert got[won[0]][0].taken_over == dead
+    for i, (ours, held) in enumerate(got):
+        if i != won[0]:
+            assert held.owner == takers[won[0]]   # the others now wait on the new owner
+    record = json.loads(stores[0].read_record(NAME)[0])
+    assert record["owner"] == takers[won[0]] and record["took_over_from"] == dead
+
+
+def test_only_the_owner_releases(make_store):
+    store = make_store()
+    old, _ = leases.acquire(store, NAME, owner("old"), ttl=10, clock=lambda: 1000.0)
+    new, _ = leases.acquire(store, NAME, owner("new"), ttl=10, clock=lambda: 2000.0)  # old one expired
+    assert new is not None and new.taken_over == old.owner
+    assert leases.release(store, old) is False           # the slow old owner finishes: not its lease any more
+    assert leases.read(store, NAME).owner == new.owner
+    assert leases.release(store, new) is True
+    assert leases.read(store, NAME) is None
+    again, _ = leases.acquire(store, NAME, owner("next"), ttl=10)
+    assert again is not None
+
+
+def test_waiter_takes_the_holders_result_and_builds_when_the_holder_gives_up(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    published: dict = {}
+    holder, _ = leases.acquire(store, NAME, owner("holder"), ttl=60)
+    seen: list = []
+
+    def publish_later():
+        time.sleep(0.3)
+        published["v"] = "engine-from-holder"
+        leases.release(store, holder)
+    threading.Thread(target=publish_later).start()
+    built = []
+    outcome = leases.build_once(store, NAME, owner("waiter"), 60, ready=lambda: published.get("v"),
+                                build=lambda: built.append(1) or "ours",
+                                waiting=lambda held, s: seen.append((held.owner["run"], s)), poll=0.05)
+    assert outcome.value == "engine-from-holder" and not outcome.built and built == []
+    assert outcome.holder == holder.owner and outcome.waited >= 0.2
+    assert seen and {run for run, _ in seen} == {"holder"}
+    assert leases.read(store, NAME) is None
+
+    # a holder that fails releases without publishing: the waiter then builds, under its own lease
+    failed, _ = leases.acquire(store, NAME, owner("failing"), ttl=60)
+    threading.Timer(0.2, lambda: leases.release(store, failed)).start()
+    during = []
+    outcome = leases.build_once(store, NAME, owner("waiter2"), 60, ready=lambda: None,
+                                build=lambda: during.append(leases.read(store, NAME).owner["run"]) or "ours",
+                                poll=0.05)
+    assert outcome.value == "ours" and outcome.built and during == ["waiter2"]
+    assert leases.read(store, NAME) is None  # released after the build
+
+
+def test_expired_lease_of_a_dead_owner_is_taken_over_while_waiting(tmp_path):
+    store = LocalStore(tmp_path / "store")
+    dead, _ = leases.acquire(store, NAME, owner("dead"), ttl=0.3)
+    start = time.time()
+    outcome = leases.build_once(store, NAME, owner("waiter"), 60, ready=lambda: None,
+                                build=lambda: "rebuilt", poll=0.05)
+    assert outcome.built and outcome.value == "rebuilt" and outcome.taken_over == dead.owner
+    assert time.time() - start >= 0.25  # it waited for the expiry, not less

@@ -463,8 +463,15 @@ def test_probe_script_in_fake_root(fake_jetson):
     assert fp["cpu_flags"] == ["aes", "asimd", "asimddp", "asimdhp", "asimdrdm", "atomics", "fp", "fphp"]  # CPU 0 only
     assert fp["version_conflicts"] is None, fp["version_conflicts"]
     sections = ps.split_sections(result.stdout)
-    assert sections["trtexec_banner"].startswith("&&&& RUNNING TensorRT.trtexec [TensorRT v100300] #")
+    # the cheap probe only looks whether trtexec is there; deb and header agree, so no fallback
+    assert "trtexec_banner" not in sections and sections["trtexec_path"].endswith("/usr/src/tensorrt/bin/trtexec")
+    assert fpm.fallback_reason(result.stdout) is None and fp["probe_fallback"] is None
+    assert fp["tensorrt_source"] == "dpkg" and fp["l4t_source"] == "nv_tegra_release"
     assert 'not a valid field' in sections["nvidia_smi_error"]
+    fallback = subprocess.run(["sh", "-c", ps.FALLBACK_SCRIPT, "x", "", "python3", "forced"], capture_output=True,
+                              text=True, timeout=120, env=fake_jetson)
+    assert ps.split_sections(fallback.stdout)["trtexec_banner"].startswith(
+        "&&&& RUNNING TensorRT.trtexec [TensorRT v100300] #")
 
 
 def test_probe_script_trtexec_argument(fake_jetson, tmp_path):
@@ -473,10 +480,18 @@ def test_probe_script_trtexec_argument(fake_jetson, tmp_path):
     shutil.copy(SIM, other)
     other.chmod(0o755)
     env = dict(fake_jetson, KILN_SIM_TRT_VERSION="10.8.0.43")
-    fp = fpm.parse_probe_output(run_probe(env=env, args=(str(other),)).stdout)
-    # header (10.3.0) outranks the banner; the disagreement is reported, not hidden
-    assert fp["tensorrt"] == "10.3.0"
-    assert "trtexec=10.8.0" in fp["version_conflicts"]
+    cheap = run_probe(env=env, args=(str(other),)).stdout
+    assert ps.split_sections(cheap)["trtexec_path"] == str(other)
+    fp = fpm.parse_probe_output(cheap)
+    assert fp["tensorrt"] == "10.3.0" and fp["version_conflicts"] is None   # trtexec was not run
+    fallback = subprocess.run(["sh", "-c", ps.FALLBACK_SCRIPT, *ps.fallback_argv("forced", str(other))[3:]],
+                              capture_output=True, text=True, timeout=120, env=env).stdout
+    fp = fpm.parse_probe_output(cheap + fallback)
+    # after a fallback the expensive source (the banner of the trtexec given) decides;
+    # the disagreement is reported, not hidden
+    assert fp["tensorrt"] == "10.8.0" and fp["tensorrt_source"] == "trtexec"
+    assert fp["probe_fallback"] == "forced"
+    assert "header=10.3.0" in fp["version_conflicts"] and "trtexec=10.8.0" in fp["version_conflicts"]
 
 
 def test_probe_script_prefers_proc_device_tree(fake_jetson):

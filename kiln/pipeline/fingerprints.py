@@ -45,7 +45,8 @@ def _probe(ctx: Context, target: Target) -> Probe:
         else:
             from kiln.devices.fingerprint import probe_remote  # the NVIDIA parsers load for remote targets only
             transport = ctx.transport(target)
-            probe.fingerprint = probe_remote(transport, trtexec=target.trtexec, python=target.python)
+            probe.fingerprint = probe_remote(transport, trtexec=target.trtexec, python=target.python,
+                                             backend=target.backend)
             probe.releases = Device(transport, target).release_states(target.models)
     except KilnError as exc:
         probe.error = exc

@@ -238,6 +238,10 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
             f"exec {shlex.quote(python)} {sim} \"$@\"\n"), 0o755)
     else:
         files["/usr/src/tensorrt/bin/trtexec"] = absent
+    # the TensorRT python bindings (python3-libnvinfer) in the system python3 of the device: the
+    # version is a literal, as in the real package; importing it is logged as a TensorRT start
+    pkg = "/usr/lib/python3/dist-packages/tensorrt/__init__.py"
+    files[pkg] = FileSpec(_tensorrt_package(profile, state_dir).encode()) if profile.trt else absent
     if profile.power_mode:
         name, num = profile.power_mode
         files["/usr/sbin/nvpmodel"] = FileSpec(_sh(
@@ -269,6 +273,24 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
     for path in profile.hidden:
         files[path] = absent
     return files
+
+
+def _tensorrt_package(profile: Profile, state_dir: Path) -> str:
+    """`tensorrt/__init__.py` for the device's python3. `__version__` as the bindings report it
+    (JP5 "8.5.2.2", JP6 "10.3.0"); an import appends a line to trt_invocations.log (on a real
+    device it loads libnvinfer and CUDA)."""
+    version = profile.trt if int(profile.trt.split(".")[0]) < 10 else profile.trt3
+    log = str(state_dir / "trt_invocations.log")
+    return (f"# enginekiln fleet simulator: TensorRT {profile.trt3} python bindings (version only)\n"
+            "import json as _json, os as _os, sys as _sys, time as _time\n\n"
+            f"__version__ = {version!r}\n\n"
+            "try:\n"
+            f"    _os.makedirs({str(state_dir)!r}, exist_ok=True)\n"
+            f"    with open({log!r}, 'a') as _f:\n"
+            "        _f.write(_json.dumps({'tool': 'python', 'python': _sys.executable, 'argv': _sys.argv,\n"
+            "                              'ts': round(_time.time(), 3)}, sort_keys=True) + '\\n')\n"
+            "except OSError:\n"
+            "    pass\n")
 
 
 def _passwd_with_home(user: str, home: Path) -> bytes:
@@ -752,6 +774,12 @@ Subsystem sftp internal-sftp
     def loads(self, name: str) -> list:
         """Engine loads trtexec_sim.py recorded on the device (loads.log)."""
         return self._state_log(name, "loads.log")
+
+    def trt_invocations(self, name: str) -> list:
+        """Every start on the device of something that loads TensorRT (and CUDA) on a real one:
+        each trtexec run, --help included, and each import of the `tensorrt` python package
+        (trt_invocations.log: {"tool": "trtexec"|"python", "argv": ...})."""
+        return self._state_log(name, "trt_invocations.log")
 
     def _state_log(self, name: str, file: str) -> list:
         path = self.devices[name].state / file

@@ -18,6 +18,7 @@ lower-case names without the KILN_SIM_ prefix, e.g. {"trt_version": "10.3.0"}):
   KILN_SIM_BUILD_SECONDS   sleep modelling the build (halved with a loaded timing cache; default 0.2)
   KILN_SIM_LATENCY_MS      base latency of the fp32 model (default 10.8)
   KILN_SIM_STATE           directory for builds.log / loads.log (one JSON line per build / load)
+                           and trt_invocations.log (one JSON line per start of this trtexec)
   KILN_SIM_UNSUPPORTED_OPS comma-separated op types the ONNX "importer" rejects (plugin not found)
   KILN_SIM_FAIL            "oom": every build fails with Error Code 2: OutOfMemory
   KILN_SIM_OUTPUT_NOISE    std of Gaussian noise added to exported float outputs (default 0)
@@ -654,6 +655,8 @@ def main(argv):
     ident = load_identity()
     ver = tuple(ident["trt"][:2])
     run = Run(ident, argv)
+    # every start of trtexec loads libnvinfer (and CUDA) on a real device, --help included
+    log_state(ident, "trt_invocations.log", {"tool": "trtexec", "argv": argv[1:]})
     run.result("RUNNING")
     opts, problem = parse_options(argv[1:], ver)
     if problem:

@@ -168,7 +168,11 @@ def _pins(value: dict) -> str | None:
     return None
 
 
-STORE_KEYS = {"url": Key((str,), doc="file://<folder> or s3://<bucket>/<prefix>; default <artifacts>/store")}
+STORE_KEYS = {"url": Key((str,), doc="file://<folder> or s3://<bucket>/<prefix>; default <artifacts>/store"),
+              "lease_seconds": Key((int, float), check=_positive,
+                                   doc="how long a controller's build lease on an engine key lasts before "
+                                       "other controllers take it over (its owner presumed dead); default "
+                                       "twice the builders' command_timeout")}
 
 
 def _key_ids(v) -> str | None:
@@ -238,6 +242,7 @@ class Fleet:
     targets: dict[str, Target]
     signing_key: Path | None = None          # None: <artifacts>/keys/signing.key (kiln.signing)
     trusted: tuple[str, ...] = ()            # public key ids trusted besides the controller's own
+    lease_seconds: float | None = None       # [store] lease_seconds; None: from the builders' timeouts
 
     @property
     def base_dir(self) -> Path:
@@ -431,7 +436,8 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
     signing = checked["signing"]
     signing_key = (path.parent / Path(signing["key"]).expanduser()) if signing["key"] else artifacts / "keys" / "signing.key"
     return Fleet(path=path, artifacts=artifacts, store_url=store_url, models=models, targets=targets,
-                 signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])))
+                 signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])),
+                 lease_seconds=checked["store"]["lease_seconds"])
 
 
 # -- one device, one target -----------------------------------------------------------

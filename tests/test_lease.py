@@ -136,3 +136,59 @@ def test_expired_lease_of_a_dead_owner_is_taken_over_while_waiting(tmp_path):
                                 build=lambda: "rebuilt", poll=0.05)
     assert outcome.built and outcome.value == "rebuilt" and outcome.taken_over == dead.owner
     assert time.time() - start >= 0.25  # it waited for the expiry, not less
+
+
+# -- two controllers, one store, real doit runs against simulated Jetsons ----------------------
+
+PER_CONTROLLER = 5   # 2 x 5 devices of one class (10 in all); see README "Many controllers, one store"
+BUILD_SECONDS = "2"  # long enough that the second controller reaches the engine while the first builds
+
+
+def test_two_controllers_racing_build_once(tmp_path, new_fleet):
+    import subprocess
+    import sys
+
+    from kiln.signing import create_private_key
+    from kiln_project import REPO, Run
+    from test_fleet import fleet_project
+
+    sim = new_fleet()
+    groups = {"line-a": [f"orin-a{i}" for i in range(PER_CONTROLLER)],
+              "line-b": [f"orin-b{i}" for i in range(PER_CONTROLLER)]}
+    devices = [d for names in groups.values() for d in names]
+    for name in devices:
+        sim.add_device(name, "orin-jp5", sim_env={"KILN_SIM_BUILD_SECONDS": BUILD_SECONDS})
+    sim.start()
+    key = tmp_path / "shared" / "signing.key"
+    create_private_key(key)  # CI runners share the signing key (a secret), so each trusts the other's builds
+    shared = f'\n[store]\nurl = "file://{tmp_path / "shared" / "store"}"\n\n[signing]\nkey = "{key}"\n'
+    projects = {}
+    for group in groups:
+        (tmp_path / group).mkdir()
+        p = fleet_project(tmp_path / group, sim, {n: {"groups": [g for g, ns in groups.items() if n in ns]}
+                                                  for n in devices})
+        p.fleet.write_text(p.fleet.read_text() + shared)
+        projects[group] = p
+
+    procs = {g: subprocess.Popen([sys.executable, "-m", "doit", "-n", "4", f"deploy:{g}"], cwd=REPO, env=p.env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for g, p in projects.items()}
+    runs = {g: Run(proc.wait(timeout=240), proc.stdout.read()) for g, proc in procs.items()}
+    for g, run in runs.items():
+        assert run.returncode == 0, f"{g}:\n{run.out}"
+
+    assert sum(len(sim.builds(n)) for n in devices) == 1, {g: r.out for g, r in runs.items()}  # on the devices
+    for name in devices:  # both controllers deployed all of their devices, with the one engine
+        assert (sim.srv(name) / "kiln/tiny/current/model.plan").exists(), name
+    assert len({(sim.srv(n) / "kiln/tiny/current/model.plan").read_bytes() for n in devices}) == 1
+
+    engine_events = {g: [e for e in p.events() if e["task"].startswith("engine:") or e["event"] in ("build", "publish")]
+                     for g, p in projects.items()}
+    published = [g for g, evs in engine_events.items() if any(e["event"] == "publish" for e in evs)]
+    assert len(published) == 1, engine_events
+    other = next(g for g in groups if g not in published)
+    hits = [e for e in engine_events[other] if e["event"] == "cache-hit"]
+    assert hits and not any(e["event"] == "build" for e in engine_events[other]), engine_events
+    if "waited" in hits[0]:  # it reached the engine while the other built: it said whom it waited for
+        assert "waiting for run " in runs[other].out and "'s build of " in runs[other].out, runs[other].out
+    assert not list((tmp_path / "shared" / "store" / "records" / "leases").rglob("*.json"))  # released

@@ -168,6 +168,32 @@ def _pins(value: dict) -> str | None:
     return None
 
 
+def _waves(value: list) -> str | None:
+    shares = []
+    for wave in value:
+        if not (isinstance(wave, str) and re.fullmatch(r"(100|[1-9][0-9]?)%", wave)):
+            return f"{wave!r} is not a share of the group like \"25%\" (1% to 100%)"
+        shares.append(int(wave[:-1]))
+    if not shares or shares != sorted(set(shares)) or shares[-1] != 100:
+        return "must be growing shares of the group ending with \"100%\", e.g. [\"10%\", \"50%\", \"100%\"]"
+    return None
+
+
+ROLLOUT_KEYS = {
+    "canary": Key((int,), default=1, check=lambda v: None if v >= 0 else "must be >= 0",
+                  doc="devices (the group's first, in fleet-file order) deployed and gated before any other"),
+    "waves": Key((list,), default=["100%"], check=_waves,
+                 doc="cumulative shares of the group deployed wave after wave, ending with \"100%\""),
+    "max_fail_percentage": Key((int, float), default=0, check=lambda v: None if 0 <= v <= 100 else "must be 0..100",
+                               doc="abort the remaining waves when more than this share of the devices tried so far failed"),
+    "soak_seconds": Key((int, float), default=0, check=lambda v: None if v >= 0 else "must be >= 0",
+                        doc="wait after each wave, then health-check its devices again before the next"),
+    "max_latency_regression": Key((int, float), default=0.10, check=lambda v: None if v >= 0 else "must be >= 0",
+                                  doc="a new release whose smoke-test p50 or p99 is slower than the previous "
+                                      "release's on the same device by more than this fraction fails its gate"),
+}
+GROUP_KEYS = {"rollout": ROLLOUT_KEYS}
+
 STORE_KEYS = {"url": Key((str,), doc="file://<folder> or s3://<bucket>/<prefix>; default <artifacts>/store"),
               "lease_seconds": Key((int, float), check=_positive,
                                    doc="how long a controller's build lease on an engine key lasts before "
@@ -195,7 +221,7 @@ PYTHON_PATH = Key((list,), default=[], check=lambda v: None if all(isinstance(x,
                   doc="folders searched for factory modules after the fleet file's own folder, relative to "
                       "the fleet file, e.g. python_path = [\"src\", \"../models\"] (a top-level key: before any [table])")
 TOP_KEYS = {"store": STORE_KEYS, "signing": SIGNING_KEYS, "defaults": {"export": EXPORT_KEYS, "verify": VERIFY_KEYS, "build": BUILD_KEYS},
-            "python_path": PYTHON_PATH, "models": None, "targets": None}
+            "python_path": PYTHON_PATH, "models": None, "targets": None, "groups": None}
 
 
 # -- the objects -------------------------------------------------------------------
@@ -242,6 +268,7 @@ class Fleet:
     targets: dict[str, Target]
     signing_key: Path | None = None          # None: <artifacts>/keys/signing.key (kiln.signing)
     trusted: tuple[str, ...] = ()            # public key ids trusted besides the controller's own
+    rollouts: dict[str, dict] = field(default_factory=dict)  # group -> [groups.<g>] rollout (ROLLOUT_KEYS)
     lease_seconds: float | None = None       # [store] lease_seconds; None: from the builders' timeouts
 
     @property
@@ -366,9 +393,9 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
         from kiln.toml_errors import toml_error  # the line at fault, quoted, in plain words
         raise toml_error(path, text, exc) from exc
 
-    top = {k: v for k, v in raw.items() if k not in ("models", "targets")}
+    top = {k: v for k, v in raw.items() if k not in ("models", "targets", "groups")}
     checked = _validate(top, {k: v for k, v in TOP_KEYS.items() if v is not None}, src, [])
-    for section in ("models", "targets"):
+    for section in ("models", "targets", "groups"):
         if not isinstance(raw.get(section, {}), dict):
             raise src.error([section], "must be a table of named entries", f"write entries as [{section}.<name>]")
     if not raw.get("models"):
@@ -435,7 +462,17 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
     store_url = checked["store"]["url"] or f"file://{artifacts / 'store'}"
     signing = checked["signing"]
     signing_key = (path.parent / Path(signing["key"]).expanduser()) if signing["key"] else artifacts / "keys" / "signing.key"
+    known_groups = {g for t in targets.values() for g in t.groups}
+    rollouts = {}
+    for name, table in raw.get("groups", {}).items():
+        if name not in known_groups:
+            raise src.error(["groups", name], f"no target is in group {name!r}",
+                            f"add \"{name}\" to some target's groups, or use one of: {', '.join(sorted(known_groups)) or '(none)'}")
+        group = _validate(table, GROUP_KEYS, src, ["groups", name])
+        if group.get("rollout") is not None:
+            rollouts[name] = _validate(group["rollout"], ROLLOUT_KEYS, src, ["groups", name, "rollout"])
     return Fleet(path=path, artifacts=artifacts, store_url=store_url, models=models, targets=targets,
+                 rollouts=rollouts,
                  signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])),
                  lease_seconds=checked["store"]["lease_seconds"])
 

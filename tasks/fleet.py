@@ -12,6 +12,7 @@ from __future__ import annotations
 from kiln.keys import digest
 from kiln.pipeline.context import Context
 from kiln.pipeline.deploy import deploy_is_current, ensure_deployed
+from kiln.pipeline.rollout import roll_out, rollout_error
 from kiln.pipeline.engines import engine_is_current, engine_spec, ensure_engine
 from kiln.pipeline.fingerprints import (fingerprint_is_current, record_fingerprint, recorded_classes,
                                         recorded_fingerprint)
@@ -59,12 +60,38 @@ def deploy_tasks(ctx: Context):
     yield {"name": None, "doc": "deploy every target"}
     yield from (_deploy_task(ctx, target) for target in ctx.fleet.targets.values())
     for group, members in sorted(ctx.fleet.groups().items()):
+        if group in ctx.fleet.rollouts:
+            yield _rollout_task(ctx, group, [ctx.fleet.targets[m] for m in members])
+            continue
         yield {"name": group, "doc": f"deploy the group {group}: {', '.join(members)}",
                "actions": None, "task_dep": [f"deploy:{m}" for m in members]}
 
 
 def _deploy_task(ctx: Context, target) -> dict:
     return step(target.name, f"deploy {', '.join(target.models)} to {target.name}",
-                lambda: {"releases": ensure_deployed(ctx, target, say=say)["releases"]},
+                lambda: _deploy_unless_rolled_out(ctx, target),
                 lambda: deploy_is_current(ctx, target),
                 [f"fingerprint:{target.name}"] + [f"export:{m}" for m in target.models])
+
+
+def _deploy_unless_rolled_out(ctx: Context, target) -> dict:
+    """A member of a group whose rollout runs in this run (`doit deploy`, `doit deploy:<g>`) is
+    deployed by that rollout, in its wave; named alone (`doit deploy:<t>`) it deploys at once."""
+    rollouts = [g for g in target.groups if g in ctx.fleet.rollouts and f"deploy:{g}" in ctx.selected]
+    if rollouts:
+        say(f"  {target.name}: deployed by the rollout of deploy:{rollouts[0]}")
+        return {"deployed_by": f"deploy:{rollouts[0]}"}
+    return {"releases": ensure_deployed(ctx, target, say=say)["releases"]}
+
+
+def _rollout_task(ctx: Context, group: str, members: list) -> dict:
+    def run():
+        error = rollout_error(roll_out(ctx, group, members, ctx.fleet.rollouts[group], say=say))
+        if error:
+            raise error
+        return {}
+    models = sorted({m for t in members for m in t.models})
+    task = step(group, f"roll out to the group {group} in waves: {', '.join(t.name for t in members)}", run,
+                lambda: all(deploy_is_current(ctx, t) for t in members),
+                [f"fingerprint:{t.name}" for t in members] + [f"export:{m}" for m in models])
+    return task

@@ -72,6 +72,7 @@ class SummaryReporter(ConsoleReporter):
     def initialize(self, tasks, selected_tasks):
         super().initialize(tasks, selected_tasks)
         will_run = selected_closure(tasks, selected_tasks)
+        self.context.selected = will_run  # e.g. a group's rollout takes over its members' deploys
         if any(n.split(":")[0] in WRITERS for n in will_run):
             try:
                 self.context.lock_artifacts(say=self.write_line)

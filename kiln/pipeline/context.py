@@ -50,6 +50,8 @@ class Context:
         self._artifacts_lock: int | None = None  # fd holding the flock, see lock_artifacts
         self._progress: Progress | None = None  # made on first use, see `progress`
         self._lock = threading.Lock()
+        #: names of the tasks this run may execute (set by the doit reporter; empty without doit)
+        self.selected: set[str] = set()
 
     @classmethod
     def load(cls, fleet_file: Path | str | None = None, artifacts: Path | str | None = None) -> "Context":

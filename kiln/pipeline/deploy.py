@@ -29,6 +29,7 @@ from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_blob, e
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
 from kiln.pipeline.busy import wait_until_free
+from kiln.pipeline.gates import latency_regression
 from kiln.pipeline.releases import plan_releases, wanted_engine_keys
 from kiln.stores.base import reference_entry
 
@@ -76,7 +77,7 @@ def deploy_is_current(ctx: Context, target: Target) -> bool:
 
 
 @explain_os_errors
-def ensure_deployed(ctx: Context, target: Target, say=print) -> dict:
+def ensure_deployed(ctx: Context, target: Target, say=print, max_latency_regression: float | None = None) -> dict:
     """Engines for the target's class (from the store, else built on one builder of the class),
     then staged, verified and activated on the target. Needs its fingerprint recorded. A model
     pinned in the fleet file or held by a rollback keeps that release (kiln.pipeline.releases)."""
@@ -91,14 +92,17 @@ def ensure_deployed(ctx: Context, target: Target, say=print) -> dict:
             engines[plan.model] = {"key": plan.key, "sha256": None, "kept": plan.source}
         else:
             engines[plan.model] = ensure_engine(ctx, spec, say=say)
-    result = deploy_target(ctx, target, engines, say=say)
+    result = deploy_target(ctx, target, engines, say=say, max_latency_regression=max_latency_regression)
     if not result["changed"] and not result.get("pending"):
         say(f"  {target.name}: releases already active")
     return result
 
 
-def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print) -> dict:
-    """Make `engines` (model -> engine record) the active releases on `target`."""
+def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print,
+                  max_latency_regression: float | None = None) -> dict:
+    """Make `engines` (model -> engine record) the active releases on `target`. With
+    `max_latency_regression` (a rollout), a new release slower than the one it replaces on this
+    device fails before anything is switched (kiln.pipeline.gates)."""
     task = f"deploy:{target.name}"
     device = Device(ctx.transport(target), target)
     start = time.time()
@@ -125,6 +129,8 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                 continue
             staged[model] = _stage(ctx, device, target, model, record, say)
         kill_point("deploy:staged")
+        if max_latency_regression is not None:
+            _latency_gate(ctx, target, states, staged, max_latency_regression)
         busy = wait_until_free(ctx, target, device, say) if (todo or leftover) else None
         if busy:  # pending, not failed: the new releases wait on the device, the old ones serve
             ctx.events.emit(task, "skip", target=target.name, action="busy",
@@ -198,6 +204,20 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                   "sha256": {m: r["sha256"] for m, r in engines.items() if r.get("sha256")}}
     write_json_if_changed(ctx.deployment_record(target.name), deployment)
     return {**deployment, "changed": sorted(todo), "seconds": seconds}
+
+
+def _latency_gate(ctx: Context, target: Target, states: dict, staged: dict, limit: float) -> None:
+    slow = {m: why for m, result in staged.items()
+            if (why := latency_regression((states[m].manifest.get("smoke_test") or {}).get("latency_ms"),
+                                          (result.get("smoke") or {}).get("latency_ms"), limit))}
+    if slow:
+        for model, why in slow.items():
+            ctx.events.emit(f"deploy:{target.name}", "fail", target=target.name, action="latency-gate",
+                            why=f"{model}: {why}")
+        raise DeployError(f"latency gate on {target.name}: " + "; ".join(f"{m}: {w}" for m, w in slow.items())
+                          + "; nothing was switched, the previous releases serve", target=target.name,
+                          hint="find why the new engine is slower (precision, shapes, a busy device), or raise "
+                               "the group's rollout.max_latency_regression")
 
 
 def _stage(ctx: Context, device: Device, target: Target, model: str, record: dict, say) -> dict:

@@ -164,5 +164,16 @@ def test_no_op_deploy_starts_no_tensorrt_on_the_device(tmp_path, new_fleet):
     second = p.doit("deploy")
     assert second.ran() == set(), second.out
     assert sim.trt_invocations("orin-a") == before, sim.trt_invocations("orin-a")[len(before):]
-    fp = json.loads((p.artifacts / "fingerprints" / "orin-a.json").read_text())
+    record = p.artifacts / "fingerprints" / "orin-a.json"
+    fp = json.loads(record.read_text())
     assert fp["probe_fallback"] is None and fp["tensorrt_source"] == "dpkg"
+    # a record written by the probe before this one (no *_source keys): re-recorded, same class,
+    # nothing built, loaded or deployed again
+    new_keys = {"l4t_source", "tensorrt_source", "cuda_source", "cudnn_source", "onnxruntime_source",
+                "probe_fallback"}
+    record.write_text(json.dumps({k: v for k, v in fp.items() if k not in new_keys}))
+    third = p.doit("deploy")
+    assert third.ran() == {"fingerprint:orin-a"}, third.out
+    assert "fingerprint changed outside the class fields" in third.out
+    assert sim.trt_invocations("orin-a") == before and len(sim.builds("orin-a")) == 1
+    assert json.loads(record.read_text()) == fp

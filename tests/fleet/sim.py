@@ -14,7 +14,9 @@ sharing the rest of the host (so /tmp, python3, coreutils... work as usual):
   /usr/include/aarch64-linux-gnu/{NvInferVersion.h,cudnn_version_v8|v9.h},
   /usr/include/cudnn_version.h (-> /etc/alternatives, like the debs),
   /usr/src/tensorrt/bin/trtexec (a wrapper that execs tests/fleet/trtexec_sim.py
-  with this device's KILN_SIM_* environment), /usr/sbin/nvpmodel,
+  with this device's KILN_SIM_* environment),
+  /usr/lib/python3/dist-packages/tensorrt/__init__.py (the system python3's bindings:
+  `__version__` only), /usr/sbin/nvpmodel,
   /usr/bin/nvidia-smi (JetPack 6 only), and dpkg records (nvidia-l4t-core,
   nvidia-jetpack, libnvinfer, libcudnn, cuda-toolkit) in /var/lib/dpkg/status;
 - a bind of a per-device folder on /sys/firmware, holding
@@ -28,6 +30,10 @@ sharing the rest of the host (so /tmp, python3, coreutils... work as usual):
 - root's home is a per-device (empty) folder (the device's /etc/passwd says so):
   the host's ~/.bashrc, which bash sources for every SSH command, stays out of
   the devices (it cost 0.4 s per command here), and ~/.cache etc. are per device.
+
+Every start of something that loads TensorRT/CUDA on a real device (each trtexec run, --help
+included, and each import of the `tensorrt` package) is logged in the device's
+state/trt_invocations.log: `Fleet.trt_invocations(name)`.
 
 Requires root (mount namespaces, overlayfs) and /usr/sbin/sshd; `unsupported_reason()`
 says why not, for a visible pytest.skip. `stop()` kills every process of every

@@ -245,7 +245,9 @@ def test_cache_check_follows_the_store_through_a_retrain(moto_s3, bucket, tmp_pa
     first_key = build.engine_record()["key"]
     assert build.stored_engines() == [first_key]
     report, suite = check(build, "2-hit", 0)
-    assert report["ok"] and report["engines"][0] == {**row, "status": "hit", "why": "engine in the store"}
+    hit = report["engines"][0]
+    assert report["ok"] and hit == {**row, "status": "hit", "why": "engine in the store", "profile": hit["profile"]}
+    assert row["profile"] is None and hit["profile"]["engine_bytes"] > 0  # a miss has no profile
     assert row["key"] == first_key
 
     # 3. new weights: `doit export` publishes the new ONNX; a CI worker that never probed any

@@ -485,7 +485,11 @@ class Fleet:
         if via is not None and via not in self.devices:
             raise ValueError(f"bastion {via} must be added before {name}")
         prof = PROFILES[profile] if isinstance(profile, str) else profile
-        d = Device(name, prof, _free_port(), self.root / "devices" / name, via=via, sim_env=dict(sim_env or {}))
+        taken = {x.port for x in self.devices.values()}
+        port = _free_port()
+        while port in taken:  # the kernel hands a just-closed port out again: 200 devices collided
+            port = _free_port()
+        d = Device(name, prof, port, self.root / "devices" / name, via=via, sim_env=dict(sim_env or {}))
         for sub in ("", "rw", "firmware", "srv", "state", "home"):
             (d.dir / sub).mkdir(parents=True, exist_ok=True)
         key = d.dir / "ssh_host_ed25519_key"

@@ -118,7 +118,9 @@ def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
     fleet = tmp / "fleet" / "targets.toml"
     fleet.parent.mkdir(parents=True, exist_ok=True)
     models = [f"m{i:03d}" for i in range(m_models)]
-    text = f'[store]\nurl = "{url}"\n'
+    from kiln.signing import create_private_key, sign_manifest
+    signing_key, _ = create_private_key(tmp / "keys" / "signing.key")  # only signed manifests are hits
+    text = f'[store]\nurl = "{url}"\n\n[signing]\nkey = "{tmp / "keys" / "signing.key"}"\n'
     for m in models:
         text += (f'\n[models.{m}]\nfactory = "examples.tiny_detector:build_model"\n'
                  f'checkpoint = "ckpt/{m}.pt"\ninputs = {{ pixel_values = [1, 3, 32, 32] }}\n'
@@ -169,7 +171,8 @@ def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:
     for r in rows:                       # publish every engine (blob, then its manifest): the next check is the no-op
         sha = hashlib.sha256(r.key.encode()).hexdigest()
         seed.put_bytes(blob_entry(sha), r.key.encode())
-        publish_manifest(seed, r.key, {"key": r.key, "sha256": sha, "blob": blob_entry(sha)})
+        publish_manifest(seed, r.key, sign_manifest({"key": r.key, "sha256": sha, "blob": blob_entry(sha)},
+                                                    signing_key))
     rows, calls, sent, secs = measured(build_server)
     assert cache_ok(rows)
     _print_requests("no-op, records in artifacts/", rows, calls, sent, secs)

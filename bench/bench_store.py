@@ -74,23 +74,46 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
         "store put (sha given)", "store put (sha computed)", "boto3 upload_file",
         "store get (verified)", "boto3 download_file")}
     cfg = TransferConfig()
+    # Every put starts from the same server state: moto keeps objects in its own (this) process's
+    # memory and its CompleteMultipartUpload (joining the parts) slows down as that grows, so a put
+    # measured after other objects were stored in the round looked slower than one measured
+    # first (the raw upload always went first: 0.8x that was the order, not the store). Each put's
+    # object is deleted right after it (untimed), the two objects the gets read are uploaded
+    # once beforehand, and the order of the operations rotates from run to run.
+    raw.upload_file(str(src), bucket, "bench/raw-get", Config=cfg)
+    store.put_file("get/src", src, sha256=sha)
+    ops = {
+        "boto3 upload_file": (lambda r: raw.upload_file(str(src), bucket, f"bench/raw{r}", Config=cfg),
+                              lambda r: raw.delete_object(Bucket=bucket, Key=f"bench/raw{r}")),
+        "store put (sha given)": (lambda r: store.put_file(f"run{r}/given", src, sha256=sha),
+                                  lambda r: store.delete(f"run{r}/given")),
+        "store put (sha computed)": (lambda r: store.put_file(f"run{r}/computed", src),
+                                     lambda r: store.delete(f"run{r}/computed")),
+        "boto3 download_file": (lambda r: raw.download_file(bucket, "bench/raw-get", str(tmp / "raw.out"), Config=cfg),
+                                lambda r: (tmp / "raw.out").unlink()),
+        "store get (verified)": (lambda r: store.get_file("get/src", tmp / "store.out", sha256=sha),
+                                 lambda r: (tmp / "store.out").unlink()),
+    }
+    # where a put's time goes: first UploadPart call to the last answer, then CompleteMultipartUpload
+    # (moto joins the parts in this process), from botocore's call events on both clients
+    calls: list = []
+    for client in (raw, store.client):
+        client.meta.events.register("before-call.s3", lambda model, **_: calls.append((model.name, "B", time.perf_counter())))
+        client.meta.events.register("after-call.s3", lambda model, **_: calls.append((model.name, "A", time.perf_counter())))
+    phases: dict[str, list[tuple[float, float]]] = {k: [] for k in results if "put" in k or "upload" in k}
+    order = list(ops)
     for run in range(args.runs):
-        names = {k: f"run{run}/{i}" for i, k in enumerate(results)}
-        results["boto3 upload_file"].append(timed(lambda: raw.upload_file(
-            str(src), bucket, f"bench/raw{run}", Config=cfg)))
-        results["store put (sha given)"].append(timed(
-            lambda: store.put_file(names["store put (sha given)"], src, sha256=sha)))
-        results["store put (sha computed)"].append(timed(
-            lambda: store.put_file(names["store put (sha computed)"], src)))
-        results["boto3 download_file"].append(timed(lambda: raw.download_file(
-            bucket, f"bench/raw{run}", str(tmp / "raw.out"), Config=cfg)))
-        results["store get (verified)"].append(timed(lambda: store.get_file(
-            names["store put (sha given)"], tmp / "store.out", sha256=sha)))
-        for p in (tmp / "raw.out", tmp / "store.out"):
-            p.unlink()
-        for name in store.list(f"run{run}/"):  # keep moto's memory flat
-            store.delete(name)
-        raw.delete_object(Bucket=bucket, Key=f"bench/raw{run}")
+        for k in order[run % len(order):] + order[:run % len(order)]:
+            measure, cleanup = ops[k]
+            calls.clear()
+            results[k].append(timed(lambda: measure(run)))
+            if k in phases:
+                parts = [t for n, _, t in calls if n == "UploadPart"]
+                done = [t for n, _, t in calls if n == "CompleteMultipartUpload"]
+                phases[k].append((max(parts) - min(parts), max(done) - min(done)))
+            cleanup(run)
+    store.delete("get/src")
+    raw.delete_object(Bucket=bucket, Key="bench/raw-get")
 
     med = {k: statistics.median(v) for k, v in results.items()}
     print(f"\n{'operation':28} {'median s':>9} {'MiB/s':>8}   runs (s)")
@@ -102,6 +125,11 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
                          ("store put (sha computed)", "boto3 upload_file"),
                          ("store get (verified)", "boto3 download_file")):
         print(f"  {ours:26} / {theirs:20} = {med[theirs] / med[ours]:.2f}x")
+    print("where the puts go (medians): parts = first UploadPart sent to last answered, complete = "
+          "CompleteMultipartUpload (the server joins the parts)")
+    for k, v in phases.items():
+        print(f"  {k:26} parts {statistics.median(x[0] for x in v):.2f} s, complete "
+              f"{statistics.median(x[1] for x in v):.2f} s, rest {med[k] - statistics.median(sum(x) for x in v):.2f} s")
 
 
 def cache_check_requests(args, server, bucket: str, tmp: Path) -> None:

@@ -79,13 +79,47 @@ def _factory(v) -> str | None:
     return None if re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", v) else "must look like 'package.module:function'"
 
 
+def _dims_problem(name: str, dims) -> str | None:
+    if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                                                         for d in dims):
+        return f"input {name!r} must have a shape given as a list of positive integers"
+    return None
+
+
 def _shape(v) -> str | None:
+    """Each input: a static shape [1, 3, 640, 640] or a range { min = [..], opt = [..], max = [..] }."""
     if not isinstance(v, dict) or not v:
         return "must be a table of input name -> shape, e.g. { images = [1, 3, 640, 640] }"
     for name, dims in v.items():
-        if not isinstance(dims, list) or not dims or not all(isinstance(d, int) and d > 0 for d in dims):
-            return f"input {name!r} must have a shape given as a list of positive integers"
+        if isinstance(dims, dict):
+            if sorted(dims) != ["max", "min", "opt"]:
+                return (f"input {name!r}: a shape range needs exactly min, opt and max, "
+                        f"got {', '.join(sorted(dims)) or 'none'}")
+            for point in ("min", "opt", "max"):
+                if problem := _dims_problem(f"{name}.{point}", dims[point]):
+                    return problem
+            ranks = {point: len(dims[point]) for point in ("min", "opt", "max")}
+            if len(set(ranks.values())) != 1:
+                return (f"input {name!r}: min, opt and max have different ranks "
+                        f"({', '.join(f'{p} {r}' for p, r in ranks.items())})")
+            if not all(a <= b <= c for a, b, c in zip(dims["min"], dims["opt"], dims["max"])):
+                return (f"input {name!r}: need min <= opt <= max in every dimension, got min {dims['min']}, "
+                        f"opt {dims['opt']}, max {dims['max']}")
+        elif problem := _dims_problem(name, dims):
+            return problem
     return None
+
+
+SHAPE_POINTS = ("min", "opt", "max")
+
+
+def dynamic_shapes(inputs: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The inputs declared as ranges whose min and max differ: {name: {"min", "opt", "max": dims}}."""
+    out = {}
+    for name, dims in inputs.items():
+        if isinstance(dims, dict) and tuple(dims["min"]) != tuple(dims["max"]):
+            out[name] = {p: tuple(dims[p]) for p in SHAPE_POINTS}
+    return out
 
 
 EXPORT_KEYS = {
@@ -111,7 +145,8 @@ BUILD_KEYS = {
     "workspace_mib": Key((int,), doc="TensorRT workspace memory pool, MiB"),
     "optimization_level": Key((int,), doc="TensorRT builder optimisation level 0..5 (8.6+)"),
     "timing_cache": Key((bool,), default=True, doc="reuse a per-class timing cache from the store"),
-    "shapes": Key((dict,), doc="TensorRT optimisation profile: { input = { min = [..], opt = [..], max = [..] } }"),
+    "shapes": Key((dict,), doc="deprecated: declare ranges in the model's inputs (the TensorRT profile comes "
+                               "from them); still read as { input = { min = [..], opt = [..], max = [..] } }"),
     "extra_flags": Key((list,), default=[], doc="extra trtexec flags from an allowlist, e.g. [\"--noTF32\"]"),
     "verify_on": Key((int,), default=1, check=lambda v: None if v in (1, 2) else "must be 1 or 2",
                      doc="members of the class that load and check a new engine before it is published: "
@@ -123,7 +158,8 @@ MODEL_KEYS = {
     "factory": Key((str,), required=True, check=_factory, doc="'module:function' returning an nn.Module"),
     "checkpoint": Key((str,), required=True, doc="state_dict file, relative to the fleet file"),
     "seed": Key((int,), doc="if set and the checkpoint is missing, create it from the factory (demo/tests)"),
-    "inputs": Key((dict,), required=True, check=_shape, doc="input name -> static shape"),
+    "inputs": Key((dict,), required=True, check=_shape,
+                  doc="input name -> static shape [1, 3, 640, 640] or range { min = [..], opt = [..], max = [..] }"),
     "outputs": Key((list,), required=True, check=lambda v: None if v and all(isinstance(x, str) for x in v)
                    else "must be a non-empty list of output names", doc="output names"),
     "export": EXPORT_KEYS,
@@ -232,7 +268,7 @@ class Model:
     factory: str
     checkpoint: Path
     seed: int | None
-    inputs: dict[str, tuple[int, ...]]
+    inputs: dict[str, tuple[int, ...]]   # static shape, or the opt shape of a range
     outputs: tuple[str, ...]
     export: dict[str, Any]
     verify: dict[str, Any]
@@ -240,6 +276,19 @@ class Model:
     #: folders searched for the factory module before sys.path: the fleet file's folder, then
     #: its python_path (kiln.factories)
     factory_path: tuple[Path, ...] = ()
+    #: inputs declared as a range (min != max): {name: {"min", "opt", "max": dims}}; empty = static model.
+    #: The TensorRT optimisation profile (build["shapes"]) is made from it (kiln.config._model_shapes).
+    shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def shape_points(self) -> tuple[str, ...]:
+        """The shape points verified: min, opt and max for a dynamic model, none for a static one."""
+        return SHAPE_POINTS if self.shapes else ()
+
+    def input_shapes(self, point: str | None = None) -> dict[str, tuple[int, ...]]:
+        """Every input's shape at `point` (min/opt/max; None = opt, the static shape of a static input)."""
+        return {name: (self.shapes[name][point] if point and name in self.shapes else dims)
+                for name, dims in self.inputs.items()}
 
 
 @dataclass(frozen=True)
@@ -415,14 +464,19 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
     for name, table in raw["models"].items():
         _checked_name(src, ["models", name], name, "model")
         m = _validate(table, MODEL_KEYS, src, ["models", name], fill=False)
+        build = {**defaults["build"], **m["build"]}
+        export = {**defaults["export"], **m["export"]}
+        shapes = _model_shapes(src, name, m["inputs"], build, export, from_defaults="shapes" not in m["build"])
         models[name] = Model(
             name=name, factory=m["factory"], checkpoint=(path.parent / m["checkpoint"]).resolve(),
-            seed=m.get("seed"), inputs={k: tuple(v) for k, v in m["inputs"].items()}, outputs=tuple(m["outputs"]),
+            seed=m.get("seed"),
+            inputs={k: tuple(v["opt"] if isinstance(v, dict) else v) for k, v in m["inputs"].items()},
+            outputs=tuple(m["outputs"]),
             # the model's own values win over [defaults], which win over the schema's defaults
-            export={**defaults["export"], **m["export"]},
+            export=export,
             verify={**defaults["verify"], **m["verify"]},
-            build={**defaults["build"], **m["build"]},
-            factory_path=tuple(dict.fromkeys(factory_path)))
+            build=build,
+            factory_path=tuple(dict.fromkeys(factory_path)), shapes=shapes)
 
     targets = {}
     for name, table in raw["targets"].items():
@@ -475,6 +529,41 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
                  rollouts=rollouts,
                  signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])),
                  lease_seconds=checked["store"]["lease_seconds"])
+
+
+def _model_shapes(src: _Source, name: str, inputs: dict, build: dict, export: dict,
+                  from_defaults: bool) -> dict[str, dict[str, tuple[int, ...]]]:
+    """One place declares the shapes: the model's `inputs` (a static shape or a {min, opt, max} range).
+    The TensorRT profile `build["shapes"]` is set from the ranges (only the dynamic inputs). The older
+    `build.shapes` table is still read, as the ranges of those inputs, when `inputs` declares none."""
+    where = ["models", name]
+    legacy = build.get("shapes")
+    if legacy is not None and not from_defaults:
+        if any(isinstance(v, dict) for v in inputs.values()):
+            raise src.error(where + ["build", "shapes"], "shape ranges are declared both in inputs and here",
+                            "declare each input's range once, in inputs = { name = { min = [..], opt = [..], "
+                            "max = [..] } }, and remove build.shapes")
+        if not isinstance(legacy, dict) or not legacy:
+            raise src.error(where + ["build", "shapes"], "must be a table of input -> { min, opt, max }",
+                            "declare ranges in inputs instead (see README, dynamic input shapes)")
+        for k, rng in legacy.items():
+            if k not in inputs:
+                raise src.error(where + ["build", "shapes"], f"input {k!r} is not one of the model's inputs",
+                                f"use one of: {', '.join(inputs)}")
+            if problem := _shape({k: rng}):
+                raise src.error(where + ["build", "shapes"], problem,
+                                "e.g. { images = { min = [1, 3, 640, 640], opt = [4, 3, 640, 640], max = [8, 3, 640, 640] } }")
+            if len(rng["opt"]) != len(inputs[k]) or isinstance(inputs[k], dict):
+                raise src.error(where + ["build", "shapes"], f"input {k!r}: the range's rank differs from inputs",
+                                "declare the range in inputs instead")
+        inputs = {**inputs, **legacy}
+    shapes = dynamic_shapes(inputs)
+    build["shapes"] = ({k: {p: list(v[p]) for p in SHAPE_POINTS} for k, v in shapes.items()} if shapes else None)
+    if shapes and export.get("exporter") == "dynamo":
+        raise src.error(where + ["export", "exporter"] if "exporter" in export else where + ["inputs"],
+                        "the dynamo exporter is not supported with dynamic input shapes",
+                        'use exporter = "torchscript" (exported with dynamic_axes) or give every input a static shape')
+    return shapes
 
 
 # -- one device, one target -----------------------------------------------------------

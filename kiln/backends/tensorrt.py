@@ -80,6 +80,8 @@ class TensorRTBackend(Backend):
            docs/trtexec.md §6);
         3. the agent compares that JSON with the reference outputs (`trt-compare`, the
            same compare_outputs as ONNX Runtime engines and the export check).
+        A dynamic model's reference holds the shape points min, opt and max: steps 2-3 run once
+        per point (its own folder, `--shapes` at that point), and opt's latency is reported.
         A plan for another TensorRT/GPU, a broken plan or outputs beyond the tolerances
         raise VerificationError.
         """
@@ -91,35 +93,67 @@ class TensorRTBackend(Backend):
             if not raw.get("ok", True):
                 raise VerificationError(f"cannot prepare the reference inputs on {device.target}: {raw.get('reason')}",
                                         target=device.target)
-            argv = load_argv(target.trtexec, engine, iterations=50, percentile=99, shapes=raw["shapes"],
-                             load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE)
-            result = device.transport.run(["sh", "-c", 'cd "$1" && shift && exec "$@"', "kiln-verify", work, *argv],
-                                          check=False, timeout=target.command_timeout)
-            try:
-                report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
-                                              target=device.target)
-            except BuildError as exc:
-                inputs = "input file" in exc.message.lower() or "cannot open file" in exc.message.lower()
-                what = "could not feed the reference inputs to the engine" if inputs else "the engine does not load"
-                raise VerificationError(f"{what} on {device.target}: {exc.message}",
-                                        target=device.target, hint=exc.hint) from exc
-            args = ["trt-compare", "--reference", reference, "--outputs",
-                    posixpath.join(work, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol)]
-            if not verify.get("rows_may_permute", True):
-                args.append("--strict-order")
-            compared = device.agent(*args)
-            if not compared.get("ok"):
-                raise VerificationError(
-                    f"TensorRT engine outputs differ from the reference on {device.target}: {compared.get('reason')}",
-                    target=device.target,
-                    hint=f"nothing was published or activated; compared with rtol={rtol:g} atol={atol:g} (the looser "
-                         "of verify.rtol/atol and verify.trt_rtol/trt_atol); check the build or loosen them")
+            if "points" in raw:   # a dynamic model: min, opt, max, each in its own folder
+                runs = [(p, posixpath.join(work, p), raw["points"][p]) for p in raw["order"]]
+            else:
+                runs = [(None, work, raw)]
+            report, compared, points = None, {}, {}
+            for point, folder, one in runs:
+                got, result = self._verify_point(device, engine, reference, verify, point, folder, one, rtol, atol)
+                points[point] = {"shapes": one["shapes"], "max_abs_diff": got["max_abs_diff"],
+                                 "permuted": got.get("permuted", False),
+                                 "latency_ms": result.latency_ms}
+                for name, diff in got["max_abs_diff"].items():
+                    compared[name] = max(diff, compared.get(name, 0.0))
+                if point in (None, "opt") or report is None:
+                    report = result
         finally:
             device.transport.run(["rm", "-rf", work], check=False)
-        return {"ok": True, "latency_ms": report.latency_ms, "throughput_qps": report.throughput_qps,
-                "tensorrt": report.tensorrt_version, "max_abs_diff": compared["max_abs_diff"],
-                "permuted": compared.get("permuted", False), "rtol": rtol, "atol": atol,
-                "compared": "trtexec --exportOutput vs reference outputs"}
+        out = {"ok": True, "latency_ms": report.latency_ms, "throughput_qps": report.throughput_qps,
+               "tensorrt": report.tensorrt_version, "max_abs_diff": compared,
+               "permuted": any(p.get("permuted", False) for p in points.values()), "rtol": rtol, "atol": atol,
+               "compared": "trtexec --exportOutput vs reference outputs"}
+        if None not in points:
+            out["points"] = points
+        return out
+
+    def _verify_point(self, device: Device, engine, reference, verify, point, folder, raw, rtol, atol):
+        """One trtexec run on one set of reference inputs (one shape point) and its comparison."""
+        target = device.config
+        at = "" if point is None else f" at {point} ({_shapes_text(raw['shapes'])})"
+        argv = load_argv(target.trtexec, engine, iterations=50, percentile=99, shapes=raw["shapes"],
+                         load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE)
+        result = device.transport.run(["sh", "-c", 'cd "$1" && shift && exec "$@"', "kiln-verify", folder, *argv],
+                                      check=False, timeout=target.command_timeout)
+        try:
+            report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
+                                          target=device.target)
+        except BuildError as exc:
+            low = exc.message.lower()
+            inputs = "input file" in low or "cannot open file" in low
+            what = ("could not feed the reference inputs to the engine" if inputs else
+                    "the engine's optimisation profile does not accept the reference shapes"
+                    if "optimization profile" in low else "the engine does not load")
+            raise VerificationError(f"{what} on {device.target}{at}: {exc.message}",
+                                    target=device.target, hint=exc.hint) from exc
+        args = ["trt-compare", "--reference", reference, "--outputs",
+                posixpath.join(folder, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol)]
+        if point is not None:
+            args += ["--point", point]
+        if not verify.get("rows_may_permute", True):
+            args.append("--strict-order")
+        compared = device.agent(*args)
+        if not compared.get("ok"):
+            raise VerificationError(
+                f"TensorRT engine outputs differ from the reference on {device.target}{at}: {compared.get('reason')}",
+                target=device.target,
+                hint=f"nothing was published or activated; compared with rtol={rtol:g} atol={atol:g} (the looser "
+                     "of verify.rtol/atol and verify.trt_rtol/trt_atol); check the build or loosen them")
+        return compared, report
+
+
+def _shapes_text(shapes: dict) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v))}" for k, v in sorted(shapes.items()))
 
 
 def trt_tolerances(verify: dict) -> tuple[float, float]:

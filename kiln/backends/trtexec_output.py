@@ -152,6 +152,9 @@ def explain_failure(report: TrtexecReport, exit_code: int) -> str:
         what = f"operator {', '.join(ops)}" if ops else "an operator"
         return (f"{where} cannot import {what} from the ONNX model and found no plugin for it. "
                 "Hint: export with another opset or rewrite that part of the model, or load a plugin library.")
+    if "does not satisfy any optimization profile" in errors or "exceed min ~ max range" in errors:
+        return ("The input shapes (--shapes) lie outside the engine's optimization profile (the min..max it "
+                "was built for). Hint: rebuild with a wider range in the model's inputs, or run it within it.")
     if "Calibration failure" in errors:
         return ("INT8 calibration found no scaling factors. Hint: provide a calibration cache, use a Q/DQ-"
                 "quantized ONNX, or build with precision fp16.")

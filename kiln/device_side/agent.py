@@ -52,6 +52,50 @@ def load_arrays(path):
         return {k: data[k] for k in data.files}
 
 
+POINT_ORDER = ("min", "opt", "max")
+
+
+def reference_points(ref):
+    """The shape points of a reference: [(point, inputs, outputs)], point None for a static model's
+    `input.<name>`/`output.<name>` arrays, else min, opt, max from `point.<p>.input.<name>` and
+    `point.<p>.output.<name>` (kiln/pipeline/export.py `reference_arrays`)."""
+    def split(arrays):
+        feeds = dict((k[len("input."):], v) for k, v in arrays.items() if k.startswith("input."))
+        expected = dict((k[len("output."):], v) for k, v in arrays.items() if k.startswith("output."))
+        return feeds, expected
+    grouped = {}
+    for k, v in ref.items():
+        if k.startswith("point."):
+            point, _, rest = k[len("point."):].partition(".")
+            grouped.setdefault(point, {})[rest] = v
+    if not grouped:
+        feeds, expected = split(ref)
+        return [(None, feeds, expected)]
+    order = [p for p in POINT_ORDER if p in grouped] + sorted(p for p in grouped if p not in POINT_ORDER)
+    return [(p,) + split(grouped[p]) for p in order]
+
+
+def _shapes_text(feeds):
+    return ", ".join("%s=%s" % (k, "x".join(str(d) for d in v.shape)) for k, v in sorted(feeds.items()))
+
+
+def merge_reports(reports):
+    """One report for several shape points [(point, report)]: ok only if every point is; the
+    largest difference per output; the first failure's reason, naming its point."""
+    merged = {"ok": True, "max_abs_diff": {}, "permuted": False}
+    if len(reports) > 1 or reports[0][0] is not None:
+        merged["points"] = dict((p, r) for p, r in reports)
+    for point, report in reports:
+        for name, diff in report.get("max_abs_diff", {}).items():
+            merged["max_abs_diff"][name] = max(diff, merged["max_abs_diff"].get(name, 0.0))
+        merged["permuted"] = merged["permuted"] or report.get("permuted", False)
+        if not report.get("ok") and merged["ok"]:
+            merged["ok"] = False
+            merged["reason"] = report.get("reason") if point is None else "at %s (%s): %s" % (
+                point, report.get("shapes", "?"), report.get("reason"))
+    return merged
+
+
 def _match_rows(ref, got, rtol, atol):
     """Pair each reference row with an equal got row; returns the permutation or None."""
     import numpy as np
@@ -146,18 +190,28 @@ def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # already optimised
     so.log_severity_level = 3
     session = ort.InferenceSession(engine_path, so, providers=["CPUExecutionProvider"])
-    ref = load_arrays(reference_path)
-    feeds = {k[len("input."):]: v for k, v in ref.items() if k.startswith("input.")}
-    expected = {k[len("output."):]: v for k, v in ref.items() if k.startswith("output.")}
     names = [o.name for o in session.get_outputs()]
-    latencies = []
-    outputs = None
-    for _ in range(max(1, runs)):
-        t = time.perf_counter()
-        outputs = session.run(names, feeds)
-        latencies.append((time.perf_counter() - t) * 1000)
-    report = compare_outputs(expected, dict(zip(names, outputs)), rtol, atol, rows_may_permute)
-    lat = np.sort(np.array(latencies))
+    reports, latencies = [], []
+    # a dynamic model's reference holds min, opt and max: every point is checked, opt is timed
+    for point, feeds, expected in reference_points(load_arrays(reference_path)):
+        timed = point in (None, "opt")
+        outputs = None
+        for _ in range(max(1, runs) if timed else 1):
+            t = time.perf_counter()
+            try:
+                outputs = session.run(names, feeds)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's own error types
+                reports.append((point, {"ok": False, "shapes": _shapes_text(feeds),
+                                        "reason": "ONNX Runtime cannot run the engine: %s" % exc}))
+                break
+            if timed:
+                latencies.append((time.perf_counter() - t) * 1000)
+        else:
+            one = compare_outputs(expected, dict(zip(names, outputs)), rtol, atol, rows_may_permute)
+            one["shapes"] = _shapes_text(feeds)
+            reports.append((point, one))
+    report = merge_reports(reports)
+    lat = np.sort(np.array(latencies or [0.0]))
     report["latency_ms"] = {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
                             "p99": float(np.percentile(lat, 99))}
     return report
@@ -190,21 +244,32 @@ _NONFINITE = re.compile(r"(?<=[\[,\s])(-?)(nan|inf(?:inity)?)(?=[\s,\]])", re.IG
 def raw_inputs(reference_path, out_dir, int64_as_int32=False, root=None):
     """Write each `input.<name>` of the reference as a raw little-endian .bin for --loadInputs.
 
+    A dynamic model's reference (shape points min/opt/max): each point's inputs go to
+    `<out_dir>/<point>/`, and the answer is {"points": {point: <the answer below, file names
+    relative to that folder>}, "order": [min, opt, max]}.
+
     float64 becomes float32 (TensorRT has no double I/O). int64 inputs are INT64 bindings
     from TensorRT 10.0 on (kINT64 is new in v10.0.0 include/NvInferRuntimeBase.h) but INT32
     before: `int64_as_int32` converts them (kiln's own references are float32 only).
     """
-    import numpy as np
     out_dir = _checked(root, out_dir, "write the raw inputs to")
-    ref = load_arrays(reference_path)
-    names = sorted(k[len("input."):] for k in ref if k.startswith("input."))
+    points = reference_points(load_arrays(reference_path))
+    if points[0][0] is None:
+        return _raw_point(points[0][1], out_dir, int64_as_int32, reference_path)
+    return {"points": dict((p, _raw_point(feeds, os.path.join(out_dir, p), int64_as_int32, reference_path))
+                           for p, feeds, _ in points), "order": [p for p, _, _ in points]}
+
+
+def _raw_point(ref, out_dir, int64_as_int32, reference_path):
+    import numpy as np
+    names = sorted(ref)
     if not names:
         raise SystemExit("%s holds no input.* arrays" % reference_path)
     if not os.path.isdir(out_dir):
         os.makedirs(out_dir)
     files, spec, inputs, shapes = {}, [], [], {}
     for i, name in enumerate(names):
-        a = np.asarray(ref["input." + name])
+        a = np.asarray(ref[name])
         if a.dtype == np.float64:
             a = a.astype(np.float32)
         elif a.dtype == np.int64 and int64_as_int32:
@@ -266,10 +331,14 @@ def parse_trt_outputs(text):
     return out
 
 
-def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute):
-    """Compare trtexec's exported outputs with the reference outputs (compare_outputs)."""
-    ref = load_arrays(reference_path)
-    expected = {k[len("output."):]: v for k, v in ref.items() if k.startswith("output.")}
+def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute, point=None):
+    """Compare trtexec's exported outputs with the reference outputs (compare_outputs); `point`:
+    the shape point (min/opt/max) of a dynamic model's reference they were computed at."""
+    points = dict((p, expected) for p, _, expected in reference_points(load_arrays(reference_path)))
+    if point not in points:
+        return {"ok": False, "reason": "the reference holds no shape point %r (it has: %s)" % (
+            point, ", ".join(str(p) for p in points)), "rtol": rtol, "atol": atol}
+    expected = points[point]
     try:
         with open(outputs_path) as f:
             got = parse_trt_outputs(f.read())
@@ -841,7 +910,7 @@ def main(argv=None):
     s.add_argument("--int64-as-int32", action="store_true")
     s = sub.add_parser("trt-compare"); s.add_argument("--reference", required=True); s.add_argument("--outputs", required=True)
     s.add_argument("--rtol", type=float, default=1e-2); s.add_argument("--atol", type=float, default=1e-2)
-    s.add_argument("--strict-order", action="store_true")
+    s.add_argument("--strict-order", action="store_true"); s.add_argument("--point", default=None)
     # presigned URLs are credentials: they come on stdin (first line), never in argv or the
     # environment (ps, /proc/<pid>/cmdline and environ, sshd logs)
     s = writer("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
@@ -879,7 +948,7 @@ def main(argv=None):
     elif a.cmd == "raw-inputs":
         out = raw_inputs(a.reference, a.out_dir, a.int64_as_int32, a.root)
     elif a.cmd == "trt-compare":
-        out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order)
+        out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order, a.point)
     elif a.cmd == "fetch":
         out = fetch(read_url(), a.out, a.sha256, root=a.root)
     elif a.cmd == "upload":

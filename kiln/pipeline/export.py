@@ -72,6 +72,7 @@ def export_inputs(model: Model, hashes: HashCache, provenance: dict | None = Non
         "factory_source_sha256": hashes.sha256(factory_source(model)),
         "code": code_key((provenance or {}).get("code"), model.factory_path, hashes),
         "inputs": {k: list(v) for k, v in model.inputs.items()},
+        **({"shapes": _shapes_json(model)} if model.shapes else {}),  # static models: key as before
         "outputs": list(model.outputs),
         "export": model.export,
         "verify": model.verify,
@@ -139,11 +140,47 @@ def load_module(model: Model, activity=NULL):
     return module.eval()
 
 
-def reference_inputs(model: Model) -> dict:
-    """Fixed inputs: the same for every export of this model, independent of global RNG state."""
+def _shapes_json(model: Model) -> dict:
+    return {k: {p: list(v[p]) for p in ("min", "opt", "max")} for k, v in sorted(model.shapes.items())}
+
+
+def reference_inputs(model: Model, point: str | None = None) -> dict:
+    """Fixed inputs: the same for every export of this model, independent of global RNG state.
+    `point` (min/opt/max of a dynamic model): the inputs at that point of the declared ranges."""
     import numpy as np
-    rng = np.random.default_rng(REFERENCE_SEED)
-    return {name: rng.random(shape, dtype=np.float32) for name, shape in model.inputs.items()}
+    rng = np.random.default_rng(REFERENCE_SEED if point is None else
+                                [REFERENCE_SEED, ("min", "opt", "max").index(point)])
+    return {name: rng.random(shape, dtype=np.float32) for name, shape in model.input_shapes(point).items()}
+
+
+def dynamic_axes(model: Model) -> dict[str, dict[int, str]]:
+    """torch.onnx.export's dynamic_axes: each axis whose min and max differ, named <input>_<axis>."""
+    return {name: {i: f"{name}_{i}" for i, (lo, hi) in enumerate(zip(r["min"], r["max"])) if lo != hi}
+            for name, r in model.shapes.items()}
+
+
+def reference_arrays(points: dict) -> dict:
+    """The reference .npz's arrays: `input.<name>`/`output.<name>` for a static model (one point,
+    key None), `point.<p>.input.<name>`/`point.<p>.output.<name>` for each of min/opt/max of a
+    dynamic one (kiln/device_side/agent.py `reference_points` reads both)."""
+    out = {}
+    for point, (feeds, expected) in points.items():
+        prefix = "" if point is None else f"point.{point}."
+        out.update({f"{prefix}input.{k}": v for k, v in feeds.items()})
+        out.update({f"{prefix}output.{k}": v for k, v in expected.items()})
+    return out
+
+
+def _record_shapes(path: Path, model: Model) -> None:
+    """Write the declared ranges into the ONNX's metadata, so the ONNX (and with it the reference
+    entry and every engine key) changes when a range does, though the graph's symbolic axes do not."""
+    import json
+
+    import onnx
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "kiln.input_shapes", json.dumps(_shapes_json(model), sort_keys=True)
+    onnx.save(proto, str(path))
 
 
 @contextmanager
@@ -182,6 +219,9 @@ def _torch_export(module, feeds: dict, model: Model, path: Path) -> None:
     import torch
     args = tuple(torch.from_numpy(feeds[name]) for name in model.inputs)
     opts = model.export
+    if model.shapes and opts["exporter"] == "dynamo":  # kiln.config refuses it; a Model made in code too
+        raise ExportError("the dynamo exporter is not supported with dynamic input shapes", model=model.name,
+                          hint='use exporter = "torchscript" or static input shapes')
     with _quiet_exporter():
         if opts["exporter"] == "dynamo":
             torch.onnx.export(module, args, str(path), input_names=list(model.inputs),
@@ -191,7 +231,34 @@ def _torch_export(module, feeds: dict, model: Model, path: Path) -> None:
         else:
             torch.onnx.export(module, args, str(path), input_names=list(model.inputs),
                               output_names=list(model.outputs), opset_version=opts["opset"], dynamo=False,
-                              do_constant_folding=True)
+                              do_constant_folding=True, dynamic_axes=dynamic_axes(model) or None)
+    if model.shapes:
+        _record_shapes(path, model)
+
+
+def _shapes_text(feeds: dict) -> str:
+    return ", ".join(f"{k}={'x'.join(map(str, v.shape))}" for k, v in feeds.items())
+
+
+def _torch_reference(module, model: Model, point: str | None) -> tuple[dict, dict]:
+    """PyTorch's outputs on the fixed inputs at `point`: (inputs, outputs) by name."""
+    import torch
+    feeds = reference_inputs(model, point)
+    at = "" if point is None else f" at {point} ({_shapes_text(feeds)})"
+    with torch.no_grad():
+        try:
+            outputs = module(*[torch.from_numpy(feeds[n]) for n in model.inputs])
+        except Exception as exc:  # noqa: BLE001
+            raise ExportError(f"the model fails on its declared inputs{at}: {type(exc).__name__}: {exc}",
+                              model=model.name, hint="check `inputs` shapes in the fleet file") from exc
+    if isinstance(outputs, torch.Tensor):
+        outputs = (outputs,)
+    if isinstance(outputs, dict):
+        outputs = tuple(outputs.values())
+    if len(outputs) != len(model.outputs):
+        raise ExportError(f"the model returns {len(outputs)} outputs, the fleet file names {len(model.outputs)}",
+                          model=model.name, hint="make `outputs` match the model's forward() outputs")
+    return feeds, {n: o.detach().numpy() for n, o in zip(model.outputs, outputs)}
 
 
 def check_onnx(path: Path, model: Model) -> int:
@@ -252,21 +319,9 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
     code = record_model_code(model.factory.split(":")[0], imported, hashes)
     key_inputs = {**key_inputs, "code": code_key(code, model.factory_path, hashes)}
     activity.phase("reference outputs")
-    feeds = reference_inputs(model)
-    with torch.no_grad():
-        try:
-            outputs = module(*[torch.from_numpy(feeds[n]) for n in model.inputs])
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"the model fails on its declared inputs: {type(exc).__name__}: {exc}",
-                              model=model.name, hint="check `inputs` shapes in the fleet file") from exc
-    if isinstance(outputs, torch.Tensor):
-        outputs = (outputs,)
-    if isinstance(outputs, dict):
-        outputs = tuple(outputs.values())
-    if len(outputs) != len(model.outputs):
-        raise ExportError(f"the model returns {len(outputs)} outputs, the fleet file names {len(model.outputs)}",
-                          model=model.name, hint="make `outputs` match the model's forward() outputs")
-    expected = {n: o.detach().numpy() for n, o in zip(model.outputs, outputs)}
+    # one point (None) for a static model; min, opt and max for a dynamic one
+    points = {point: _torch_reference(module, model, point) for point in (model.shape_points or (None,))}
+    feeds, _ = points["opt" if model.shapes else None]  # the export traces at opt
 
     paths.onnx.parent.mkdir(parents=True, exist_ok=True)
     import tempfile
@@ -288,20 +343,26 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         activity.phase("onnx check")
         opset = check_onnx(onnx_tmp, model)
         activity.phase("ONNX Runtime verification")
-        try:
-            actual = run_onnxruntime(onnx_tmp, feeds)
-        except Exception as exc:  # noqa: BLE001
-            raise ExportError(f"ONNX Runtime cannot run the exported model: {exc}", model=model.name,
-                              hint="the export is not usable; try another opset/exporter") from exc
-        report = agent.compare_outputs(expected, actual, model.verify["rtol"], model.verify["atol"],
-                                       model.verify["rows_may_permute"])
-        if not report["ok"]:
-            raise ExportError(f"ONNX Runtime disagrees with PyTorch: {report['reason']}", model=model.name,
-                              hint="the export changed the model's numerics; check unsupported ops or loosen verify.rtol/atol")
+        report = {"max_abs_diff": {}, "permuted": False}
+        for point, (point_feeds, point_expected) in points.items():
+            at = "" if point is None else f" at {point} ({_shapes_text(point_feeds)})"
+            try:
+                actual = run_onnxruntime(onnx_tmp, point_feeds)
+            except Exception as exc:  # noqa: BLE001
+                raise ExportError(f"ONNX Runtime cannot run the exported model{at}: {exc}", model=model.name,
+                                  hint="the export is not usable; try another opset/exporter"
+                                       + ("; check the model works across the declared ranges" if point else "")) from exc
+            got = agent.compare_outputs(point_expected, actual, model.verify["rtol"], model.verify["atol"],
+                                        model.verify["rows_may_permute"])
+            if not got["ok"]:
+                raise ExportError(f"ONNX Runtime disagrees with PyTorch{at}: {got['reason']}", model=model.name,
+                                  hint="the export changed the model's numerics; check unsupported ops or loosen verify.rtol/atol")
+            for name, diff in got["max_abs_diff"].items():
+                report["max_abs_diff"][name] = max(diff, report["max_abs_diff"].get(name, 0.0))
+            report["permuted"] = report["permuted"] or got["permuted"]
         activity.phase("writing reference data")
         ref_tmp = Path(tmp) / "reference.npz"
-        agent.save_arrays(str(ref_tmp), {**{f"input.{k}": v for k, v in feeds.items()},
-                                         **{f"output.{k}": v for k, v in expected.items()}})
+        agent.save_arrays(str(ref_tmp), reference_arrays(points))
         onnx_sha, ref_sha = sha256_file(onnx_tmp), sha256_file(ref_tmp)
         kill_point("export:exported")
         # bytes, not records: the local record below still names the previous ONNX until published
@@ -311,6 +372,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
     record = {"model": model.name, "onnx_sha256": onnx_sha, "onnx_size": paths.onnx.stat().st_size,
               "reference_sha256": ref_sha, "opset": opset, "inputs": {k: list(v) for k, v in model.inputs.items()},
               "outputs": list(model.outputs)}
+    if model.shapes:
+        record["shapes"] = _shapes_json(model)
     activity.phase("publishing")
     if publish is not None:
         publish(record)

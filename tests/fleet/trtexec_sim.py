@@ -236,12 +236,14 @@ def parse_options(argv, ver):
 
 # ------------------------------------------------------------------ engines
 
-def engine_bytes(ident, onnx_sha, precision, model):
+def engine_bytes(ident, onnx_sha, precision, model, profile=None):
     v = ident["trt"]
     onnx_size = len(model)
     head = MAGIC + bytes(20) + bytes([v[0] & 0xFF, v[1] & 0xFF, v[2] & 0xFF, v[3] & 0xFF]) + bytes(4)
     meta = {"trt": trt_str(v), "compute": ident["compute"], "gpu": ident["gpu"],
             "onnx_sha256": onnx_sha, "onnx_size": onnx_size, "precision": precision}
+    if profile:
+        meta["profile"] = profile
     body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n" + model
     size = max(4096, onnx_size // (2 if precision != "fp32" else 1))
     filler, block = bytearray(), hashlib.sha256(onnx_sha.encode()).digest()
@@ -282,6 +284,45 @@ def write_output(path, data):
     """trtexec writes its outputs (plan, timing cache, exported outputs) in place, not via a temp name."""
     with open(path, "wb") as f:
         f.write(data)
+
+
+def parse_shapes(spec):
+    """A --shapes/--minShapes/... value -> {name: [dims]} (split on ',', then on the last ':', as
+    sampleOptions.cpp; dims joined by 'x')."""
+    out = {}
+    for piece in [p for p in spec.split(",") if p]:
+        name, _, dims = piece.rpartition(":")
+        name = name[1:-1] if len(name) > 1 and name[0] == name[-1] == "'" else name
+        out[name] = [int(d) for d in dims.split("x") if d]
+    return out
+
+
+def build_profile(opts):
+    """The optimization profile of --minShapes/--optShapes/--maxShapes: {name: {min, opt, max}}.
+    As trtexec (sampleOptions.cpp), an input given in only some of the three takes the missing
+    ones from the others (opt first)."""
+    given = dict((k, parse_shapes(opts.get("--%sShapes" % k, ""))) for k in ("min", "opt", "max"))
+    profile = {}
+    for name in sorted(set(given["min"]) | set(given["opt"]) | set(given["max"])):
+        got = dict((k, given[k][name]) for k in ("min", "opt", "max") if name in given[k])
+        first = got.get("opt") or got.get("min") or got.get("max")
+        profile[name] = dict((k, got.get(k, first)) for k in ("min", "opt", "max"))
+    return profile
+
+
+def profile_error(profile, shapes):
+    """The message TensorRT gives when --shapes lie outside the engine's profile, or None.
+    IExecutionContext::setInputShape refuses them (text as reported in NVIDIA/TensorRT#4011 and
+    NVIDIA/TensorRT-LLM#818), and trtexec then fails to set up inference."""
+    for name, dims in sorted(shapes.items()):
+        rng = profile.get(name)
+        if rng is None:
+            continue
+        if len(dims) != len(rng["min"]) or not all(lo <= d <= hi for lo, d, hi in zip(rng["min"], dims, rng["max"])):
+            return ("Error[3]: [executionContext.cpp::setInputShape::2288] Error Code 3: API Usage Error "
+                    "(Parameter check failed at: runtime/api/executionContext.cpp::setInputShape::2288, condition: "
+                    "satisfyProfile Runtime dimension does not satisfy any optimization profile.)")
+    return None
 
 
 def log_state(ident, name, record):
@@ -383,11 +424,20 @@ def do_build(run, opts, ver):
         error("Engine could not be created from network")
         error("Building engine failed")
         return run.setup_failed()
+    profile = build_profile(opts)
+    for name, rng in sorted(profile.items()):
+        if len(set(len(rng[k]) for k in rng)) != 1 or not all(
+                a <= b <= c for a, b, c in zip(rng["min"], rng["opt"], rng["max"])):
+            error("[TRT] 4: [network.cpp::validate::2789] Error Code 4: Internal Error (%s: for dimension number 0 "
+                  "in profile 0 does not satisfy MIN <= OPT <= MAX)" % name)  # shape as TensorRT 8.x's validate
+            error("Engine could not be created from network")
+            error("Building engine failed")
+            return run.setup_failed()
     seconds = ident["build_seconds"] / (2 if cache_loaded else 1)
     start = time.time()
     time.sleep(seconds)
     elapsed = time.time() - start
-    data = engine_bytes(ident, onnx_sha, precision, model)
+    data = engine_bytes(ident, onnx_sha, precision, model, profile)
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
         cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
@@ -409,6 +459,7 @@ def do_build(run, opts, ver):
     log_state(ident, "builds.log", {"onnx": onnx, "onnx_sha256": onnx_sha, "engine": engine_out,
                                     "trt": trt_str(ident["trt"]), "compute": ident["compute"],
                                     "gpu": ident["gpu"], "precision": precision, "argv": run.argv[1:],
+                                    "profile": profile,
                                     "timing_cache_loaded": cache_loaded})
     if "--skipInference" in opts or "--buildOnly" in opts:
         info("Skipped inference phase since --%s is added." % ("skipInference" if "--skipInference" in opts else "buildOnly"))
@@ -483,19 +534,18 @@ def trt_io_type(ort_type, ver):
     return "int32" if name == "int64" and ver < (10, 0) else name
 
 
-def input_bindings(model, opts, ver):
-    """[(name, trt dtype, ort dtype, shape)] of the ONNX inputs, dynamic dims from --shapes (else 1)."""
+def input_bindings(model, opts, ver, profile=None):
+    """[(name, trt dtype, ort dtype, shape)] of the ONNX inputs, dynamic dims from --shapes (else the
+    profile's opt shape, else 1)."""
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
     session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-    shapes = {}
-    for piece in [p for p in opts.get("--shapes", "").split(",") if p]:
-        name, _, dims = piece.rpartition(":")
-        shapes[name] = [int(d) for d in dims.split("x") if d]
+    shapes = parse_shapes(opts.get("--shapes", ""))
     out = []
     for i in session.get_inputs():
-        dims = shapes.get(i.name) or [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+        dims = (shapes.get(i.name) or (profile or {}).get(i.name, {}).get("opt")
+                or [d if isinstance(d, int) and d > 0 else 1 for d in i.shape])
         out.append((i.name, trt_io_type(i.type, ver), ORT_TYPES.get(i.type, "float32"), dims))
     return session, out
 
@@ -522,7 +572,7 @@ def load_inputs(run, opts, data, ver):
             return False, None
         return True, None
     import numpy as np
-    session, bindings = input_bindings(model, opts, ver)
+    session, bindings = input_bindings(model, opts, ver, (read_engine_meta(data)[0] or {}).get("profile"))
     known = {b[0] for b in bindings}
     for name in sorted(set(files) - known):
         error("Cannot find input tensor with name \"%s\" in the engine bindings! Please make sure the input "
@@ -601,6 +651,11 @@ def do_inference(run, opts, data):
     meta, _ = read_engine_meta(data)
     precision = (meta or {}).get("precision", "fp32")
     ver = tuple(ident["trt"][:2])
+    problem = profile_error((meta or {}).get("profile") or {}, parse_shapes(opts.get("--shapes", "")))
+    if problem:
+        error(problem)
+        error("Inference set up failed")
+        return run.failed()
     try:
         ok, prepared = load_inputs(run, opts, data, ver) if ("--loadInputs" in opts or "--exportOutput" in opts) \
             else (True, None)

@@ -39,6 +39,14 @@ exportJSONOutput's format (samples/common/sampleReporting.cpp): a list of
 Without --exportOutput, --loadInputs files are size-checked when onnxruntime is importable,
 otherwise only checked to exist.
 
+Dynamic shapes: `--minShapes/--optShapes/--maxShapes` (each `name:AxBxC[,name:...]`; an input
+given in only some of them takes the others from opt, min, max in that order) are the plan's
+optimization profile, kept in its JSON line as "profile" and in builds.log; a profile without
+MIN <= OPT <= MAX fails the build. A load whose `--shapes` lie outside the profile (another
+rank, or a dim beyond min..max) fails like TensorRT's setInputShape (docs/trtexec.md §5:
+"does not satisfy any optimization profile") + `Inference set up failed`; a dynamic input
+without `--shapes` runs at the profile's opt.
+
 Engine file ("plan"): bytes 0-3 `ftrt` (uint32 0x74727466), bytes 24-27 TensorRT
 major.minor.patch.build (as real 8.6+ plans), then b"KILNSIM1\\n" + one JSON line
 {trt, compute, gpu, onnx_sha256, onnx_size, precision} + the ONNX bytes + filler. `--loadEngine` refuses

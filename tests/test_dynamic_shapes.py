@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from kiln.backends.trt_config import TrtBuildConfig
+from kiln.backends.trtexec import api_build_argv, build_argv
+from kiln.backends.trtexec_output import check_trtexec_result
 from kiln.config import load_fleet
-from kiln.errors import ConfigError
+from kiln.errors import BuildError, ConfigError
 from kiln_project import Project
 from test_fleet import fleet_project
 
@@ -69,6 +72,18 @@ def test_a_range_becomes_the_tensorrt_profile_and_static_files_stay_as_they_were
     assert old.shapes["pixel_values"]["max"] == (2, 3, 32, 32) and old.build["shapes"]["pixel_values"]["max"] == [2, 3, 32, 32]
 
 
+def test_both_tensorrt_builders_get_the_profile_from_the_inputs(tmp_path):
+    (tmp_path / "targets.toml").write_text(fleet_text(DYNAMIC % 8))
+    model = load_fleet(tmp_path / "targets.toml", tmp_path / "a").models["det"]
+    from kiln.backends.tensorrt import TensorRTBackend
+    cfg = TrtBuildConfig.from_mapping(TensorRTBackend().build_settings(model.build))
+    argv = build_argv("trtexec", "m.onnx", "m.plan", cfg, "10.3.0")
+    assert {"--minShapes=pixel_values:1x3x32x32", "--optShapes=pixel_values:2x3x32x32",
+            "--maxShapes=pixel_values:8x3x32x32"} <= set(argv)
+    args = json.loads(api_build_argv("python3", "b.py", onnx="m.onnx", engine="m.plan", cfg=cfg)[-1])
+    assert args["shapes"] == {"pixel_values": {"min": [1, 3, 32, 32], "opt": [2, 3, 32, 32], "max": [8, 3, 32, 32]}}
+
+
 @pytest.mark.parametrize("inputs, extra, expected", [
     ("inputs = { pixel_values = { min = [4, 3, 32, 32], opt = [2, 3, 32, 32], max = [1, 3, 32, 32] } }", "",
      "need min <= opt <= max"),
@@ -109,6 +124,8 @@ def test_trtexec_sim_refuses_shapes_outside_the_profile(tmp_path):
         out = run("--loadEngine=m.plan", f"--shapes={outside}")
         assert out.returncode == 1 and "does not satisfy any optimization profile" in out.stderr, out.stderr
         assert "&&&& FAILED" in out.stdout
+        with pytest.raises(BuildError, match="outside the engine's optimization profile"):
+            check_trtexec_result(out.stdout + "\n" + out.stderr, out.returncode)
     bad = run(f"--onnx={onnx}", "--saveEngine=n.plan", "--minShapes=x:4x3", "--optShapes=x:2x3", "--maxShapes=x:4x3")
     assert bad.returncode == 1 and "MIN <= OPT <= MAX" in bad.stderr
 

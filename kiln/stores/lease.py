@@ -63,7 +63,23 @@ class Lease:
     taken_over: dict | None = None   # the expired owner this lease replaced, if any
 
     def expired(self, now: float) -> bool:
-        return now >= self.expires
+        """Past its expiry, or its owner ran on this host and its process is gone (a killed run
+        must not make the next one wait out the whole lease)."""
+        return now >= self.expires or _dead_here(self.owner)
+
+
+def _dead_here(owner: dict) -> bool:
+    if owner.get("host") != socket.gethostname() or not isinstance(owner.get("pid"), int):
+        return False
+    if owner["pid"] == os.getpid():
+        return False
+    try:
+        os.kill(owner["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, owned by someone else
+        return False
+    return False
 
 
 def _body(owner: dict, what: str, now: float, ttl: float, previous: dict | None) -> bytes:

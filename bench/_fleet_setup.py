@@ -146,3 +146,21 @@ def stop_fleets(fleets: list, tmp: Path) -> None:
         except Exception as exc:  # noqa: BLE001 - teardown reports, it does not mask the result
             print(f"warning: stopping simulated fleet failed: {exc}", file=sys.stderr)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_with_fleets(name: str, body) -> int:
+    """Run a fleet benchmark's `body(tmp, fleets)` in a fresh temp folder: a failure is reported
+    (exit 1), never raised, so the suite runner goes on; the fleets are stopped and the folder removed."""
+    import tempfile
+    import traceback
+    fleets: list = []
+    tmp = Path(tempfile.mkdtemp(prefix=f"kiln-bench-{name}-", dir=os.environ.get("KILN_BENCH_TMP")))
+    try:
+        body(tmp, fleets)
+    except Exception as exc:  # a benchmark reports, it does not crash the suite runner
+        traceback.print_exc()
+        print(f"ERROR: {name} benchmark failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return 1
+    finally:
+        stop_fleets(fleets, tmp)
+    return 0

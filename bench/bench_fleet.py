@@ -24,7 +24,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ TARGET_SECONDS = 3.0
 TARGET_SIZE = 20
 MIXED_PROFILES = ("orin-jp5", "orin-jp6", "xavier-jp5")
 
-from _fleet_setup import as_users_run, stop_fleets, median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
+from _fleet_setup import as_users_run, run_with_fleets, median_time, settle_logins, start_fleet  # noqa: E402  (shared with bench_scope.py)
 
 
 def bench_size(tmp: Path, n: int, runs: int, fleets: list, profile: str | None) -> dict:
@@ -181,10 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"SKIPPED: simulated fleet unavailable: {reason}")
         return 0
 
-    fleets: list = []
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-fleet-", dir=os.environ.get("KILN_BENCH_TMP")))
     py = sys.executable
-    try:
+
+    def body(tmp: Path, fleets: list) -> None:
         imp = median_time(lambda: subprocess.run([py, "-c", "import doit"], cwd=REPO, check=True), args.runs)[0]
         local = baseline_local(tmp, args.runs)
         results = []
@@ -226,14 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\nwhere the {r['n']}-device no-op goes (one in-process run, uptodate checks timed):")
                 for line in r["profile"]:
                     print("  " + line)
-    except Exception as exc:  # a benchmark reports, it does not crash the suite runner
-        import traceback
-        traceback.print_exc()
-        print(f"ERROR: fleet benchmark failed: {type(exc).__name__}: {str(exc)[:300]}")
-        return 1
-    finally:
-        stop_fleets(fleets, tmp)
-    return 0
+    return run_with_fleets("fleet", body)
 
 
 if __name__ == "__main__":

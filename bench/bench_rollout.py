@@ -24,15 +24,14 @@ import argparse
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from _fleet_setup import (active_release, as_users_run, fleet_project, fmt_s, retrain, sim_unsupported,  # noqa: E402
-                          start_fleet, stop_fleets)
+from _fleet_setup import (active_release, as_users_run, fleet_project, fmt_s, retrain, run_with_fleets, sim_unsupported,  # noqa: E402
+                          start_fleet)
 
 POLICY = '\n[groups.line]\nrollout = { canary = 1, waves = ["50%", "100%"], max_fail_percentage = 0 }\n'
 
@@ -176,24 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     if reason:
         print(f"SKIPPED: simulated fleet unavailable: {reason}")
         return 0
-    fleets: list = []
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-rollout-", dir=os.environ.get("KILN_BENCH_TMP")))
-    lines: list[str] = []
-    try:
+
+    def body(tmp: Path, fleets: list) -> None:
         if "canary" not in skip:
-            lines += bench_canary(tmp, args.devices, args.runs, fleets)
-            print("\n".join(lines), flush=True)
+            print("\n".join(bench_canary(tmp, args.devices, args.runs, fleets)), flush=True)
         if "lease" not in skip:
-            more = bench_lease(tmp, args.per_controller, args.runs, args.build_seconds, fleets)
-            print("\n".join(more), flush=True)
-    except Exception as exc:  # a benchmark reports, it does not crash the suite runner
-        import traceback
-        traceback.print_exc()
-        print(f"ERROR: rollout benchmark failed: {type(exc).__name__}: {str(exc)[:300]}")
-        return 1
-    finally:
-        stop_fleets(fleets, tmp)
-    return 0
+            print("\n".join(bench_lease(tmp, args.per_controller, args.runs, args.build_seconds, fleets)), flush=True)
+    return run_with_fleets("rollout", body)
 
 
 if __name__ == "__main__":

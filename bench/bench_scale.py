@@ -31,7 +31,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from _fleet_setup import active_release, as_users_run, fleet_project, sim_unsupported, stop_fleets  # noqa: E402
+from _fleet_setup import active_release, as_users_run, fleet_project, run_with_fleets, sim_unsupported  # noqa: E402
 
 ORIN_NX = ("NVIDIA Jetson Orin NX Engineering Reference Developer Kit",
            ("nvidia,p3768-0000+p3767-0000", "nvidia,p3767-0000", "nvidia,tegra234"))
@@ -214,9 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 200 sshd + their pipes
-    fleets: list = []
-    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-scale-", dir=os.environ.get("KILN_BENCH_TMP")))
-    try:
+
+    def body(tmp: Path, fleets: list) -> None:
         py = sys.executable
         imp = [timed_cpu([py, "-c", "import doit"], os.environ.copy())[0] for _ in range(args.runs)]
         local = baseline_local(tmp, args.runs, args.jobs)
@@ -227,14 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(report(r, local)), flush=True)
             for sim in fleets:
                 sim.stop()
-    except Exception as exc:  # a benchmark reports, it does not crash the suite runner
-        import traceback
-        traceback.print_exc()
-        print(f"ERROR: scale benchmark failed: {type(exc).__name__}: {str(exc)[:300]}")
-        return 1
-    finally:
-        stop_fleets(fleets, tmp)
-    return 0
+    return run_with_fleets("scale", body)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import pytest
 from kiln.stores import lease as leases
 from kiln.stores.base import lease_entry
 from kiln.stores.local import LocalStore
+from tests.racing import race
 
 KEY = "5e" * 32
 NAME = lease_entry(KEY)
@@ -31,23 +32,6 @@ def make_store(request, tmp_path):
 def owner(name: str) -> dict:
     return leases.new_owner(name)
 
-
-def race(n: int, call) -> list:
-    barrier, results, errors = threading.Barrier(n), [None] * n, []
-
-    def run(i):
-        try:
-            barrier.wait()
-            results[i] = call(i)
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    return results
 
 
 def test_exclusive_create_one_holder_among_racers(make_store):

@@ -21,6 +21,7 @@ import pytest
 from kiln.errors import CorruptEntry, StoreError
 from kiln.stores.base import StaleDigest, Store, engine_entry, onnx_entry, staging_entry
 from kiln.stores.local import LocalStore
+from tests.racing import race
 from tests.s3server import FAKE_SECRET, ORIGINAL_ENV, free_port, patched_env
 
 MB = 1 << 20
@@ -630,30 +631,13 @@ def test_record_races_have_exactly_one_winner(backend):
     stores = [backend.make() for _ in range(racers)]
     name = "leases/cd/" + "cd" * 32 + ".json"
 
-    def race(call):
-        barrier, results, errors = threading.Barrier(racers), [None] * racers, []
-
-        def run(i):
-            try:
-                barrier.wait()
-                results[i] = call(i)
-            except BaseException as exc:  # pragma: no cover - reported below
-                errors.append(exc)
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(racers)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not errors, errors
-        return results
-
-    created = race(lambda i: stores[i].create_exclusive(name, f'{{"racer": {i}}}'.encode()))
+    created = race(racers, lambda i: stores[i].create_exclusive(name, f'{{"racer": {i}}}'.encode()))
     winners = [i for i, etag in enumerate(created) if etag]
     assert len(winners) == 1, created
     data, etag = stores[0].read_record(name)
     assert data == f'{{"racer": {winners[0]}}}'.encode() and etag == created[winners[0]]
 
-    replaced = race(lambda i: stores[i].replace_if(name, f'{{"taker": {i}}}'.encode(), etag))
+    replaced = race(racers, lambda i: stores[i].replace_if(name, f'{{"taker": {i}}}'.encode(), etag))
     winners = [i for i, new in enumerate(replaced) if new]
     assert len(winners) == 1, replaced
     assert stores[0].read_record(name)[0] == f'{{"taker": {winners[0]}}}'.encode()

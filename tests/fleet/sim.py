@@ -15,8 +15,9 @@ sharing the rest of the host (so /tmp, python3, coreutils... work as usual):
   /usr/include/cudnn_version.h (-> /etc/alternatives, like the debs),
   /usr/src/tensorrt/bin/trtexec (a wrapper that execs tests/fleet/trtexec_sim.py
   with this device's KILN_SIM_* environment),
-  /usr/lib/python3/dist-packages/tensorrt/__init__.py (the system python3's bindings:
-  `__version__` only), /usr/sbin/nvpmodel,
+  /usr/lib/python3/dist-packages/tensorrt/ (the system python3's bindings: the simulated
+  TensorRT Python API of tests/fleet/trt_python/, one module per area) and .../cuda/ (cuda-python's
+  cudart, tests/fleet/cuda_python/), /usr/sbin/nvpmodel,
   /usr/bin/nvidia-smi (JetPack 6 only), and dpkg records (nvidia-l4t-core,
   nvidia-jetpack, libnvinfer, libcudnn, cuda-toolkit) in /var/lib/dpkg/status;
 - a bind of a per-device folder on /sys/firmware, holding
@@ -246,8 +247,9 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
         files["/usr/src/tensorrt/bin/trtexec"] = absent
     # the TensorRT python bindings (python3-libnvinfer) in the system python3 of the device: the
     # version is a literal, as in the real package; importing it is logged as a TensorRT start
-    pkg = "/usr/lib/python3/dist-packages/tensorrt/__init__.py"
-    files[pkg] = FileSpec(_tensorrt_package(profile, state_dir).encode()) if profile.trt else absent
+    env = {**profile.sim_env(), **(sim_env or {})}
+    for path, text in _python_packages(profile, state_dir, trtexec_sim, env).items():
+        files[path] = FileSpec(text.encode()) if text is not None else absent
     if profile.power_mode:
         name, num = profile.power_mode
         files["/usr/sbin/nvpmodel"] = FileSpec(_sh(
@@ -281,22 +283,43 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
     return files
 
 
-def _tensorrt_package(profile: Profile, state_dir: Path) -> str:
-    """`tensorrt/__init__.py` for the device's python3. `__version__` as the bindings report it
-    (JP5 "8.5.2.2", JP6 "10.3.0"); an import appends a line to trt_invocations.log (on a real
-    device it loads libnvinfer and CUDA)."""
+TRT_PYTHON = HERE / "trt_python"     # the simulated `tensorrt` package, one module per area
+CUDA_PYTHON = HERE / "cuda_python"   # the simulated `cuda` package (cuda-python's cudart)
+DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+
+
+def _python_packages(profile: Profile, state_dir: Path, trtexec_sim: Path, env: dict[str, str]) -> dict[str, str | None]:
+    """The device's `tensorrt` and `cuda` packages (path -> text; None = absent). A profile that
+    hides tensorrt/__init__.py has neither (no python3-libnvinfer)."""
+    init = f"{DIST_PACKAGES}/tensorrt/__init__.py"
+    present = bool(profile.trt) and init not in profile.hidden
+    out: dict[str, str | None] = {}
+    for folder, package in ((TRT_PYTHON, "tensorrt"), (CUDA_PYTHON, "cuda")):
+        for module in sorted(folder.glob("*.py")):
+            path = f"{DIST_PACKAGES}/{package}/{module.name}"
+            if not present:
+                out[path] = None
+            elif path == init:
+                out[path] = _tensorrt_init(profile, state_dir, trtexec_sim, env)
+            else:
+                out[path] = module.read_text()
+    return out
+
+
+def _tensorrt_init(profile: Profile, state_dir: Path, trtexec_sim: Path, env: dict[str, str]) -> str:
+    """`tensorrt/__init__.py` for the device's python3: trt_python/__init__.py with `__version__` as
+    the bindings report it (JP5 "8.5.2.2", JP6 "10.3.0") and the device's identity."""
     version = profile.trt if int(profile.trt.split(".")[0]) < 10 else profile.trt3
-    log = str(state_dir / "trt_invocations.log")
-    return (f"# enginekiln fleet simulator: TensorRT {profile.trt3} python bindings (version only)\n"
-            "import json as _json, os as _os, sys as _sys, time as _time\n\n"
-            f"__version__ = {version!r}\n\n"
-            "try:\n"
-            f"    _os.makedirs({str(state_dir)!r}, exist_ok=True)\n"
-            f"    with open({log!r}, 'a') as _f:\n"
-            "        _f.write(_json.dumps({'tool': 'python', 'python': _sys.executable, 'argv': _sys.argv,\n"
-            "                              'ts': round(_time.time(), 3)}, sort_keys=True) + '\\n')\n"
-            "except OSError:\n"
-            "    pass\n")
+    identity = {"state": str(state_dir), "library": profile.trt, "compute": profile.compute or "", "gpu": profile.gpu or "",
+                "trtexec_sim": str(trtexec_sim), "build_seconds": env.get("KILN_SIM_BUILD_SECONDS", "0.2")}
+    lines = []
+    for line in (TRT_PYTHON / "__init__.py").read_text().splitlines():
+        if line.endswith("# kiln-sim: version"):
+            line = f"__version__ = {version!r}"
+        elif line.endswith("# kiln-sim: identity"):
+            line = f"_SIM = {identity!r}"
+        lines.append(line)
+    return f"# enginekiln fleet simulator: TensorRT {profile.trt3} python bindings\n" + "\n".join(lines) + "\n"
 
 
 def _passwd_with_home(user: str, home: Path) -> bytes:
@@ -784,6 +807,10 @@ Subsystem sftp internal-sftp
     def loads(self, name: str) -> list:
         """Engine loads trtexec_sim.py recorded on the device (loads.log)."""
         return self._state_log(name, "loads.log")
+
+    def calibrations(self, name: str) -> list:
+        """INT8 calibrations the simulated TensorRT Python API ran on the device (calibrations.log)."""
+        return self._state_log(name, "calibrations.log")
 
     def trt_invocations(self, name: str) -> list:
         """Every start on the device of something that loads TensorRT (and CUDA) on a real one:

@@ -244,7 +244,8 @@ def parse_options(argv, ver):
 
 # ------------------------------------------------------------------ engines
 
-def engine_bytes(ident, onnx_sha, precision, model, profile=None):
+def engine_bytes(ident, onnx_sha, precision, model, profile=None, extra=None):
+    """The plan; `extra` adds metadata (e.g. {"int8": "calibrated" | "qdq" | "placeholder"})."""
     v = ident["trt"]
     onnx_size = len(model)
     head = MAGIC + bytes(20) + bytes([v[0] & 0xFF, v[1] & 0xFF, v[2] & 0xFF, v[3] & 0xFF]) + bytes(4)
@@ -252,6 +253,7 @@ def engine_bytes(ident, onnx_sha, precision, model, profile=None):
             "onnx_sha256": onnx_sha, "onnx_size": onnx_size, "precision": precision}
     if profile:
         meta["profile"] = profile
+    meta.update(extra or {})
     body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n" + model
     size = max(4096, onnx_size // (2 if precision != "fp32" else 1))
     filler, block = bytearray(), hashlib.sha256(onnx_sha.encode()).digest()
@@ -340,6 +342,50 @@ def log_state(ident, name, record):
     record["ts"] = round(time.time(), 3)
     with open(os.path.join(ident["state"], name), "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def has_qdq(model):
+    """The ONNX holds QuantizeLinear/DequantizeLinear nodes (explicit quantization)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "trt_python"))
+    try:
+        import onnx_reader
+        return bool(onnx_reader.read_model(model).op_types() & {"QuantizeLinear", "DequantizeLinear"})
+    except ValueError:
+        return False
+    finally:
+        sys.path.pop(0)
+
+
+def calibration_header(ident):
+    return "TRT-%s-" % banner_tag(ident["trt"]).split("v", 1)[1].split("]", 1)[0]
+
+
+def int8_mode(opts, model, ident):
+    """How an INT8 build gets its scales (docs/trtexec.md §10): "qdq" (Q/DQ nodes in the ONNX),
+    "calibrated" (--calib=<cache> written by this TensorRT), "random" (--calib names a missing or
+    foreign cache: trtexec's calibrator then calibrates on random data), else "placeholder"
+    (no --calib: trtexec sets placeholder dynamic ranges; performance runs only)."""
+    if has_qdq(model):
+        if "--calib" in opts:
+            warn("[TRT] Calibrator won't be used in explicit precision mode. Use quantization aware training to "
+                 "generate network with Quantize/Dequantize nodes.")
+        info("Calibration: explicit quantization (Q/DQ)")
+        return "qdq"
+    calib = opts.get("--calib")
+    if not calib:
+        info("Calibration: Dynamic")
+        return "placeholder"
+    info("Calibration: %s" % calib)
+    try:
+        with open(calib, "rb") as f:
+            head = f.read(64).split(b"\n", 1)[0].decode("ascii", "replace")
+    except OSError:
+        head = ""
+    if head.startswith(calibration_header(ident)):
+        return "calibrated"
+    warn("[TRT] Calibration cache %s %s; calibrating with random data" % (
+        calib, "was written by another TensorRT (%s)" % head if head else "cannot be read"))
+    return "random"
 
 
 def precision_of(opts):
@@ -441,11 +487,12 @@ def do_build(run, opts, ver):
             error("Engine could not be created from network")
             error("Building engine failed")
             return run.setup_failed()
+    int8 = int8_mode(opts, model, ident) if precision in ("int8", "best") else None
     seconds = ident["build_seconds"] / (2 if cache_loaded else 1)
     start = time.time()
     time.sleep(seconds)
     elapsed = time.time() - start
-    data = engine_bytes(ident, onnx_sha, precision, model, profile)
+    data = engine_bytes(ident, onnx_sha, precision, model, profile, {"int8": int8} if int8 else None)
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
         cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
@@ -467,7 +514,7 @@ def do_build(run, opts, ver):
     log_state(ident, "builds.log", {"onnx": onnx, "onnx_sha256": onnx_sha, "engine": engine_out,
                                     "trt": trt_str(ident["trt"]), "compute": ident["compute"],
                                     "gpu": ident["gpu"], "precision": precision, "argv": run.argv[1:],
-                                    "profile": profile,
+                                    "profile": profile, "int8": int8,
                                     "timing_cache_loaded": cache_loaded})
     if "--skipInference" in opts or "--buildOnly" in opts:
         info("Skipped inference phase since --%s is added." % ("skipInference" if "--skipInference" in opts else "buildOnly"))
@@ -611,8 +658,10 @@ def load_inputs(run, opts, data, ver):
     return True, (session, feeds)
 
 
-def compute_outputs(run, session, feeds, precision, ver):
-    """Run the embedded ONNX; model TensorRT's output types, fp16 rounding and the noise knobs."""
+def compute_outputs(run, session, feeds, precision, ver, int8=None):
+    """Run the embedded ONNX; model TensorRT's output types, fp16 rounding and the noise knobs.
+    An INT8 engine without real scales (placeholder ranges or random-data calibration) is off by
+    several per cent of each output's range; calibrated or Q/DQ INT8 is rounded like fp16."""
     import numpy as np
     names = [o.name for o in session.get_outputs()]
     types = {o.name: o.type for o in session.get_outputs()}
@@ -624,6 +673,9 @@ def compute_outputs(run, session, feeds, precision, ver):
             value = value.astype(np.float32)
             if precision != "fp32":
                 value = value.astype(np.float16).astype(np.float32)
+            if int8 in ("placeholder", "random") and value.size:
+                span = float(np.max(np.abs(value))) or 1.0
+                value = value + (0.08 * span * np.cos(np.arange(value.size) * 1.7)).reshape(value.shape).astype(np.float32)
             if run.ident["output_noise"]:
                 value = value + rng.normal(0, run.ident["output_noise"], value.shape).astype(np.float32)
             if run.ident["wrong_outputs"]:
@@ -710,7 +762,8 @@ def do_inference(run, opts, data):
     info("")
     if "--exportOutput" in opts and prepared is not None:
         session, feeds = prepared
-        export_outputs(opts["--exportOutput"], compute_outputs(run, session, feeds, precision, ver))
+        export_outputs(opts["--exportOutput"], compute_outputs(run, session, feeds, precision, ver,
+                                                               (meta or {}).get("int8")))
     return run.passed()
 
 

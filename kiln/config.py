@@ -10,7 +10,7 @@ import json
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -166,6 +166,9 @@ MODEL_KEYS = {
     "verify": VERIFY_KEYS,
     "build": BUILD_KEYS,
 }
+#: what a target may override of the models it runs (`[targets.<t>.build]`, `[targets.<t>.model_build.<m>]`):
+#: every build setting except the TensorRT profile, which follows the model's inputs and references
+TARGET_BUILD_KEYS = {k: v for k, v in BUILD_KEYS.items() if k != "shapes"}
 TARGET_KEYS = {
     "transport": Key((str,), default="local", check=_one_of(TRANSPORTS)),
     "backend": Key((str,), default="onnxruntime", check=_one_of(BACKENDS)),
@@ -195,6 +198,9 @@ TARGET_KEYS = {
     "class_fields": Key((list,), default=[], doc="extra fingerprint fields that split hardware classes"),
     "pin": Key((dict,), default={}, check=lambda v: _pins(v),
                doc="{ <model> = \"<engine key prefix>\" }: keep that release active (see README, rollback and pins)"),
+    # per-target build overrides (validated by _target_builds, without schema defaults: only what is written)
+    "build": TARGET_BUILD_KEYS,
+    "model_build": None,
 }
 def _pins(value: dict) -> str | None:
     for model, prefix in value.items():
@@ -279,6 +285,14 @@ class Model:
     #: inputs declared as a range (min != max): {name: {"min", "opt", "max": dims}}; empty = static model.
     #: The TensorRT optimisation profile (build["shapes"]) is made from it (kiln.config._model_shapes).
     shapes: dict[str, dict[str, tuple[int, ...]]] = field(default_factory=dict)
+    #: "" for the model's own build settings; a short digest when a target overrides them
+    #: (Fleet.model_for): its engines, tasks and records are then `<model>~<variant>`
+    variant: str = ""
+
+    @property
+    def engine_name(self) -> str:
+        """The model's name in engine task and record names: `det`, or `det~3f9c2a` for a variant."""
+        return f"{self.name}~{self.variant}" if self.variant else self.name
 
     @property
     def shape_points(self) -> tuple[str, ...]:
@@ -331,6 +345,22 @@ class Fleet:
         except OSError:
             text = ""
         return _Source(self.path, text).error(keys, problem, fix)
+
+    def model_for(self, target: "Target | str", model: str) -> Model:
+        """`model` as `target` runs it: its build settings with the target's overrides applied
+        (`[targets.<t>.build]`, then `[targets.<t>.model_build.<model>]`). The model itself when
+        nothing changes; else a copy whose `variant` names the effective settings, so two targets
+        of one class with different settings get different engines, tasks and records, and two
+        targets with the same overrides share one."""
+        target = self.targets[target] if isinstance(target, str) else target
+        base = self.models[model]
+        overrides = {**(target.settings.get("build") or {}), **(target.settings.get("model_build") or {}).get(model, {})}
+        build = {**base.build, **overrides}
+        if build == base.build:
+            return base
+        from kiln.keys import digest  # config is imported by everything; keys only when a variant exists
+        changed = {k: v for k, v in build.items() if base.build.get(k) != v}
+        return replace(base, build=build, variant=digest(changed)[:6])
 
     def groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -481,11 +511,14 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
     targets = {}
     for name, table in raw["targets"].items():
         _checked_name(src, ["targets", name], name, "target")
-        t = _validate(table, TARGET_KEYS, src, ["targets", name])
+        overrides = {k: table.pop(k) for k in ("build", "model_build") if k in table}
+        t = _validate(table, {k: v for k, v in TARGET_KEYS.items() if v is not None and k != "build"}, src,
+                      ["targets", name])
         for model in t["models"]:
             if model not in models:
                 raise src.error(["targets", name, "models"], f"unknown model {model!r}",
                                 f"define [models.{model}] or use one of: {', '.join(sorted(models))}")
+        t.update(_target_builds(src, name, overrides, t["models"]))
         for model in t["pin"]:
             if model not in t["models"]:
                 raise src.error(["targets", name, "pin"], f"pins {model!r}, which is not one of its models",
@@ -529,6 +562,38 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
                  rollouts=rollouts,
                  signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])),
                  lease_seconds=checked["store"]["lease_seconds"])
+
+
+def _target_builds(src: _Source, name: str, tables: dict, models: list[str]) -> dict:
+    """`build` (every model of the target) and `model_build.<model>` (one model) of a target: only the
+    keys written there (no schema defaults: an absent key is not an override); types checked here,
+    values by the backend with the model's own settings (kiln.backends.base.check_build_settings)."""
+    where = ["targets", name]
+    out = {"build": {}, "model_build": {}}
+    for keys, table in [(["build"], tables.get("build"))] + [(["model_build", m], t) for m, t in
+                                                            (tables.get("model_build") or {}).items()]:
+        if isinstance(table, dict) and "shapes" in table:
+            raise src.error(where + keys + ["shapes"], "the TensorRT profile cannot be overridden per target",
+                            f"it follows the model's inputs (and its reference data): change the ranges in "
+                            f"[models.<model>] inputs, or define a second model")
+    if "build" in tables:
+        if not isinstance(tables["build"], dict):
+            raise src.error(where + ["build"], "must be a table", f"write it as [targets.{name}.build]")
+        out["build"] = _validate(tables["build"], TARGET_BUILD_KEYS, src, where + ["build"], fill=False)
+    per_model = tables.get("model_build", {})
+    if not isinstance(per_model, dict):
+        raise src.error(where + ["model_build"], "must be a table of model -> build settings",
+                        f"write it as [targets.{name}.model_build.<model>]")
+    for model, table in per_model.items():
+        if model not in models:
+            raise src.error(where + ["model_build", model], f"{model!r} is not one of the target's models",
+                            f"override one of: {', '.join(models)}")
+        if not isinstance(table, dict):
+            raise src.error(where + ["model_build", model], "must be a table",
+                            f"write it as [targets.{name}.model_build.{model}]")
+        out["model_build"][model] = _validate(table, TARGET_BUILD_KEYS, src, where + ["model_build", model],
+                                              fill=False)
+    return out
 
 
 def _model_shapes(src: _Source, name: str, inputs: dict, build: dict, export: dict,

@@ -38,14 +38,17 @@ def _fingerprint_task(ctx: Context, target) -> dict:
 def engine_tasks(ctx: Context):
     yield {"name": None, "doc": "engines for every known hardware class (from the recorded fingerprints)"}
     classes = recorded_classes(ctx)
-    served: dict[tuple[str, str], list[str]] = {}
+    served: dict[tuple[str, str], list[str]] = {}   # (model or model~variant, class) -> targets
+    models = {}
     for target in ctx.fleet.targets.values():
         if target.name in classes:
-            for model in target.models:
-                served.setdefault((model, classes[target.name].id), []).append(target.name)
-    for (model, _), members in sorted(served.items()):
+            for name in target.models:
+                model = ctx.fleet.model_for(target, name)  # with the target's build overrides
+                models[model.engine_name] = model
+                served.setdefault((model.engine_name, classes[target.name].id), []).append(target.name)
+    for (engine_name, _), members in sorted(served.items()):
         first = ctx.fleet.targets[members[0]]
-        spec = engine_spec(ctx, ctx.fleet.models[model], classes[first.name], recorded_fingerprint(ctx, first))
+        spec = engine_spec(ctx, models[engine_name], classes[first.name], recorded_fingerprint(ctx, first))
         yield _engine_task(ctx, spec, members)
 
 

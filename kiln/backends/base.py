@@ -47,18 +47,33 @@ def get_backend(name: str) -> Backend:
 
 
 def check_build_settings(fleet) -> None:
-    """Every model's build settings, checked by the backends of the targets that run it, before any
-    work starts; a bad value is a ConfigError pointing at the fleet file's line."""
+    """Every model's build settings as each target runs it (its own, with the target's overrides:
+    kiln.config.Fleet.model_for), checked by the target's backend before any work starts; a bad value
+    is a ConfigError pointing at the fleet file's line that set it."""
     from kiln.errors import ConfigError
 
-    checked: set[tuple[str, str]] = set()
+    checked: set[tuple[str, str, str]] = set()
     for target in fleet.targets.values():
-        for model in target.models:
-            if (model, target.backend) in checked:
+        for name in target.models:
+            model = fleet.model_for(target, name)
+            if (name, model.variant, target.backend) in checked:
                 continue
-            checked.add((model, target.backend))
+            checked.add((name, model.variant, target.backend))
             try:
-                get_backend(target.backend).build_settings(fleet.models[model].build)
+                get_backend(target.backend).build_settings(model.build)
             except ConfigError as exc:
-                keys = ["models", model, "build"] + ([str(exc.context["field"])] if "field" in exc.context else [])
-                raise fleet.error_at(keys, exc.message, exc.hint or "fix this build setting") from exc
+                field = str(exc.context["field"]) if "field" in exc.context else None
+                raise fleet.error_at(_where_set(target, name, field), exc.message,
+                                     exc.hint or "fix this build setting") from exc
+
+
+def _where_set(target, model: str, field: str | None) -> list[str]:
+    """The fleet-file keys of the table that set `field` for `model` on `target`."""
+    aliases = {field, "optimization_level" if field == "builder_optimization_level" else field}
+    per_model = (target.settings.get("model_build") or {}).get(model) or {}
+    for keys, table in ((["targets", target.name, "model_build", model], per_model),
+                        (["targets", target.name, "build"], target.settings.get("build") or {})):
+        hit = next((k for k in aliases if k in table), None)
+        if hit:
+            return keys + [hit]
+    return ["models", model, "build"] + ([field] if field else [])

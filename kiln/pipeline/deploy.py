@@ -38,7 +38,7 @@ def target_engines(ctx: Context, target: Target) -> list[EngineSpec]:
     """The engines `target` runs, for its class by its recorded fingerprint (no device contacted)."""
     hw = require_class(ctx, target)
     fingerprint = recorded_fingerprint(ctx, target)
-    return [engine_spec(ctx, ctx.fleet.models[m], hw, fingerprint, deploying=target) for m in target.models]
+    return [engine_spec(ctx, ctx.fleet.model_for(target, m), hw, fingerprint, deploying=target) for m in target.models]
 
 
 def device_releases(ctx: Context, target: Target) -> tuple[dict[str, ReleaseState], dict[str, str]]:
@@ -256,7 +256,8 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
                 ctx.store.get_file(blob, local, sha256=record["sha256"])
             except (KeyError, CorruptEntry) as exc:
                 # forget the engine so the next run's engine task rebuilds and republishes it
-                ctx.engine_record(model, record["class"]).unlink(missing_ok=True)
+                variant = record.get("variant")
+                ctx.engine_record(f"{model}~{variant}" if variant else model, record["class"]).unlink(missing_ok=True)
                 why = "corrupt" if isinstance(exc, CorruptEntry) else "missing"
                 ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                                 why=f"engine {key[:12]} is {why} in the store")

@@ -68,7 +68,8 @@ class EngineSpec:
 
     @property
     def task_name(self) -> str:
-        return f"{self.model.name}@{self.hwclass.id}"
+        """`det@<class>`; a target's build overrides make a variant: `det~3f9c2a@<class>`."""
+        return f"{self.model.engine_name}@{self.hwclass.id}"
 
     @property
     def backend(self) -> Backend:
@@ -77,7 +78,7 @@ class EngineSpec:
 
 def engine_spec(ctx: Context, model: Model, hwclass: HardwareClass, fingerprint: dict,
                 deploying: Target | None = None) -> EngineSpec:
-    """The engine of `model` for `hwclass`. Builders: the class's `builder = true` members
+    """The engine of `model` (as a target runs it: Fleet.model_for) for `hwclass`. Builders: the class's `builder = true` members
     (by recorded fingerprints), then the target being deployed; with no target being
     deployed (an `engine:` task), every recorded member in fleet-file order."""
     classes = recorded_classes(ctx)
@@ -105,7 +106,7 @@ def current_engine_key(ctx: Context, spec: EngineSpec) -> str | None:
 
 def engine_is_current(ctx: Context, spec: EngineSpec) -> bool:
     """The local engine record names the key the engine should have now (no store access)."""
-    record = read_json(ctx.engine_record(spec.model.name, spec.hwclass.id))
+    record = read_json(ctx.engine_record(spec.model.engine_name, spec.hwclass.id))
     key = current_engine_key(ctx, spec)
     return record is not None and key is not None and record["key"] == key
 
@@ -376,7 +377,9 @@ def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> d
               "backend": spec.hwclass.backend, "engine_file": spec.backend.engine_file,
               "build_seconds": manifest.get("build_seconds"), "built_on": manifest.get("built_on"),
               "built_at": manifest.get("built_at"), "latency_ms": latency, "profile": engine_profile(manifest)}
-    write_json_if_changed(ctx.engine_record(spec.model.name, spec.hwclass.id), record)
+    if spec.model.variant:  # a target's build overrides: the record of that variant (absent otherwise)
+        record["variant"] = spec.model.variant
+    write_json_if_changed(ctx.engine_record(spec.model.engine_name, spec.hwclass.id), record)
     kill_point("engine:record-written")
     return record
 

@@ -140,7 +140,7 @@ def task_graph(fleet, classes: dict) -> tuple[list[dict], list[tuple[str, str]]]
             if hw is None:
                 edges.append((f"export:{m}", f"deploy:{target.name}"))
                 continue
-            engine = f"engine:{m}@{hw.id}"
+            engine = f"engine:{fleet.model_for(target, m).engine_name}@{hw.id}"
             if engine not in engines_seen:
                 engines_seen.add(engine)
                 nodes.append({"id": engine, "kind": "engine"})
@@ -574,7 +574,8 @@ def _node_tones(nodes: list[dict], rows: list[dict], unclassified: list[dict]) -
         t = tone(r["state"])
         worst(f"deploy:{r['target']}", t)
         if r.get("class"):
-            worst(f"engine:{r['model']}@{r['class']}",
+            name = f"{r['model']}~{r['variant']}" if r.get("variant") else r["model"]
+            worst(f"engine:{name}@{r['class']}",
                   "warn" if any("not built" in w for w in r["why"]) else "ok")
     for u in unclassified:
         out[f"fingerprint:{u['target']}"] = "bad" if "failed" in (u.get("why") or "") else "warn"

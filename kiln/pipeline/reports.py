@@ -73,13 +73,14 @@ def cache_report(ctx: Context) -> list[CacheRow]:
                 unknown.append(CacheRow(model_name, None, "unknown", None, [target.name],
                                         "recorded fingerprint forms no hardware class"))
                 continue
-            row = rows.get((model_name, hw.id))
+            model = ctx.fleet.model_for(target, model_name)   # with the target's build overrides
+            row = rows.get((model.engine_name, hw.id))
             if row is None:
-                spec = EngineSpec(ctx.fleet.models[model_name], hw, fingerprint, (target,))
+                spec = EngineSpec(model, hw, fingerprint, (target,))
                 key = digest(engine_key_inputs(spec, onnx))
                 hit, why, manifest = _lookup(ctx, key)
-                row = rows[(model_name, hw.id)] = CacheRow(
-                    model_name, hw.id, "hit" if hit else "miss", key, [],
+                row = rows[(model.engine_name, hw.id)] = CacheRow(   # `det`, or `det~<variant>`
+                    model.engine_name, hw.id, "hit" if hit else "miss", key, [],
                     why or f"no engine for ONNX {onnx['onnx_sha256'][:12]} on this class",
                     engine_profile(manifest) if hit else None)
             row.targets.append(target.name)

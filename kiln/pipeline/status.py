@@ -80,7 +80,7 @@ def _target_rows(ctx: Context, target: Target, answer, offline: bool) -> list[di
     states, others = ({}, {}) if unreachable else answer
     rows = []
     for model_name in target.models:
-        model = ctx.fleet.models[model_name]
+        model = ctx.fleet.model_for(target, model_name)   # with the target's build overrides
         why: list[str] = []
         if probe_error:
             why.append(f"last probe failed: {probe_error.get('error')}")
@@ -89,8 +89,10 @@ def _target_rows(ctx: Context, target: Target, answer, offline: bool) -> list[di
         row = {"target": target.name, "model": model_name, "class": hw.id if hw else None, "wanted": wanted,
                "active": state.current, "previous": state.previous, "pinned": None, "held": None,
                "deployed_at": state.deployed_at, "latency_ms": state.latency_ms, "drift": drift,
-               "profile": _profile(ctx, model_name, hw, wanted),
+               "profile": _profile(ctx, model.engine_name, hw, wanted),
                "source": "records" if offline else "device"}
+        if model.variant:  # the target's build overrides (kiln.config.Fleet.model_for)
+            row["variant"] = model.variant
         if unreachable:
             row.update(active=confirmed.get(model_name), state="unreachable",
                        why=why + [f"device did not answer: {unreachable.message}"])
@@ -132,7 +134,7 @@ def _wanted_key(ctx: Context, target: Target, model, hw, fingerprint, why: list[
         return None
     spec = EngineSpec(model, hw, fingerprint, (target,))
     key = digest(engine_key_inputs(spec, onnx))
-    record = read_json(ctx.engine_record(model.name, hw.id))
+    record = read_json(ctx.engine_record(model.engine_name, hw.id))
     if record is None or record["key"] != key:
         why.append(f"engine for class {hw.id} not built yet")
     return key

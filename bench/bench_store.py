@@ -97,7 +97,7 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
     # where a put's time goes: first UploadPart call to the last answer, then CompleteMultipartUpload
     # (moto joins the parts in this process), from botocore's call events on both clients
     calls: list = []
-    for client in (raw, store.client):
+    for client in (raw, store.client, store.parts_client):
         client.meta.events.register("before-call.s3", lambda model, **_: calls.append((model.name, "B", time.perf_counter())))
         client.meta.events.register("after-call.s3", lambda model, **_: calls.append((model.name, "A", time.perf_counter())))
     phases: dict[str, list[tuple[float, float]]] = {k: [] for k in results if "put" in k or "upload" in k}

@@ -184,6 +184,27 @@ def test_multipart_without_expected_sha(backend, tmp_path):
     assert (tmp_path / "back").read_bytes() == data
 
 
+def test_multipart_parts_are_hashed_once(backend, tmp_path):
+    """The store's own sha256 pass is the only hash over the parts: they go with an unsigned
+    payload (no second sha256 for the signature); the requests around them stay signed."""
+    if not backend.s3:
+        pytest.skip("a local folder signs nothing")
+    store = backend.make(**SMALL_PARTS)
+    data = os.urandom(11 * MB)
+    payload_hashes = []
+    for client in (store.client, store.parts_client):
+        client.meta.events.register("before-send.s3", lambda request, **kw: payload_hashes.append(
+            (request.method, "uploadId" in request.url and "partNumber" in request.url,
+             request.headers.get("X-Amz-Content-SHA256", b""))))
+    assert store.put_file("engines/ab/abd/engine", write(tmp_path / "e", data), sha256=sha(data))
+    parts = [h for method, is_part, h in payload_hashes if is_part]
+    others = [h for method, is_part, h in payload_hashes if not is_part]
+    assert len(parts) == 3 and set(parts) == {b"UNSIGNED-PAYLOAD"}
+    assert others and b"UNSIGNED-PAYLOAD" not in others
+    store.get_file("engines/ab/abd/engine", tmp_path / "back", sha256=sha(data))
+    assert (tmp_path / "back").read_bytes() == data
+
+
 def test_info_reads_no_payload(backend, tmp_path):
     store = backend.make(**SMALL_PARTS)
     data = os.urandom(6 * MB)

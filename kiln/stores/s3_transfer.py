@@ -22,11 +22,12 @@ log = logging.getLogger(__name__)
 MAX_PARTS = 10_000  # S3's limit per multipart upload
 
 
-def upload_multipart(client, bucket: str, key: str, path: Path, *, size: int, metadata: dict,
-                     part_size: int, max_workers: int, conditional: dict,
+def upload_multipart(client, parts_client, bucket: str, key: str, path: Path, *, size: int,
+                     metadata: dict, part_size: int, max_workers: int, conditional: dict,
                      verify: Callable[[str], None], report: Callable[[int], None]) -> None:
-    """Upload `path` in parts. `verify(sha256)` sees the digest of the bytes actually sent
-    before the upload is completed (raise to refuse them); `report(done)` after each part.
+    """Upload `path` in parts (`parts_client` sends them, `client` does the rest). `verify(sha256)`
+    sees the digest of the bytes actually sent before the upload is completed (raise to refuse
+    them); `report(done)` after each part.
     On any failure (or interrupt) the multipart upload is aborted: nothing becomes visible."""
     part_size = max(part_size, -(-size // MAX_PARTS))
     upload_id = client.create_multipart_upload(Bucket=bucket, Key=key, Metadata=metadata)["UploadId"]
@@ -40,7 +41,7 @@ def upload_multipart(client, bucket: str, key: str, path: Path, *, size: int, me
                 digest.update(chunk)
                 number += 1
                 window.append((number, len(chunk), pool.submit(
-                    client.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
+                    parts_client.upload_part, Bucket=bucket, Key=key, UploadId=upload_id,
                     PartNumber=number, Body=chunk)))
                 del chunk
                 while len(window) >= max_workers + 2:

@@ -282,13 +282,13 @@ def test_the_fast_lookup_gives_what_paramiko_gives():
     """Big fleets look names up among the stanzas that can apply; the answers are paramiko's own."""
     import paramiko
 
-    from kiln.transports.addresses import _Lookup
+    from kiln.transports.ssh_files import IndexedSSHConfig
     text = "".join(f"Host jetson-{i:03d} alias-{i:03d}\n  HostName 10.0.{i // 200}.{i % 200}\n  Port {2000 + i}\n"
                    for i in range(300))
     text += ("Host jetson-0* !jetson-007\n  ProxyJump bastion\n  Port 1\nMatch originalhost other\n  Port 5\n"
              "Host *\n  User root\n  HostName fallback.lab\n")
     config = paramiko.SSHConfig.from_text(text)
-    fast = _Lookup(config)
+    fast = IndexedSSHConfig.from_text(text).index()
     assert fast.literal is not None  # the fast path is taken with this paramiko
     for host in ["jetson-001", "jetson-007", "alias-299", "jetson-299", "other", "nothing", "JETSON-001"]:
         assert dict(fast.lookup(host)) == dict(config.lookup(host)), host

@@ -41,42 +41,6 @@ def _has_directives(path: Path) -> bool:
     return any(line.strip() and not line.lstrip().startswith("#") for line in text.splitlines())
 
 
-class _Lookup:
-    """`paramiko.SSHConfig.lookup`, fast for fleets of hundreds of Host aliases: paramiko walks every
-    stanza per lookup (and asks the OS for the local user name on each one that does not match);
-    here each lookup runs on the stanzas that can apply to the name: the literal `Host` entries for
-    it, every pattern and every `Match` (stanzas that cannot match change nothing in paramiko's
-    lookup). Falls back to the plain lookup if paramiko's internals differ, or for
-    CanonicalizeHostname (the second pass looks up another name)."""
-
-    def __init__(self, config) -> None:
-        self.config = config
-        contexts = getattr(config, "_config", None)
-        self.literal: dict[str, list[int]] | None = None
-        if isinstance(contexts, list) and hasattr(config, "_pattern_matches"):
-            self.literal, self.always = {}, []
-            for i, c in enumerate(contexts):
-                hosts = c.get("host", [])
-                if not c.get("matches") and isinstance(hosts, list) and hosts \
-                        and not any(set(h) & set("*?[!") for h in hosts):
-                    for h in hosts:
-                        self.literal.setdefault(h, []).append(i)
-                else:
-                    self.always.append(i)
-
-    def lookup(self, host: str):
-        if self.literal is not None:
-            import paramiko
-
-            contexts = self.config._config
-            small = paramiko.SSHConfig()
-            small._config = [contexts[i] for i in sorted(set(self.literal.get(host, [])) | set(self.always))]
-            options = small.lookup(host)
-            if options.get("canonicalizehostname") not in ("yes", "always"):
-                return options
-        return self.config.lookup(host)
-
-
 def check_ssh_addresses(fleet: Fleet) -> None:
     """Two SSH targets that reach the same host:port (after the ssh_config's HostName/Port, behind
     the same proxy jump) are one device: a ConfigError naming both and the address."""
@@ -97,7 +61,8 @@ def check_ssh_addresses(fleet: Fleet) -> None:
             if any(_has_directives(f) for f in files):
                 import paramiko  # only for fleets with ssh targets and an ssh_config to read
 
-                parsed = paramiko.SSHConfig()
+                from kiln.transports.ssh_files import IndexedSSHConfig
+                parsed = IndexedSSHConfig()
                 for f in files:
                     try:
                         with open(f) as fd:
@@ -106,7 +71,7 @@ def check_ssh_addresses(fleet: Fleet) -> None:
                         keys = ["targets", t.name] + (["ssh_config"] if t.ssh_config else [])
                         raise fleet.error_at(keys, f"cannot read ssh config file {f}: {exc}",
                                         "fix that file (it is what the SSH connection reads)") from exc
-            configs[files] = _Lookup(parsed) if parsed is not None else None
+            configs[files] = parsed.index() if parsed is not None else None
         return configs[files]
 
     seen: dict[tuple[str, int, str], tuple[str, str]] = {}

@@ -92,9 +92,12 @@ def build_chain(target: str, host: str, *, user: str | None, port: int | None, s
     if ssh_config and not Path(ssh_config).is_file():
         raise TransportError(f"ssh config file {ssh_config} does not exist", target=target,
                              hint="fix the ssh_config path of this target")
-    # lazy=True: do not read fabric/invoke yaml files; then load only ssh configs
-    config = Config(runtime_ssh_path=ssh_config, lazy=True)
-    config.load_ssh_config()
+    # lazy=True: do not read fabric/invoke yaml files; the ssh configs fabric would load (this
+    # target's own, else the user's and the system's), parsed once per process (kiln.transports.ssh_files)
+    from kiln.transports.ssh_files import ssh_config as parsed_ssh_config
+    files = [os.path.expanduser(ssh_config)] if ssh_config else [p for p in (os.path.expanduser("~/.ssh/config"), "/etc/ssh/ssh_config")
+                                             if os.path.isfile(p)]
+    config = Config(ssh_config=parsed_ssh_config(tuple(files)), lazy=True)
     if proxy_jump is not None:  # explicit, wins over the ssh_config's ProxyJump
         prev = None
         for name in reversed([h.strip() for h in proxy_jump.split(",") if h.strip()]):
@@ -140,16 +143,24 @@ def _known_hosts_files(conn, known_hosts: list[str] | None) -> list[str]:
 def _harden(conn, *, target: str, known_hosts: list[str] | None, identity_file: str | None,
             connect_timeout: float | None, allow_agent: bool, is_target: bool) -> list[str]:
     """Reject unknown host keys, load known_hosts, set timeouts and keys; returns the known_hosts files."""
+    from kiln.transports.ssh_files import known_host_keys
     client = conn.client
     client.set_missing_host_key_policy(reject_policy())
     files = _known_hosts_files(conn, known_hosts)
+    # What paramiko's load_system_host_keys(path) would give this host, from files parsed once
+    # per process; the first key of each type wins, as in paramiko's lookup.
+    name = known_hosts_name(conn.host, conn.port)
+    trusted = client.get_host_keys()
     for path in files:
         if os.path.isfile(path):
             try:
-                client.load_system_host_keys(path)
-            except (OSError, ValueError) as exc:
+                keys = known_host_keys(path, name)
+            except (OSError, ValueError, paramiko().hostkeys.InvalidHostKey) as exc:
                 raise HostKeyError(f"cannot read known_hosts file {path}: {exc}", target=target,
                                    hint="fix or remove the broken line in that file") from exc
+            for key in keys:
+                if key.get_name() not in (trusted.lookup(name) or {}):
+                    trusted.add(name, key.get_name(), key)
     timeout = float(connect_timeout or conn.connect_timeout or DEFAULT_CONNECT_TIMEOUT)
     conn.connect_timeout = None  # fabric int()s it; we pass our own float below
     keys = list(conn.connect_kwargs.get("key_filename") or [])

@@ -127,6 +127,10 @@ EXPORT_KEYS = {
                  doc="ONNX opset to export; checked in the file (older TensorRT rejects newer opsets)"),
     "exporter": Key((str,), default="torchscript", check=_one_of(EXPORTERS),
                     doc="torch.onnx exporter: 'torchscript' (dynamo=False) or 'dynamo'"),
+    "external_data": Key((bool, str), default="auto",
+                         check=lambda v: None if v in (True, False, "auto") else 'must be true, false or "auto"',
+                         doc="weights in a data file next to the graph: \"auto\" when the model needs it (over 2 GB), "
+                             "true always, false never (a model over 2 GB then fails to export)"),
 }
 VERIFY_KEYS = {
     "rtol": Key((float, int), default=1e-3, doc="relative tolerance against the PyTorch reference outputs"),

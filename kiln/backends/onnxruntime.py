@@ -27,12 +27,16 @@ class OnnxRuntimeBackend(Backend):
     def builder_version(self, fingerprint: dict) -> str:
         return f"onnxruntime-{fingerprint.get('onnxruntime')}"
 
-    def build(self, device, onnx, out_dir, settings, fingerprint, stream=None, timing_cache=None) -> dict:
+    def build(self, device, onnx, out_dir, settings, fingerprint, stream=None, timing_cache=None,
+              external_data=False) -> dict:
         device.mkdir(out_dir)
         out = posixpath.join(out_dir, self.engine_file)
+        # ONNX Runtime's optimised model keeps pointing at the ONNX's external data file for the
+        # initializers it did not change: --inline-weights makes the engine one file (agent.py)
+        inline = ["--inline-weights"] if external_data else []
         try:
             facts = device.agent("ort-build", "--onnx", onnx, "--out", out, "--level", settings["ort_optimization"],
-                                 stream=stream)
+                                 *inline, stream=stream)
         except CommandFailed as exc:
             raise BuildError(f"ONNX Runtime could not optimise the model on {device.target}",
                              target=device.target, hint="see the output below") from exc

@@ -38,7 +38,10 @@ class TensorRTBackend(Backend):
         build = fingerprint.get("tensorrt_build")
         return f"tensorrt-{fingerprint.get('tensorrt')}" + (f"-b{build}" if build else "")
 
-    def build(self, device: Device, onnx, out_dir, settings, fingerprint, stream=None, timing_cache=None) -> dict:
+    def build(self, device: Device, onnx, out_dir, settings, fingerprint, stream=None, timing_cache=None,
+              external_data=False) -> dict:
+        """trtexec --onnx / the API's parse_from_file read external weights next to the ONNX file
+        (docs/trtexec.md §11); the plan holds them, so `external_data` changes nothing here."""
         target = device.config
         version = fingerprint.get("tensorrt")
         if not version:

@@ -161,13 +161,26 @@ def compare_outputs(reference, actual, rtol, atol, rows_may_permute=True):
 ORT_LEVELS = {"basic": "ORT_ENABLE_BASIC", "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}
 
 
-def ort_build(onnx_path, out_path, level, root=None):
-    """Optimise the model for this CPU and save the result: that file is the engine."""
+#: larger than any initializer: with it, ONNX Runtime writes every initializer into the optimised model
+INLINE_ALL = str(1 << 62)
+
+
+def ort_build(onnx_path, out_path, level, root=None, inline_weights=False):
+    """Optimise the model for this CPU and save the result: that file is the engine.
+
+    `inline_weights` (an ONNX with external data): ONNX Runtime's optimised model would keep
+    pointing at the ONNX's data file for the initializers it left unchanged; saving "with external
+    initializers" above a size no tensor reaches writes them all into the engine instead (one
+    self-contained file; a protobuf, so at most 2 GB)."""
     out_path = _checked(root, out_path, "build into")
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, ORT_LEVELS[level])
     so.log_severity_level = 3  # the hardware-specific warning is the point, not news
+    if inline_weights:
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    os.path.basename(out_path) + ".data")
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", INLINE_ALL)
     tmp = out_path + ".part"
     if os.path.lexists(tmp):
         os.unlink(tmp)  # a stale temp file, or a link planted there: not written through
@@ -723,7 +736,7 @@ def _release_inputs(model_dir):
 
 
 def clean_inputs(install_dir, models, keep, root, min_age=PART_MIN_AGE, now=None):
-    """In .kiln/inputs: remove temp files (`*.part`) of dead runs, and data inputs (.onnx, .npz)
+    """In .kiln/inputs: remove temp files (`*.part`) of dead runs, and data inputs (.onnx, .onnx.data, .npz)
     that neither `keep` nor the current/previous release of any of `models` uses. Files younger
     than `min_age` are left (a build may be using them right now); scripts (.py) are kept."""
     now = time.time() if now is None else now
@@ -744,7 +757,7 @@ def clean_inputs(install_dir, models, keep, root, min_age=PART_MIN_AGE, now=None
             continue
         if age < min_age or name in wanted or any(name.startswith(p) for p in prefixes):
             continue
-        if name.endswith(".part") or name.endswith((".onnx", ".npz")):
+        if name.endswith(".part") or name.endswith((".onnx", ".onnx.data", ".npz")):
             _remove(path)
             removed.append(name)
     return {"removed": removed}
@@ -901,7 +914,7 @@ def main(argv=None):
         return s
     s = sub.add_parser("sha256"); s.add_argument("path")
     s = writer("ort-build"); s.add_argument("--onnx", required=True); s.add_argument("--out", required=True)
-    s.add_argument("--level", default="all", choices=sorted(ORT_LEVELS))
+    s.add_argument("--level", default="all", choices=sorted(ORT_LEVELS)); s.add_argument("--inline-weights", action="store_true")
     s = sub.add_parser("ort-verify"); s.add_argument("--engine", required=True); s.add_argument("--reference", required=True)
     s.add_argument("--rtol", type=float, default=1e-3); s.add_argument("--atol", type=float, default=1e-4)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--runs", type=int, default=5)
@@ -938,7 +951,7 @@ def main(argv=None):
     if a.cmd == "sha256":
         out = {"sha256": sha256_of(a.path)}
     elif a.cmd == "ort-build":
-        out = ort_build(a.onnx, a.out, a.level, a.root)
+        out = ort_build(a.onnx, a.out, a.level, a.root, a.inline_weights)
     elif a.cmd == "ort-verify":
         out = ort_verify(a.engine, a.reference, a.rtol, a.atol, not a.strict_order, a.runs)
     elif a.cmd in ("raw-inputs", "trt-compare") and not _has_numpy():

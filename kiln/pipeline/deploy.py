@@ -281,7 +281,8 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
                 "engine_file": record["engine_file"], "hardware_class": record["class"],
                 "onnx_sha256": onnx.get("onnx_sha256"),
                 # the .kiln/inputs files this release came from: kept while it is current or previous
-                "inputs": [posixpath.basename(ref_remote)] + ([f"{onnx['onnx_sha256']}.onnx"] if onnx.get("onnx_sha256") else []),
+                "inputs": [posixpath.basename(ref_remote)] + ([f"{onnx['onnx_sha256']}.onnx"] if onnx.get("onnx_sha256") else [])
+                + ([onnx["external_data"]["location"]] if isinstance(onnx.get("external_data"), dict) else []),
                 "checkpoint_sha256": (provenance.get("inputs") or {}).get("checkpoint_sha256"),
                 "fingerprint": read_json(ctx.fingerprint_file(target.name)),
                 "timings": {"stage_seconds": round(staged_s, 3), "smoke_seconds": round(time.time() - t0, 3)},

@@ -50,8 +50,9 @@ from kiln.pipeline.context import Context
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
 from kiln.signing import UntrustedEngine, Verdict, controller_trust
-from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, lease_entry, onnx_entry,
-                              quarantine_entry, reference_entry, timing_cache_entry)
+from kiln.onnx_external import DATA_SUFFIX, ExternalData, check_graph
+from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, lease_entry, onnx_data_entry,
+                              onnx_entry, quarantine_entry, reference_entry, timing_cache_entry)
 from kiln.faults import kill_point
 from kiln.progress import NULL
 
@@ -400,7 +401,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     activity.phase("sending inputs")
     onnx_sha = onnx_record["onnx_sha256"]
     onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, ExportPaths.for_model(ctx.artifacts, spec.model.name))
-    onnx_remote = device.ensure_input(onnx_local, onnx_sha, ".onnx", store=store, entry=onnx_entry(onnx_sha))
+    onnx_remote = send_onnx(device, store, onnx_record, onnx_local)
     ref_remote = device.ensure_input(ref_local, onnx_record["reference_sha256"], ".npz", store=store,
                                      entry=reference_entry(onnx_sha))
     out_dir = device.path(".kiln", "build", key)
@@ -422,7 +423,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
             activity.phase("building")
             facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
                                   probe_target(ctx, target).fingerprint or spec.fingerprint, stream=stream,
-                                  timing_cache=timing_remote)
+                                  timing_cache=timing_remote, external_data=bool(onnx_record.get("external_data")))
             activity.phase("verifying")
             report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
             if spec.model.build.get("verify_on", 1) >= 2:
@@ -492,15 +493,33 @@ def _publish_engine(ctx: Context, device: Device, facts: dict, key: str) -> str:
 
 
 def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) -> tuple[Path, Path]:
-    """The ONNX and reference data, from the local export if it matches, else from the store."""
-    onnx_sha = onnx_record["onnx_sha256"]
-    out = []
-    for local, sha, name in ((paths.onnx, onnx_sha, onnx_entry(onnx_sha)),
-                             (paths.reference, onnx_record["reference_sha256"], reference_entry(onnx_sha))):
+    """The ONNX (graph, and its external data first if it has any) and reference data, from the
+    local export if it matches (stat-cached hashes, streamed), else from the store. The graph is
+    then checked to name no external data but its own (kiln.onnx_external)."""
+    onnx_sha, model = onnx_record["onnx_sha256"], onnx_record.get("model")
+    external = ExternalData.from_record(onnx_record, model)
+    wanted = [(paths.onnx.parent / external.location, external.sha256, onnx_data_entry(external.sha256))] \
+        if external else []
+    wanted += [(paths.onnx, onnx_sha, onnx_entry(onnx_sha)),
+               (paths.reference, onnx_record["reference_sha256"], reference_entry(onnx_sha))]
+    for local, sha, name in wanted:
         if not (local.exists() and ctx.hashes.sha256(local) == sha):
             ctx.store.get_file(name, local, sha256=sha)
-        out.append(local)
-    return out[0], out[1]
+    check_graph(paths.onnx, external, model=model)
+    return paths.onnx, paths.reference
+
+
+def send_onnx(device: Device, store, onnx_record: dict, local: Path) -> str:
+    """Put the ONNX into the device's `.kiln/inputs` (by content, each part verified by its sha256):
+    its external data file first, under the name the graph gives it (`<sha256>.onnx.data`, next
+    to the graph, where ONNX Runtime and TensorRT's parser look), then the graph. Returns the
+    graph's path on the device."""
+    onnx_sha = onnx_record["onnx_sha256"]
+    external = ExternalData.from_record(onnx_record, onnx_record.get("model"))
+    if external is not None:
+        device.ensure_input(local.parent / external.location, external.sha256, DATA_SUFFIX, store=store,
+                            entry=onnx_data_entry(external.sha256))
+    return device.ensure_input(local, onnx_sha, ".onnx", store=store, entry=onnx_entry(onnx_sha))
 
 
 def _fetch_timing_cache(ctx: Context, device: Device, spec: EngineSpec, out_dir: str) -> str:

@@ -26,6 +26,7 @@ from kiln.errors import ExportError
 from kiln.factories import factory_imports, find_factory_source, import_factory
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
+from kiln.onnx_external import DATA_SUFFIX, ExternalData, check_graph, needs_packing, pack_external_data
 from kiln.model_code import code_key, describe_change, record_model_code, watch_imports
 from kiln.devices.local_probe import package_version
 from kiln.faults import kill_point
@@ -43,6 +44,11 @@ class ExportPaths:
     reference: Path
     record: Path       # what downstream depends on: rewritten only when the ONNX changes
     provenance: Path   # what produced it: checkpoint hash, export key, timings
+
+    def data(self, record: dict | None) -> Path | None:
+        """The external data file next to the graph that `record` names, or None (a single file)."""
+        external = ExternalData.from_record(record or {})
+        return self.onnx.parent / external.location if external else None
 
     @classmethod
     def for_model(cls, artifacts: Path, model: str) -> "ExportPaths":
@@ -74,12 +80,18 @@ def export_inputs(model: Model, hashes: HashCache, provenance: dict | None = Non
         "inputs": {k: list(v) for k, v in model.inputs.items()},
         **({"shapes": _shapes_json(model)} if model.shapes else {}),  # static models: key as before
         "outputs": list(model.outputs),
-        "export": model.export,
+        "export": _export_options_key(model.export),
         "verify": model.verify,
         "torch": package_version("torch"),
         "onnx": package_version("onnx"),
         "onnxruntime": package_version("onnxruntime"),
     }
+
+
+def _export_options_key(export: dict) -> dict:
+    """The export options in the key. `external_data = "auto"` (the default) writes exactly what
+    enginekiln wrote before the option existed, so it is left out: existing keys stay as they were."""
+    return {k: v for k, v in export.items() if not (k == "external_data" and v == "auto")}
 
 
 def export_key(model: Model, hashes: HashCache, provenance: dict | None = None) -> str:
@@ -177,7 +189,7 @@ def _record_shapes(path: Path, model: Model) -> None:
     import json
 
     import onnx
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay where they are
     entry = proto.metadata_props.add()
     entry.key, entry.value = "kiln.input_shapes", json.dumps(_shapes_json(model), sort_keys=True)
     onnx.save(proto, str(path))
@@ -203,7 +215,7 @@ def _strip_locations(path: Path) -> None:
     """The dynamo exporter records source paths and line numbers in metadata_props;
     without this the ONNX hash would change when the checkout moves."""
     import onnx
-    proto = onnx.load(str(path))
+    proto = onnx.load(str(path), load_external_data=False)  # the graph only: weights stay where they are
     graphs = [proto.graph]
     while graphs:
         g = graphs.pop()
@@ -234,6 +246,37 @@ def _torch_export(module, feeds: dict, model: Model, path: Path) -> None:
                               do_constant_folding=True, dynamic_axes=dynamic_axes(model) or None)
     if model.shapes:
         _record_shapes(path, model)
+
+
+def _external_data_layout(tmp: Path, graph: Path, model: Model, activity=NULL) -> tuple[Path, ExternalData | None]:
+    """The exported graph in enginekiln's layout: as it is when it holds its weights, else (the
+    exporter wrote weights outside it: a model over 2 GB) or with `external_data = true`, one graph
+    plus one data file named by its sha256 (kiln.onnx_external). Returns (graph, data or None)."""
+    option = model.export.get("external_data", "auto")
+    outside = needs_packing(tmp, graph.name)
+    if outside and option is False:
+        raise ExportError("the model's weights do not fit in one ONNX file (over 2 GB): the exporter wrote them "
+                          "as external data, and export.external_data = false forbids it", model=model.name,
+                          hint='set external_data = "auto" (or true) in [models.%s.export]' % model.name)
+    if not outside and option is not True:
+        return graph, None
+    activity.phase("writing external data")
+    packed, external = pack_external_data(graph, tmp / "packed", model=model.name)
+    check_graph(packed, external, model=model.name)
+    return packed, external
+
+
+def _remove_unused_data_files(folder: Path) -> None:
+    """External data files in artifacts/onnx that no model's export record names any more (an
+    earlier export's weights). Records follow bytes: called after the new record is written."""
+    named = set()
+    for record_file in folder.glob("*.json"):
+        record = read_json(record_file) or {}
+        if isinstance(record, dict) and isinstance(record.get("external_data"), dict):
+            named.add(record["external_data"].get("location"))
+    for data in folder.glob("*" + DATA_SUFFIX):
+        if data.name not in named:
+            data.unlink(missing_ok=True)
 
 
 def _shapes_text(feeds: dict) -> str:
@@ -337,9 +380,10 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
                 raise os_exc from exc  # a full disk is not the exporter's fault: explained by ensure_export
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {str(exc)[:2000]}",
                               model=model.name, hint="see the exporter message; try the other exporter or opset") from exc
-        if not onnx_tmp.exists() or any(p.name != "model.onnx" for p in Path(tmp).iterdir()):
-            raise ExportError("the exporter did not produce a single self-contained ONNX file", model=model.name,
-                              hint="models over 2 GB need external data, which enginekiln does not handle yet")
+        if not onnx_tmp.exists():
+            raise ExportError("the exporter wrote no ONNX file", model=model.name,
+                              hint="see the exporter's messages; try the other exporter or opset")
+        onnx_tmp, external = _external_data_layout(Path(tmp), onnx_tmp, model, activity)
         activity.phase("onnx check")
         opset = check_onnx(onnx_tmp, model)
         activity.phase("ONNX Runtime verification")
@@ -365,7 +409,10 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         agent.save_arrays(str(ref_tmp), reference_arrays(points))
         onnx_sha, ref_sha = sha256_file(onnx_tmp), sha256_file(ref_tmp)
         kill_point("export:exported")
-        # bytes, not records: the local record below still names the previous ONNX until published
+        # bytes, not records: the local record below still names the previous ONNX until published;
+        # the data file first, so a graph in place always finds the data it names
+        if external is not None:
+            move_into_place(onnx_tmp.parent / external.location, paths.onnx.parent / external.location)
         move_into_place(onnx_tmp, paths.onnx)
         move_into_place(ref_tmp, paths.reference)
 
@@ -374,6 +421,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
               "outputs": list(model.outputs)}
     if model.shapes:
         record["shapes"] = _shapes_json(model)
+    if external is not None:
+        record["external_data"] = external.to_record()
     activity.phase("publishing")
     if publish is not None:
         publish(record)
@@ -384,6 +433,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
                                              "onnx_sha256": onnx_sha, "seconds": round(seconds, 3),
                                              "ort_max_abs_diff": report["max_abs_diff"],
                                              "ort_rows_permuted": report["permuted"]})
+    _remove_unused_data_files(paths.onnx.parent)
     return {**record, "changed": changed, "seconds": seconds, "max_abs_diff": report["max_abs_diff"]}
 
 
@@ -395,6 +445,12 @@ def export_is_current(ctx, model: Model) -> bool:
     paths = ExportPaths.for_model(ctx.artifacts, model.name)
     provenance = read_json(paths.provenance)
     if provenance is None or not (paths.onnx.exists() and paths.reference.exists() and paths.record.exists()):
+        return False
+    try:
+        data = paths.data(read_json(paths.record))
+    except ExportError:
+        return False
+    if data is not None and not data.exists():
         return False
     try:
         key = digest(export_inputs(model, ctx.hashes, provenance))
@@ -426,7 +482,9 @@ def ensure_export(ctx, model: Model, say=print) -> dict:
     ctx.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
                     why=f"{why}; {outcome}")
     diff = max(result["max_abs_diff"].values())
-    say(f"  {model.name}: ONNX {result['onnx_sha256'][:12]} ({result['onnx_size'] / 1e6:.1f} MB, opset {result['opset']}), "
+    data = result.get("external_data")
+    size = f"{result['onnx_size'] / 1e6:.1f} MB" + (f" + {data['size'] / 1e6:.1f} MB external data" if data else "")
+    say(f"  {model.name}: ONNX {result['onnx_sha256'][:12]} ({size}, opset {result['opset']}), "
         f"ONNX Runtime vs PyTorch max abs diff {diff:.2e}, {result['seconds']:.1f} s; {outcome}")
     return result
 
@@ -437,9 +495,12 @@ def publish_export(store, paths: ExportPaths, record: dict) -> None:
     name is its content), so a rerun after a kill only writes what is missing."""
     import json
 
-    from kiln.stores.base import onnx_entry, onnx_record_entry, reference_entry
+    from kiln.stores.base import onnx_data_entry, onnx_entry, onnx_record_entry, reference_entry
 
     onnx_sha = record["onnx_sha256"]
+    external = ExternalData.from_record(record, record.get("model"))
+    if external is not None:  # the data first: a graph in the store always finds the data it names
+        store.put_file(onnx_data_entry(external.sha256), paths.data(record), sha256=external.sha256)
     store.put_file(onnx_entry(onnx_sha), paths.onnx, sha256=onnx_sha)
     kill_point("export:onnx-published")
     store.put_file(reference_entry(onnx_sha), paths.reference, sha256=record["reference_sha256"])

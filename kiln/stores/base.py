@@ -48,6 +48,8 @@ def _by_digest(folder: str, leaf: str):
 
 
 onnx_entry = _by_digest("onnx", ".onnx")
+#: an ONNX's external data file, by its own sha256 (the graph names it `<sha256>.onnx.data`: kiln.onnx_external)
+onnx_data_entry = _by_digest("onnx", ".onnx.data")
 #: fixed inputs and PyTorch outputs that every engine of this ONNX is checked against
 reference_entry = _by_digest("onnx", ".reference.npz")
 #: payloads addressed by their own sha256 (engines); a blob is corrupt iff its bytes hash otherwise

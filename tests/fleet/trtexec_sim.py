@@ -49,7 +49,10 @@ without `--shapes` runs at the profile's opt.
 
 Engine file ("plan"): bytes 0-3 `ftrt` (uint32 0x74727466), bytes 24-27 TensorRT
 major.minor.patch.build (as real 8.6+ plans), then b"KILNSIM1\\n" + one JSON line
-{trt, compute, gpu, onnx_sha256, onnx_size, precision} + the ONNX bytes + filler. `--loadEngine` refuses
+{trt, compute, gpu, onnx_sha256, onnx_size, precision} + the ONNX bytes (+ its external weights) + filler.
+External weights (docs/trtexec.md §11): each `location` the ONNX names is read relative to the
+ONNX file's folder, as the real parser does; a missing file -> `Failed to open file: <path>`, and
+from 10.0 a location through '../' is refused with the parser's text. `--loadEngine` refuses
 a bad magic tag, another TensorRT version, or another compute capability with
 the real error texts; another GPU name with the same capability only warns.
 ONNX "validity": non-empty and starting with the protobuf tag of ModelProto.ir_version (0x08).
@@ -244,8 +247,10 @@ def parse_options(argv, ver):
 
 # ------------------------------------------------------------------ engines
 
-def engine_bytes(ident, onnx_sha, precision, model, profile=None, extra=None):
-    """The plan; `extra` adds metadata (e.g. {"int8": "calibrated" | "qdq" | "placeholder"})."""
+def engine_bytes(ident, onnx_sha, precision, model, profile=None, extra=None, externals=None):
+    """The plan; `extra` adds metadata (e.g. {"int8": "calibrated" | "qdq" | "placeholder"}). After the
+    ONNX graph come the external weights files it read (`externals` {location: bytes}, listed in the
+    JSON line as "external": [[location, size]])."""
     v = ident["trt"]
     onnx_size = len(model)
     head = MAGIC + bytes(20) + bytes([v[0] & 0xFF, v[1] & 0xFF, v[2] & 0xFF, v[3] & 0xFF]) + bytes(4)
@@ -254,8 +259,12 @@ def engine_bytes(ident, onnx_sha, precision, model, profile=None, extra=None):
     if profile:
         meta["profile"] = profile
     meta.update(extra or {})
-    body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n" + model
-    size = max(4096, onnx_size // (2 if precision != "fp32" else 1))
+    weights = b""
+    if externals:
+        meta["external"] = [[loc, len(externals[loc])] for loc in sorted(externals)]
+        weights = b"".join(externals[loc] for loc in sorted(externals))
+    body = SIM_TAG + json.dumps(meta, sort_keys=True).encode() + b"\n" + model + weights
+    size = max(4096, (onnx_size + len(weights)) // (2 if precision != "fp32" else 1))
     filler, block = bytearray(), hashlib.sha256(onnx_sha.encode()).digest()
     while len(filler) < size:
         block = hashlib.sha256(block).digest()
@@ -288,6 +297,67 @@ def engine_onnx(data):
     if hashlib.sha256(model).hexdigest() != meta.get("onnx_sha256"):
         return None
     return model
+
+
+def engine_externals(data):
+    """{location: bytes} of the external weights embedded at build time ({} if none)."""
+    meta, problem = read_engine_meta(data)
+    if problem or not meta.get("external"):
+        return {}
+    start = 32 + len(SIM_TAG) + data[32 + len(SIM_TAG):].index(b"\n") + 1 + meta["onnx_size"]
+    out = {}
+    for location, size in meta["external"]:
+        out[location] = data[start:start + size]
+        start += size
+    return out
+
+
+def _varint(data, i):
+    value, shift = 0, 0
+    while True:
+        b = data[i]
+        value |= (b & 0x7F) << shift
+        i += 1
+        if not b & 0x80:
+            return value, i
+        shift += 7
+
+
+#: a TensorProto.external_data entry whose key is "location" (StringStringEntryProto: key = field 1,
+#: value = field 2), as serialized: the value follows as a length-delimited string
+_LOCATION_KEY = b"\x0a\x08location\x12"
+
+
+def external_locations(model):
+    """The external-data locations an ONNX names (a byte scan: the sim has no protobuf)."""
+    found, i = [], model.find(_LOCATION_KEY)
+    while i >= 0:
+        size, start = _varint(model, i + len(_LOCATION_KEY))
+        name = model[start:start + size].decode("utf-8", "replace")
+        if name not in found:
+            found.append(name)
+        i = model.find(_LOCATION_KEY, start + size)
+    return found
+
+
+def read_external_weights(onnx, model, ver):
+    """({location: bytes}, None) or (None, [error lines]) like the ONNX parser's parseExternalWeights
+    (onnx-tensorrt WeightsContext.cpp, onnx2trt_utils.cpp; docs/trtexec.md §11): each location is
+    relative to the folder of the ONNX file; from 10.0 a path through '../' is refused."""
+    out = {}
+    for location in external_locations(model):
+        normalized = os.path.normpath(location) if location else location
+        if ver >= (10, 0) and "../" in normalized + "/":
+            return None, ["[TRT] Relative paths to parent (../) are not allowed in ONNX external weights! "
+                          "Normalized path is: %s" % normalized]
+        slash = onnx.rfind("/")
+        path = onnx[:slash + 1] + normalized if slash >= 0 else normalized
+        try:
+            with open(path, "rb") as f:
+                out[location] = f.read()
+        except OSError:
+            return None, ["[TRT] Failed to open file: %s" % path]
+    return out, None
 
 
 def write_output(path, data):
@@ -462,6 +532,13 @@ def do_build(run, opts, ver):
             error("Failed to parse onnx file")
             error("Parsing model failed")
             return run.setup_failed()
+    externals, problems = read_external_weights(onnx, model, ver)
+    if problems:
+        for line in problems:
+            error(line)
+        error("Failed to parse onnx file")
+        error("Parsing model failed")
+        return run.setup_failed()
     onnx_sha = hashlib.sha256(model).hexdigest()
 
     cache_path = opts.get("--timingCacheFile")
@@ -492,7 +569,7 @@ def do_build(run, opts, ver):
     start = time.time()
     time.sleep(seconds)
     elapsed = time.time() - start
-    data = engine_bytes(ident, onnx_sha, precision, model, profile, {"int8": int8} if int8 else None)
+    data = engine_bytes(ident, onnx_sha, precision, model, profile, {"int8": int8} if int8 else None, externals)
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
         cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
@@ -512,6 +589,7 @@ def do_build(run, opts, ver):
         if ver >= (10, 0):
             info("Engine saved to %s" % engine_out)
     log_state(ident, "builds.log", {"onnx": onnx, "onnx_sha256": onnx_sha, "engine": engine_out,
+                                    "external_data": sorted(externals),
                                     "trt": trt_str(ident["trt"]), "compute": ident["compute"],
                                     "gpu": ident["gpu"], "precision": precision, "argv": run.argv[1:],
                                     "profile": profile, "int8": int8,
@@ -589,13 +667,24 @@ def trt_io_type(ort_type, ver):
     return "int32" if name == "int64" and ver < (10, 0) else name
 
 
-def input_bindings(model, opts, ver, profile=None):
+def input_bindings(model, opts, ver, profile=None, externals=None):
     """[(name, trt dtype, ort dtype, shape)] of the ONNX inputs, dynamic dims from --shapes (else the
-    profile's opt shape, else 1)."""
+    profile's opt shape, else 1). External weights are written next to a graph file for onnxruntime."""
+    import tempfile
+
     import onnxruntime as ort
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
+    if externals:
+        with tempfile.TemporaryDirectory(prefix="trtexec-sim-") as tmp:
+            for location, blob in externals.items():
+                with open(os.path.join(tmp, location), "wb") as f:
+                    f.write(blob)
+            with open(os.path.join(tmp, "model.onnx"), "wb") as f:
+                f.write(model)
+            session = ort.InferenceSession(os.path.join(tmp, "model.onnx"), so, providers=["CPUExecutionProvider"])
+    else:
+        session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
     shapes = parse_shapes(opts.get("--shapes", ""))
     out = []
     for i in session.get_inputs():
@@ -627,7 +716,8 @@ def load_inputs(run, opts, data, ver):
             return False, None
         return True, None
     import numpy as np
-    session, bindings = input_bindings(model, opts, ver, (read_engine_meta(data)[0] or {}).get("profile"))
+    session, bindings = input_bindings(model, opts, ver, (read_engine_meta(data)[0] or {}).get("profile"),
+                                       engine_externals(data))
     known = {b[0] for b in bindings}
     for name in sorted(set(files) - known):
         error("Cannot find input tensor with name \"%s\" in the engine bindings! Please make sure the input "

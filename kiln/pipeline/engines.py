@@ -83,7 +83,8 @@ def engine_spec(ctx: Context, model: Model, hwclass: HardwareClass, fingerprint:
     (by recorded fingerprints), then the target being deployed; with no target being
     deployed (an `engine:` task), every recorded member in fleet-file order."""
     classes = recorded_classes(ctx)
-    members = [t for t in ctx.fleet.targets.values() if t.name in classes and classes[t.name].id == hwclass.id]
+    # by digest: `id` formats a label per call, and this runs once per deployed target over all targets
+    members = [t for t in ctx.fleet.targets.values() if t.name in classes and classes[t.name].digest == hwclass.digest]
     builders = [t for t in members if t.builder]
     if deploying is not None:
         builders += [] if deploying in builders else [deploying]
@@ -358,13 +359,15 @@ def publish_manifest(store, key: str, manifest: dict) -> dict:
 
 def engine_profile(manifest: dict) -> dict:
     """What the engine costs on its class, as measured when it was verified on its builder (the
-    backend's own numbers: ONNX Runtime's timed runs, trtexec's latency percentiles and throughput),
-    stored with the engine. Fields a backend does not report are None, never estimated."""
+    backend's own numbers: ONNX Runtime's timed runs, trtexec's --exportTimes file or else its
+    summary, throughput and execution-context device memory (TensorRT 9+), `latency_source` saying
+    which), stored with the engine. Fields a backend does not report are None, never estimated."""
     report = manifest.get("verification") or {}
     latency = report.get("latency_ms") if isinstance(report.get("latency_ms"), dict) else {}
     return {"latency_ms": {"p50": latency.get("median"), "p90": latency.get("p90"), "p99": latency.get("p99")},
             "throughput_qps": report.get("throughput_qps"), "engine_bytes": manifest.get("size"),
-            "device_memory_bytes": report.get("device_memory_bytes"), "measured_on": manifest.get("built_on"),
+            "device_memory_bytes": report.get("device_memory_bytes"), "latency_source": report.get("latency_source"),
+            "measured_on": manifest.get("built_on"),
             "measured_at": manifest.get("built_at")}
 
 

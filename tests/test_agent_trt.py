@@ -132,6 +132,26 @@ def test_trt_compare_reports_missing_or_unreadable_outputs(tmp_path):
     assert code == 3 and "cannot read trtexec's exported outputs" in report["reason"]
 
 
+def test_trtexec_latency_follows_trtexecs_own_rules(tmp_path):
+    """findMedian / findPercentile of sampleReporting.cpp: p90 of 1..10 ms is 9 (float32: int((1-0.9f)*10)
+    = 1 excluded), not 10 as double arithmetic would give; warm-ups (compute before 200 ms, as 8.4 and
+    older export them) are left out; no file = None; another format = ValueError."""
+    def record(start, latency):
+        return ('{ "startEnqMs" : %g, "endEnqMs" : %g, "startH2dMs" : %g, "endH2dMs" : %g, "startComputeMs" : %g, '
+                '"endComputeMs" : %g, "startD2hMs" : %g, "endD2hMs" : %g, "h2dMs" : 0, "computeMs" : %g, '
+                '"d2hMs" : 0, "latencyMs" : %g }' % ((start,) * 6 + (start + latency,) * 2 + (latency, latency)))
+    rows = [record(50.0 + i, 100.0) for i in range(3)] + [record(200.0 + 20 * i, i) for i in (3, 1, 2, 10, 5, 4, 9, 6, 8, 7)]
+    path = tmp_path / "times.json"
+    path.write_text("[\n  " + "\n, ".join(rows) + "\n]\n")
+    got = agent.trtexec_latency(str(path))
+    assert got["iterations"] == 10 and (got["min"], got["max"], got["median"]) == (1, 10, 5.5)
+    assert (got["p90"], got["p95"], got["p99"]) == (9, 10, 10) and got["mean"] == 5.5
+    assert agent.trtexec_latency(str(tmp_path / "absent.json")) is None
+    path.write_text('[{"name": "logits", "values": [1]}]')
+    with pytest.raises(ValueError):
+        agent.trtexec_latency(str(path))
+
+
 def test_load_inputs_spec_quoting_and_refusals():
     argv = tx.load_argv("t", "/e", load_inputs={"images": "C:/data/in.bin"})
     assert argv[-1] == "--loadInputs='images':C:/data/in.bin"      # ':' in the file: quote the name

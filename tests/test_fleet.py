@@ -57,6 +57,9 @@ def test_identical_devices_share_one_build_and_a_second_run_does_nothing(tmp_pat
         assert current.is_symlink() and (current / "model.plan").exists()
         manifest = json.loads((current / "manifest.json").read_text())
         assert manifest["smoke_test"]["latency_ms"]["p99"] > 0
+        # from trtexec's --exportTimes file; JetPack 5's TensorRT 8.5 prints no device memory
+        assert manifest["smoke_test"]["latency_source"].startswith("trtexec --exportTimes (")
+        assert manifest["smoke_test"]["device_memory_bytes"] is None
     orin_release = {(jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
     assert len(orin_release) == 1
     code, report, _ = p.doit_json("cache-check", "--json")  # the profile, as trtexec measured it
@@ -85,6 +88,8 @@ def test_upgrading_one_device_rebuilds_for_its_new_class_only(tmp_path, jetsons)
     after = {n: (jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
     assert after["orin-a"] == before["orin-a"] and after["orin-b"] == before["orin-b"]
     assert after["orin-c"] != before["orin-c"]
+    smoke = json.loads((jetsons.srv("orin-c") / "kiln/tiny/current/manifest.json").read_text())["smoke_test"]
+    assert smoke["device_memory_bytes"] > 0  # TensorRT 10.3 prints the execution context's device memory
     status = p.doit("status")
     assert re.search(r"TensorRT 8\.5\.2 → 10\.3\.0", status.out), status.out
     probe = [e for e in p.events() if e["event"] == "probe" and e["target"] == "orin-c"][-1]

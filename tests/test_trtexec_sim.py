@@ -96,6 +96,37 @@ def test_load_prints_realistic_summary(tmp_path, onnx):
     assert report.passed and report.latency_ms["mean"] > 0 and len(sim.builds()) == 2
 
 
+EXPORT_TIMES_FIELDS = ["startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs",
+                       "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs"]  # docs/trtexec.md §4
+
+
+@pytest.mark.parametrize("version,memory", [("8.5.2", False), ("10.3.0", True)])
+def test_load_exports_times_whose_statistics_are_the_summarys(tmp_path, onnx, version, memory):
+    """--exportTimes in exportJSONTrace's layout, timed iterations only (8.5+), and the agent's
+    statistics of it equal the text summary's (trtexec computes both from one trace)."""
+    from kiln.device_side.agent import trtexec_latency
+    sim = Sim(tmp_path, trt_version=version, compute="8.7", gpu="Orin")
+    engine = tmp_path / "e.plan"
+    assert sim.run(tx.build_argv(str(SIM), str(onnx), str(engine), TrtBuildConfig(), version)[1:])[0].returncode == 0
+    proc, report = sim.run(tx.load_argv(str(SIM), str(engine), iterations=50, percentile=99,
+                                        export_times="times.json")[1:])
+    assert proc.returncode == 0 and report.passed, proc.stderr
+    text = (tmp_path / "times.json").read_text()
+    lines = text.splitlines()
+    assert lines[0] == "[" and lines[-1] == "]" and lines[1].startswith('  { "startEnqMs" : ')
+    assert all(line.startswith(', { "startEnqMs" : ') and line.endswith(" }") for line in lines[2:-1])
+    records = json.loads(text)
+    assert len(records) >= 50 and all(list(r) == EXPORT_TIMES_FIELDS for r in records)
+    assert min(r["startComputeMs"] for r in records) >= 200      # warm-ups (default 200 ms) left out
+    latency = trtexec_latency(str(tmp_path / "times.json"))
+    assert latency["iterations"] == len(records) and latency["source"] == "trtexec --exportTimes"
+    assert {"min", "max", "median", "p99"} <= set(report.latency_ms)   # --percentile=99: that one only
+    for stat in report.latency_ms:
+        assert latency[stat] == pytest.approx(report.latency_ms[stat], rel=2e-5), stat
+    assert latency["p99"] > latency["median"]
+    assert (report.device_memory_mib is not None and report.device_memory_mib > 0) == memory
+
+
 def test_load_refuses_other_version_and_compute(tmp_path, onnx):
     engine = tmp_path / "e.plan"
     Sim(tmp_path, trt_version="10.3.0.30", compute="8.7", gpu="Orin").run(

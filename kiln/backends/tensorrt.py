@@ -112,7 +112,10 @@ class TensorRTBackend(Backend):
                     report = result
         finally:
             device.transport.run(["rm", "-rf", work], check=False)
-        out = {"ok": True, "latency_ms": report.latency_ms, "throughput_qps": report.throughput_qps,
+        memory = report.device_memory_mib
+        out = {"ok": True, "latency_ms": report.latency_ms, "latency_source": report.latency_source,
+               "device_memory_bytes": round(memory * (1 << 20)) if memory is not None else None,
+               "throughput_qps": report.throughput_qps,
                "tensorrt": report.tensorrt_version, "max_abs_diff": compared,
                "permuted": any(p.get("permuted", False) for p in points.values()), "rtol": rtol, "atol": atol,
                "compared": "trtexec --exportOutput vs reference outputs"}
@@ -125,7 +128,8 @@ class TensorRTBackend(Backend):
         target = device.config
         at = "" if point is None else f" at {point} ({_shapes_text(raw['shapes'])})"
         argv = load_argv(target.trtexec, engine, iterations=50, percentile=99, shapes=raw["shapes"],
-                         load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE)
+                         load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE,
+                         export_times=agent_module.TRT_TIMES_FILE)
         result = device.transport.run(["sh", "-c", 'cd "$1" && shift && exec "$@"', "kiln-verify", folder, *argv],
                                       check=False, timeout=target.command_timeout)
         try:
@@ -140,7 +144,8 @@ class TensorRTBackend(Backend):
             raise VerificationError(f"{what} on {device.target}{at}: {exc.message}",
                                     target=device.target, hint=exc.hint) from exc
         args = ["trt-compare", "--reference", reference, "--outputs",
-                posixpath.join(folder, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol)]
+                posixpath.join(folder, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol),
+                "--times", posixpath.join(folder, agent_module.TRT_TIMES_FILE)]
         if point is not None:
             args += ["--point", point]
         if not verify.get("rows_may_permute", True):
@@ -152,7 +157,23 @@ class TensorRTBackend(Backend):
                 target=device.target,
                 hint=f"nothing was published or activated; compared with rtol={rtol:g} atol={atol:g} (the looser "
                      "of verify.rtol/atol and verify.trt_rtol/trt_atol); check the build or loosen them")
-        return compared, report
+        return compared, _with_latency(report, compared)
+
+
+def _with_latency(report, compared: dict):
+    """The report's latency from trtexec's --exportTimes file (computed on the device by the agent,
+    trtexec's own statistics) when it was written, else from its text summary; and which."""
+    times = compared.get("latency_ms")
+    if isinstance(times, dict) and isinstance(times.get("median"), (int, float)):
+        report.latency_ms = {k: float(v) for k, v in times.items() if k in _STATS and isinstance(v, (int, float))}
+        report.latency_source = f"trtexec --exportTimes ({times.get('iterations')} iterations)"
+    else:
+        report.latency_source = "trtexec performance summary (text)" + (
+            f"; {compared['latency_error']}" if compared.get("latency_error") else "")
+    return report
+
+
+_STATS = ("min", "max", "mean", "median", "p90", "p95", "p99")
 
 
 def _shapes_text(shapes: dict) -> str:

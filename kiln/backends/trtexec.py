@@ -93,7 +93,8 @@ def _load_inputs_spec(load_inputs: Mapping[str, str]) -> str:
 def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
               iterations: int | None = None, duration_s: int | None = None,
               percentile: float | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
-              load_inputs: Mapping[str, str] | None = None, export_output: str | None = None) -> list[str]:
+              load_inputs: Mapping[str, str] | None = None, export_output: str | None = None,
+              export_times: str | None = None) -> list[str]:
     """trtexec argv that deserializes and times an engine (verification on the device).
 
     The summary reports percentiles 90/95/99 by default (docs/trtexec.md §4); `percentile`
@@ -104,7 +105,8 @@ def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
     binding. Inputs left out get random values. `export_output`: `--exportOutput=<file>`,
     a JSON list of {"name", "dimensions" ("1x300x4"), "values" (flat, C order)} written
     from the last inference iteration. Both flags exist unchanged in 8.5.2 .. v10.16, so
-    no version gate (docs/trtexec.md §6).
+    no version gate (docs/trtexec.md §6). `export_times`: `--exportTimes=<file>`, a JSON list
+    with one record per timed iteration (its `latencyMs` gives the percentiles; §4).
     Every iteration reuses the loaded inputs, so `--iterations/--warmUp/--duration` only
     change the timing (trtexec runs for at least max(iterations, duration) after warm-up).
     """
@@ -128,6 +130,10 @@ def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
         if not str(export_output):
             raise BuildConfigError("export_output needs a file name", field="export_output")
         argv.append(f"--exportOutput={export_output}")
+    if export_times is not None:
+        if not str(export_times):
+            raise BuildConfigError("export_times needs a file name", field="export_times")
+        argv.append(f"--exportTimes={export_times}")
     return argv
 
 

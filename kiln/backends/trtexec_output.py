@@ -41,7 +41,9 @@ class TrtexecReport:
     engine_size_mib: float | None = None
     throughput_qps: float | None = None
     latency_ms: dict[str, float] = field(default_factory=dict)      # min max mean median p90 p95 p99
+    latency_source: str = "trtexec performance summary (text)"     # or its --exportTimes file (agent)
     gpu_compute_ms: dict[str, float] = field(default_factory=dict)
+    device_memory_mib: float | None = None   # an execution context's device memory (9.x/10.x; §4)
     selected_device: str | None = None
     compute_capability: str | None = None
     errors: list[str] = field(default_factory=list)    # "[E]" messages without the prefix
@@ -113,6 +115,8 @@ def parse_trtexec_output(text: str) -> TrtexecReport:
             r.build_seconds = float(b.group(1))
         elif (b := re.match(r"Created engine with size: ([\d.]+) MiB", msg)):
             r.engine_size_mib = float(b.group(1))
+        elif (b := re.match(r"Created execution context with device memory size: ([\d.eE+-]+) MiB", msg)):
+            r.device_memory_mib = float(b.group(1))
         elif msg.startswith("Selected Device:"):
             r.selected_device = msg.split(":", 1)[1].strip()
         elif (b := re.match(r"Compute Capability: (\d+\.\d+)", msg)):

@@ -17,6 +17,7 @@ import io
 import json
 import os
 import re
+import struct
 import sys
 import time
 import zipfile
@@ -227,6 +228,8 @@ def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5
     lat = np.sort(np.array(latencies or [0.0]))
     report["latency_ms"] = {"median": float(np.median(lat)), "p90": float(np.percentile(lat, 90)),
                             "p99": float(np.percentile(lat, 99))}
+    report["latency_source"] = ("onnxruntime: %d timed InferenceSession.run calls (time.perf_counter), "
+                                "numpy median/percentile" % len(latencies))
     return report
 
 
@@ -251,6 +254,52 @@ def ort_verify(engine_path, reference_path, rtol, atol, rows_may_permute, runs=5
 #   fp16 as float, int8 as int, bool as 0/1; non-finite values come out as `nan`/`inf`,
 #   which is not JSON, hence _NONFINITE.
 TRT_OUTPUTS_FILE = "outputs.json"
+# * --exportTimes=file.json (sampleReporting.cpp `exportJSONTrace`; the same field names in tags
+#   8.5.2, v8.6.1, v10.3.0, v10.16 and v11.1): a JSON list, one object per timed iteration,
+#     [
+#       { "startEnqMs" : 201.3, "endEnqMs" : 201.4, "startH2dMs" : ..., "endH2dMs" : ...,
+#         "startComputeMs" : ..., "endComputeMs" : ..., "startD2hMs" : ..., "endD2hMs" : ...,
+#         "h2dMs" : ..., "computeMs" : ..., "d2hMs" : ..., "latencyMs" : 10.8 }
+#     , { ... }
+#     ]
+#   (one object per line), times in ms from the start of inference, 6 significant digits.
+#   latencyMs = h2dMs + computeMs + d2hMs: the "Latency" of the text summary. From 8.5 the
+#   warm-up iterations are left out; 8.4 and older export them too, so the same rule as the
+#   summary's is applied here (iterations whose compute starts before the warm-up ends are
+#   warm-ups; trtexec's default --warmUp is 200 ms, samples/common/sampleOptions.h).
+TRT_TIMES_FILE = "times.json"
+TRT_DEFAULT_WARMUP_MS = 200.0
+
+
+def _f32(x):
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def trtexec_latency(path, warmup_ms=TRT_DEFAULT_WARMUP_MS):
+    """{"min", "max", "mean", "median", "p90", "p95", "p99", "iterations", "source"} of the
+    latencyMs in trtexec's --exportTimes file, with the summary's own rules (sampleReporting.cpp
+    `findMedian`: the middle value or the mean of the two; `findPercentile`: sorted ascending,
+    the value at all-1-int((1-p/100)*all), in float32 as trtexec computes it), so the figures
+    equal the text summary's. None if the file is absent; ValueError if it is not that format."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    data = json.loads(text)
+    if not isinstance(data, list) or not all(isinstance(t, dict) and "latencyMs" in t for t in data):
+        raise ValueError("not a trtexec --exportTimes list of {..., \"latencyMs\": ...}")
+    timed = sorted(float(t["latencyMs"]) for t in data if float(t.get("startComputeMs", warmup_ms)) >= warmup_ms)
+    if not timed:
+        raise ValueError("no timed iterations (after the %g ms warm-up)" % warmup_ms)
+    n, m = len(timed), len(timed) // 2
+    out = {"min": timed[0], "max": timed[-1], "mean": sum(timed) / n,
+           "median": timed[m] if n % 2 else (timed[m - 1] + timed[m]) / 2, "iterations": n,
+           "source": "trtexec --exportTimes"}
+    for p in (90, 95, 99):
+        exclude = int(_f32(_f32(1 - _f32(_f32(float(p)) / 100)) * n))
+        out["p%d" % p] = timed[max(n - 1 - exclude, 0)]
+    return out
 _NONFINITE = re.compile(r"(?<=[\[,\s])(-?)(nan|inf(?:inity)?)(?=[\s,\]])", re.IGNORECASE)
 
 
@@ -344,9 +393,11 @@ def parse_trt_outputs(text):
     return out
 
 
-def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute, point=None):
+def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute, point=None, times_path=None):
     """Compare trtexec's exported outputs with the reference outputs (compare_outputs); `point`:
-    the shape point (min/opt/max) of a dynamic model's reference they were computed at."""
+    the shape point (min/opt/max) of a dynamic model's reference they were computed at. With
+    `times_path` (trtexec's --exportTimes file) the report carries its "latency_ms" when the
+    file exists (trtexec_latency)."""
     points = dict((p, expected) for p, _, expected in reference_points(load_arrays(reference_path)))
     if point not in points:
         return {"ok": False, "reason": "the reference holds no shape point %r (it has: %s)" % (
@@ -361,6 +412,14 @@ def trt_compare(reference_path, outputs_path, rtol, atol, rows_may_permute, poin
     report = compare_outputs(expected, got, rtol, atol, rows_may_permute)
     report["rtol"], report["atol"] = rtol, atol
     report["outputs"] = {n: list(got[n].shape) for n in sorted(got)}
+    if times_path:
+        try:
+            latency = trtexec_latency(times_path)
+        except (OSError, ValueError) as exc:
+            report["latency_error"] = "cannot read trtexec's --exportTimes file %s: %s" % (times_path, exc)
+        else:
+            if latency is not None:
+                report["latency_ms"] = latency
     return report
 
 
@@ -924,6 +983,7 @@ def main(argv=None):
     s = sub.add_parser("trt-compare"); s.add_argument("--reference", required=True); s.add_argument("--outputs", required=True)
     s.add_argument("--rtol", type=float, default=1e-2); s.add_argument("--atol", type=float, default=1e-2)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--point", default=None)
+    s.add_argument("--times", default=None)
     # presigned URLs are credentials: they come on stdin (first line), never in argv or the
     # environment (ps, /proc/<pid>/cmdline and environ, sshd logs)
     s = writer("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
@@ -961,7 +1021,7 @@ def main(argv=None):
     elif a.cmd == "raw-inputs":
         out = raw_inputs(a.reference, a.out_dir, a.int64_as_int32, a.root)
     elif a.cmd == "trt-compare":
-        out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order, a.point)
+        out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order, a.point, a.times)
     elif a.cmd == "fetch":
         out = fetch(read_url(), a.out, a.sha256, root=a.root)
     elif a.cmd == "upload":

@@ -1,7 +1,8 @@
 """Gates a new release must pass on a device before it is switched on (used by rollouts).
 
 Latency: the new release's smoke-test latency (median and p99, measured by the backend itself on
-this device: ONNX Runtime's timed runs, trtexec's percentiles) against the previous release's,
+this device: ONNX Runtime's timed runs; trtexec's --exportTimes file, else its text summary, both
+computed by trtexec's own rules; the smoke test's `latency_source` names which) against the previous release's,
 measured the same way on the same device when it was staged. Accuracy is the smoke test itself:
 outputs against the PyTorch reference, within the model's tolerances.
 """

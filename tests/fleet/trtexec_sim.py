@@ -39,6 +39,13 @@ exportJSONOutput's format (samples/common/sampleReporting.cpp): a list of
 Without --exportOutput, --loadInputs files are size-checked when onnxruntime is importable,
 otherwise only checked to exist.
 
+Timing (docs/trtexec.md §4): an inference makes a per-iteration trace (warm-ups for --warmUp ms,
+default 200, then at least max(--iterations, 3 s worth) timed iterations about the model's
+latency, seeded by the plan's bytes); the performance summary is computed from it with
+sampleReporting.cpp's rules (warm-ups out, findMedian, findPercentile in float), and
+`--exportTimes=<file>` writes it in exportJSONTrace's layout (warm-ups left out from 8.5). From
+9.0 setting up inference prints `Created execution context with device memory size: N MiB`.
+
 Dynamic shapes: `--minShapes/--optShapes/--maxShapes` (each `name:AxBxC[,name:...]`; an input
 given in only some of them takes the others from opt, min, max in that order) are the plan's
 optimization profile, kept in its JSON line as "profile" and in builds.log; a profile without
@@ -61,7 +68,9 @@ Python 3.6+, stdlib only.
 import hashlib
 import json
 import os
+import random
 import re
+import struct
 import sys
 import time
 
@@ -796,6 +805,62 @@ def export_outputs(path, outputs):
     write_output(path, ("\n".join(lines) + "\n").encode())
 
 
+TRACE_FIELDS = ("startEnqMs", "endEnqMs", "startH2dMs", "endH2dMs", "startComputeMs", "endComputeMs",
+                "startD2hMs", "endD2hMs", "h2dMs", "computeMs", "d2hMs", "latencyMs")
+
+
+def timing_trace(base, warmup_ms, min_iterations, seed):
+    """Per-iteration times as trtexec records them (InferenceTrace, ms from the start of inference):
+    warm-up iterations for `warmup_ms`, then at least max(min_iterations, 3 s worth: the default
+    --duration) timed ones; latencies spread about `base` (+-1.5%, every 50th one 4% slower),
+    the same for the same engine (seeded by its bytes)."""
+    rng = random.Random(seed)
+    trace, now, timed = [], 0.0, 0
+    while now < warmup_ms or timed < max(min_iterations, int(3000 / base)):
+        latency = base * (1.04 if timed % 50 == 49 else 0.985 + 0.03 * rng.random())
+        h2d, d2h = latency * 0.03, latency * 0.02
+        t = {"startEnqMs": now, "endEnqMs": now + base * 0.12, "startH2dMs": now, "endH2dMs": now + h2d}
+        t["startComputeMs"] = t["endH2dMs"]
+        t["endComputeMs"] = t["startComputeMs"] + latency - h2d - d2h
+        t["startD2hMs"], t["endD2hMs"] = t["endComputeMs"], t["endComputeMs"] + d2h
+        t["h2dMs"], t["computeMs"], t["d2hMs"] = h2d, latency - h2d - d2h, d2h
+        t["latencyMs"] = latency
+        trace.append(t)
+        timed += t["startComputeMs"] >= warmup_ms
+        now = t["endD2hMs"]
+    return trace
+
+
+def _f32(x):
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
+def summary(values, pcts):
+    """"min = .. ms, max = .., mean = .., median = .., percentile(P%) = .." as printEpilog prints it:
+    findMedian (the middle, or the mean of the two) and findPercentile (ascending, the value at
+    all-1-int((1-p/100)*all), float arithmetic) of sampleReporting.cpp."""
+    v = sorted(values)
+    n, m = len(v), len(v) // 2
+    median = v[m] if n % 2 else (v[m - 1] + v[m]) / 2
+
+    def percentile(p):
+        return v[max(n - 1 - int(_f32(_f32(1 - _f32(_f32(p) / 100)) * n)), 0)]
+    pct = ", ".join("percentile(%g%%) = %.6g ms" % (p, percentile(p)) for p in pcts)
+    return ("min = %.6g ms, max = %.6g ms, mean = %.6g ms, median = %.6g ms, %s"
+            % (v[0], v[-1], sum(v) / n, median, pct))
+
+
+def export_times(path, trace):
+    """The JSON of sampleReporting.cpp exportJSONTrace, byte for byte in layout: one object per
+    line, fields separated by ", ", values as std::ostream prints floats (6 significant digits)."""
+    lines, sep = ["["], "  "
+    for t in trace:
+        lines.append(sep + "{ " + ", ".join('"%s" : %s' % (k, _number(t[k])) for k in TRACE_FIELDS) + " }")
+        sep = ", "
+    lines.append("]")
+    write_output(path, ("\n".join(lines) + "\n").encode())
+
+
 def do_inference(run, opts, data):
     ident = run.ident
     meta, _ = read_engine_meta(data)
@@ -814,8 +879,11 @@ def do_inference(run, opts, data):
         ok, prepared = False, None
     if not ok:
         return run.failed()
-    jitter = 1 + (int(hashlib.sha256(data[:4096]).hexdigest()[:4], 16) % 50) / 1000.0
+    seed = hashlib.sha256(data[:4096]).hexdigest()
+    jitter = 1 + (int(seed[:4], 16) % 50) / 1000.0
     base = ident["latency_ms"] * {"fp32": 1.0, "fp16": 0.55, "int8": 0.4, "best": 0.38}.get(precision, 1.0) * jitter
+    if ver >= (9, 0):  # setUpInference, default --allocationStrategy=static (sampleInference.cpp, 9.x/10.x)
+        info("Created execution context with device memory size: %g MiB" % (len(data) / 1048576.0 * 0.75 + 1.5))
     info("Starting inference")
     time.sleep(0.01)
     if "--dumpProfile" in opts and "--separateProfileRun" not in opts:
@@ -828,28 +896,30 @@ def do_inference(run, opts, data):
         except ValueError:
             error("Invalid percentile: %s" % opts["--percentile"])
             return run.failed()
+    warmup_ms = float(opts.get("--warmUp") or 200)
+    trace = timing_trace(base, warmup_ms, int(opts.get("--iterations") or 10), seed)
+    timed = [t for t in trace if t["startComputeMs"] >= warmup_ms]  # isNotWarmup (sampleReporting.cpp)
 
-    def stats(scale):
-        b = base * scale
-        pct = ", ".join("percentile(%g%%) = %.6g ms" % (p, b * (1 + p / 6000.0)) for p in pcts)
-        return ("min = %.6g ms, max = %.6g ms, mean = %.6g ms, median = %.6g ms, %s"
-                % (b * 0.985, b * 1.02, b, b * 0.9995, pct))
+    def stats(key):
+        return summary([t[key] for t in timed], pcts)
 
-    iterations = int(3000 / base)
-    info("Timing trace has %d queries over 3.0001 s" % iterations)
+    walltime = timed[-1]["endD2hMs"] - timed[0]["startH2dMs"]
+    info("Timing trace has %d queries over %.6g s" % (len(timed), walltime / 1000.0))
     info("")
     info("=== Trace details ===")
     info("=== Performance summary ===")
-    info("Throughput: %.6g qps" % (1000.0 / base))
-    info("Latency: " + stats(1.0))
-    info("Enqueue Time: " + stats(0.12))
-    info("H2D Latency: " + stats(0.03))
-    info("GPU Compute Time: " + stats(0.95))
-    info("D2H Latency: " + stats(0.02))
-    info("Total Host Walltime: 3.0001 s")
-    info("Total GPU Compute Time: %.6g s" % (iterations * base * 0.95 / 1000.0))
+    info("Throughput: %.6g qps" % (len(timed) / walltime * 1000.0))
+    info("Latency: " + stats("latencyMs"))
+    info("Enqueue Time: " + summary([t["endEnqMs"] - t["startEnqMs"] for t in timed], pcts))
+    info("H2D Latency: " + stats("h2dMs"))
+    info("GPU Compute Time: " + stats("computeMs"))
+    info("D2H Latency: " + stats("d2hMs"))
+    info("Total Host Walltime: %.6g s" % (walltime / 1000.0))
+    info("Total GPU Compute Time: %.6g s" % (sum(t["computeMs"] for t in timed) / 1000.0))
     info("Explanations of the performance metrics are printed in the verbose logs.")
     info("")
+    if "--exportTimes" in opts:  # from 8.5 without the warm-ups, before with them (exportJSONTrace)
+        export_times(opts["--exportTimes"], timed if ver >= (8, 5) else trace)
     if "--exportOutput" in opts and prepared is not None:
         session, feeds = prepared
         export_outputs(opts["--exportOutput"], compute_outputs(run, session, feeds, precision, ver,

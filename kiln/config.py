@@ -155,6 +155,12 @@ BUILD_KEYS = {
     "verify_on": Key((int,), default=1, check=lambda v: None if v in (1, 2) else "must be 1 or 2",
                      doc="members of the class that load and check a new engine before it is published: "
                          "1 (the builder) or 2 (the builder and a second member)"),
+    "dla_core": Key((int,), check=lambda v: None if v >= 0 else "must be a DLA core number (0, 1, ...)",
+                    doc="TensorRT: run the network on this DLA core (Jetson Xavier/Orin; usually per target: "
+                        "[targets.<t>.build] dla_core = 0); not set = the GPU"),
+    "dla_gpu_fallback": Key((bool,), default=True,
+                            doc="TensorRT with dla_core: layers the DLA cannot run go to the GPU (false: such a "
+                                "layer fails the build)"),
     "ort_optimization": Key((str,), default="all", check=_one_of(("basic", "extended", "all")),
                             doc="ONNX Runtime graph optimisation level for the CPU engine"),
 }

@@ -23,6 +23,9 @@ class Backend:
         """The subset of a model's build config that changes this backend's engines."""
         raise NotImplementedError
 
+    def check_class(self, settings: dict, fingerprint: dict, device: str, target: str | None = None) -> None:
+        """Refuse settings a hardware class cannot build (a ConfigError naming it); nothing by default."""
+
     def builder_version(self, fingerprint: dict) -> str:
         raise NotImplementedError
 
@@ -33,8 +36,9 @@ class Backend:
         still be one self-contained file."""
         raise NotImplementedError
 
-    def verify(self, device: Device, engine: str, reference: str, verify: dict) -> dict:
-        """Load the engine on the device and run it; raise VerificationError if it is wrong."""
+    def verify(self, device: Device, engine: str, reference: str, verify: dict, settings: dict | None = None) -> dict:
+        """Load the engine on the device and run it; raise VerificationError if it is wrong.
+        `settings`: the engine's build settings (`build_settings`), for what loading needs (a DLA core)."""
         raise NotImplementedError
 
 

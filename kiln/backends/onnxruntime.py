@@ -43,7 +43,7 @@ class OnnxRuntimeBackend(Backend):
         return {"engine": out, "sha256": facts["sha256"], "size": facts["size"],
                 "build_seconds": facts["seconds"], "tool": f"onnxruntime {facts['onnxruntime']}"}
 
-    def verify(self, device, engine, reference, verify) -> dict:
+    def verify(self, device, engine, reference, verify, settings=None) -> dict:
         args = ["ort-verify", "--engine", engine, "--reference", reference,
                 "--rtol", repr(float(verify["rtol"])), "--atol", repr(float(verify["atol"]))]
         if not verify["rows_may_permute"]:

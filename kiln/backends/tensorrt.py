@@ -19,6 +19,7 @@ from kiln.backends.base import Backend
 from kiln.backends.trt_config import TrtBuildConfig
 from kiln.backends.trtexec import TRT_API_BUILD_SCRIPT, api_build_argv, build_argv, load_argv
 from kiln.backends.trtexec_output import check_trtexec_result, parse_api_build_output
+from kiln.devices.nvidia import dla_cores
 from kiln.devices.workarea import Device
 from kiln.errors import BuildError, VerificationError
 from kiln.keys import sha256_file
@@ -33,6 +34,10 @@ class TensorRTBackend(Backend):
         settings = TrtBuildConfig.from_mapping(build).to_dict()
         settings.pop("timing_cache", None)  # speeds the build up; does not define the engine
         return settings
+
+    def check_class(self, settings: dict, fingerprint: dict, device: str, target: str | None = None) -> None:
+        """dla_core only where the class has that DLA core (its module: kiln.devices.nvidia.dla_cores)."""
+        TrtBuildConfig.from_mapping(settings).check_dla(dla_cores(fingerprint), device, target=target)
 
     def builder_version(self, fingerprint: dict) -> str:
         build = fingerprint.get("tensorrt_build")
@@ -49,6 +54,7 @@ class TensorRTBackend(Backend):
                              hint="install TensorRT (JetPack ships it) or check the fingerprint with `doit status`")
         cfg = TrtBuildConfig.from_mapping({**settings, "timing_cache": timing_cache is not None})
         cfg.check_tool(target.build_tool)
+        cfg.check_dla(dla_cores(fingerprint), _device_text(fingerprint, device.target), target=device.target)
         device.mkdir(out_dir)
         engine = posixpath.join(out_dir, self.engine_file)
         if target.build_tool == "python-api":
@@ -71,7 +77,7 @@ class TensorRTBackend(Backend):
         return {"engine": engine, "sha256": facts["sha256"], "size": size, "build_seconds": seconds or 0.0,
                 "tool": tool, "command": result.command}
 
-    def verify(self, device: Device, engine, reference, verify) -> dict:
+    def verify(self, device: Device, engine, reference, verify, settings=None) -> dict:
         """Run the engine on the reference inputs on the device and compare its outputs with
         PyTorch's, like the ONNX Runtime backend; keep trtexec's latency percentiles.
 
@@ -101,8 +107,10 @@ class TensorRTBackend(Backend):
             else:
                 runs = [(None, work, raw)]
             report, compared, points = None, {}, {}
+            dla_core = (settings or {}).get("dla_core")   # a DLA engine runs on the core the runtime is given
             for point, folder, one in runs:
-                got, result = self._verify_point(device, engine, reference, verify, point, folder, one, rtol, atol)
+                got, result = self._verify_point(device, engine, reference, verify, point, folder, one, rtol, atol,
+                                                 dla_core)
                 points[point] = {"shapes": one["shapes"], "max_abs_diff": got["max_abs_diff"],
                                  "permuted": got.get("permuted", False),
                                  "latency_ms": result.latency_ms}
@@ -123,13 +131,13 @@ class TensorRTBackend(Backend):
             out["points"] = points
         return out
 
-    def _verify_point(self, device: Device, engine, reference, verify, point, folder, raw, rtol, atol):
+    def _verify_point(self, device: Device, engine, reference, verify, point, folder, raw, rtol, atol, dla_core=None):
         """One trtexec run on one set of reference inputs (one shape point) and its comparison."""
         target = device.config
         at = "" if point is None else f" at {point} ({_shapes_text(raw['shapes'])})"
         argv = load_argv(target.trtexec, engine, iterations=50, percentile=99, shapes=raw["shapes"],
                          load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE,
-                         export_times=agent_module.TRT_TIMES_FILE)
+                         export_times=agent_module.TRT_TIMES_FILE, dla_core=dla_core)
         result = device.transport.run(["sh", "-c", 'cd "$1" && shift && exec "$@"', "kiln-verify", folder, *argv],
                                       check=False, timeout=target.command_timeout)
         try:
@@ -174,6 +182,13 @@ def _with_latency(report, compared: dict):
 
 
 _STATS = ("min", "max", "mean", "median", "p90", "p95", "p99")
+
+
+def _device_text(fingerprint: dict, target: str) -> str:
+    """"orin-nano (Jetson Orin Nano Developer Kit, p3767-0005)": the device a DLA refusal names."""
+    what = ", ".join(x for x in (fingerprint.get("module_name") or fingerprint.get("board_model")
+                                 or fingerprint.get("gpu_name"), fingerprint.get("module")) if x)
+    return f"{target} ({what})" if what else target
 
 
 def _shapes_text(shapes: dict) -> str:

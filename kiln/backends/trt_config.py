@@ -122,12 +122,11 @@ class ExtraFlag:
 
 
 #: Pass-through flags (docs/trtexec.md §2). Anything that our own fields control (--onnx,
-#: --saveEngine, --fp16, --workspace, shapes, ...) is deliberately not here.
+#: --saveEngine, --fp16, --workspace, shapes, DLA: --useDLACore/--allowGPUFallback, ...) is
+#: deliberately not here.
 EXTRA_FLAGS: dict[str, ExtraFlag] = {
     "--noTF32": ExtraFlag(),
     "--refit": ExtraFlag(),
-    "--useDLACore": ExtraFlag(r"\d"),
-    "--allowGPUFallback": ExtraFlag(),
     "--calib": ExtraFlag(r"[\w./-]+", note="INT8 calibration cache on the device"),
     "--hardwareCompatibilityLevel": ExtraFlag(r"none|ampere\+|sameComputeCapability", since=(8, 6),
                                               note="not supported on JetPack"),
@@ -149,6 +148,10 @@ def check_extra_flag(flag: object) -> tuple[str, str | None]:
         raise BuildConfigError(f"extra flag {flag!r} is not a string", field="extra_flags")
     name, eq, value = flag.partition("=")
     spec = EXTRA_FLAGS.get(name)
+    if name in ("--useDLACore", "--allowGPUFallback"):
+        raise BuildConfigError(f"extra flag {name} is a build setting of its own", field="extra_flags",
+                               hint="set dla_core = <core> (and dla_gpu_fallback = true|false) in the build "
+                                    "settings, e.g. [targets.<target>.build] dla_core = 0")
     if spec is None:
         raise BuildConfigError(f"extra flag {name!r} is not allowed", field="extra_flags",
                                hint="allowed: " + " ".join(sorted(EXTRA_FLAGS)) +
@@ -175,6 +178,10 @@ class TrtBuildConfig:
     builder_optimization_level: 0..5 (TensorRT >= 8.6; dropped with a warning before).
     extra_flags: pass-through flags from EXTRA_FLAGS, e.g. ("--noTF32",).
     timing_cache: use a timing cache file when the caller provides one.
+    dla_core: run the network on this DLA core (None = the GPU only); DLA runs FP16 or INT8,
+      so precision fp32 is refused (trtexec would turn FP16 on by itself: docs/trtexec.md §12).
+    dla_gpu_fallback: layers the DLA cannot run go to the GPU (`--allowGPUFallback`,
+      BuilderFlag.GPU_FALLBACK); without it such a layer fails the build. Only with dla_core.
     """
     precision: str = "fp16"
     workspace_mib: int | None = None
@@ -182,6 +189,8 @@ class TrtBuildConfig:
     builder_optimization_level: int | None = None
     extra_flags: tuple[str, ...] = ()
     timing_cache: bool = True
+    dla_core: int | None = None
+    dla_gpu_fallback: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -197,6 +206,15 @@ class TrtBuildConfig:
                                    field="builder_optimization_level", hint="TensorRT's default is 3")
         if not isinstance(self.timing_cache, bool):
             raise BuildConfigError("timing_cache must be true or false", field="timing_cache")
+        core = self.dla_core
+        if core is not None and (isinstance(core, bool) or not isinstance(core, int) or core < 0):
+            raise BuildConfigError(f"dla_core must be a DLA core number (0, 1, ...), got {core!r}", field="dla_core",
+                                   hint="Xavier and AGX Orin have DLA cores 0 and 1; leave dla_core out for the GPU")
+        if core is not None and self.precision == "fp32":
+            raise BuildConfigError("dla_core needs precision fp16, int8 or best: the DLA runs FP16 or INT8 only",
+                                   field="precision", hint='set precision = "fp16" for this model or target')
+        if not isinstance(self.dla_gpu_fallback, bool):
+            raise BuildConfigError("dla_gpu_fallback must be true or false", field="dla_gpu_fallback")
         if self.shapes is not None:
             object.__setattr__(self, "shapes", _shape_ranges(self.shapes))
         if isinstance(self.extra_flags, str):
@@ -211,7 +229,8 @@ class TrtBuildConfig:
     def from_mapping(cls, data: Mapping[str, object]) -> "TrtBuildConfig":
         """From a `[models.X.build]` table; accepts `optimization_level` as an alias and
         ignores keys of other backends (ort_optimization)."""
-        known = {"precision", "workspace_mib", "shapes", "builder_optimization_level", "extra_flags", "timing_cache"}
+        known = {"precision", "workspace_mib", "shapes", "builder_optimization_level", "extra_flags", "timing_cache",
+                 "dla_core", "dla_gpu_fallback"}
         kwargs = {k: v for k, v in data.items() if k in known}
         if "optimization_level" in data and "builder_optimization_level" not in data:
             kwargs["builder_optimization_level"] = data["optimization_level"]
@@ -227,6 +246,9 @@ class TrtBuildConfig:
                 r.name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for r in self.shapes},
             "builder_optimization_level": self.builder_optimization_level,
             "extra_flags": list(self.extra_flags), "timing_cache": self.timing_cache,
+            # only for DLA engines, so every GPU engine keeps the key it had before DLA existed
+            **({"dla_core": self.dla_core, "dla_gpu_fallback": self.dla_gpu_fallback}
+               if self.dla_core is not None else {}),
         }
 
     def check_version(self, trt_version: str | Sequence[int]) -> tuple[int, int, int]:
@@ -243,6 +265,21 @@ class TrtBuildConfig:
                                        hint=f"{name} needs TensorRT >= {spec.since[0]}.{spec.since[1]}; "
                                             "drop it for this hardware class")
         return ver
+
+    def check_dla(self, dla_cores: int | None, device: str, target: str | None = None) -> None:
+        """Refuse dla_core on a device (class) without that DLA core. `dla_cores`: how many it has
+        (kiln.devices.nvidia.jetson_dla_cores), None when unknown."""
+        if self.dla_core is None:
+            return
+        if not dla_cores or self.dla_core >= dla_cores:
+            has = ("no DLA" if dla_cores == 0 else "an unknown number of DLA cores" if dla_cores is None
+                   else f"DLA cores 0..{dla_cores - 1} only")
+            raise BuildConfigError(f"dla_core = {self.dla_core} asked for {device}, which has {has}",
+                                   field="dla_core", target=target,
+                                   hint="DLA: Jetson AGX Xavier, Xavier NX, AGX Orin and Orin NX 16GB have cores 0 "
+                                        "and 1, Orin NX 8GB core 0, Orin Nano none (docs/devices.md §9); leave "
+                                        "dla_core out for this target (e.g. set it in [targets.<target>.build] of the "
+                                        "targets that have one)")
 
     def check_tool(self, build_tool: str) -> None:
         """Refuse settings the target's build tool ("trtexec" | "python-api", a target setting

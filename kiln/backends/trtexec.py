@@ -47,6 +47,7 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
     - `--builderOptimizationLevel` only from 8.6 (dropped with a warning before).
     - build only: `--skipInference` from 8.6, `--buildOnly` before (gone in 10.0).
     - `--timingCacheFile` when cfg.timing_cache and a path is given (docs/trtexec.md §7).
+    - DLA: `--useDLACore=N` (+ `--allowGPUFallback` with cfg.dla_gpu_fallback), 8.x-10.x (§12).
     - extra flags: refused by `cfg.check_version` when this TensorRT lacks them.
     """
     ver = cfg.check_version(trt_version)
@@ -65,9 +66,19 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
                         "--builderOptimizationLevel (8.6+)", cfg.builder_optimization_level, *ver)
     if cfg.timing_cache and timing_cache:
         argv.append(f"--timingCacheFile={timing_cache}")
+    argv += _dla_flags(cfg.dla_core, cfg.dla_gpu_fallback)
     argv += cfg.extra_flags
     argv.append("--skipInference" if ver >= (8, 6) else "--buildOnly")
     return argv
+
+
+def _dla_flags(dla_core: int | None, gpu_fallback: bool = False) -> list[str]:
+    """trtexec's DLA flags (docs/trtexec.md §12): none for a GPU engine."""
+    if dla_core is None:
+        return []
+    if isinstance(dla_core, bool) or not isinstance(dla_core, int) or dla_core < 0:
+        raise BuildConfigError(f"dla_core must be a DLA core number, got {dla_core!r}", field="dla_core")
+    return [f"--useDLACore={dla_core}"] + (["--allowGPUFallback"] if gpu_fallback else [])
 
 
 def _load_inputs_spec(load_inputs: Mapping[str, str]) -> str:
@@ -94,7 +105,7 @@ def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
               iterations: int | None = None, duration_s: int | None = None,
               percentile: float | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
               load_inputs: Mapping[str, str] | None = None, export_output: str | None = None,
-              export_times: str | None = None) -> list[str]:
+              export_times: str | None = None, dla_core: int | None = None) -> list[str]:
     """trtexec argv that deserializes and times an engine (verification on the device).
 
     The summary reports percentiles 90/95/99 by default (docs/trtexec.md §4); `percentile`
@@ -106,11 +117,13 @@ def load_argv(trtexec_path: str, engine: str, *, warmup_ms: int | None = None,
     a JSON list of {"name", "dimensions" ("1x300x4"), "values" (flat, C order)} written
     from the last inference iteration. Both flags exist unchanged in 8.5.2 .. v10.16, so
     no version gate (docs/trtexec.md §6). `export_times`: `--exportTimes=<file>`, a JSON list
-    with one record per timed iteration (its `latencyMs` gives the percentiles; §4).
+    with one record per timed iteration (its `latencyMs` gives the percentiles; §4). `dla_core`: a DLA
+    engine runs on the core the runtime is given (`--useDLACore=N`: IRuntime::setDLACore at
+    deserialization, docs/trtexec.md §12).
     Every iteration reuses the loaded inputs, so `--iterations/--warmUp/--duration` only
     change the timing (trtexec runs for at least max(iterations, duration) after warm-up).
     """
-    argv = [trtexec_path, f"--loadEngine={engine}"]
+    argv = [trtexec_path, f"--loadEngine={engine}", *_dla_flags(dla_core)]
     for flag, value in (("--warmUp", warmup_ms), ("--iterations", iterations), ("--duration", duration_s)):
         if value is not None:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -150,5 +163,6 @@ def api_build_argv(python: str, script: str, *, onnx: str, engine: str, cfg: Trt
     args = {"onnx": onnx, "engine": engine, "precision": cfg.precision, "workspace_mib": cfg.workspace_mib,
             "builder_optimization_level": cfg.builder_optimization_level,
             "timing_cache": timing_cache if cfg.timing_cache else None,
-            "shapes": cfg.to_dict()["shapes"]}
+            "shapes": cfg.to_dict()["shapes"],
+            **({"dla_core": cfg.dla_core, "dla_gpu_fallback": cfg.dla_gpu_fallback} if cfg.dla_core is not None else {})}
     return [python, script, json.dumps(args, sort_keys=True)]

@@ -27,7 +27,7 @@ import time
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 KEYS = {"onnx", "engine", "precision", "workspace_mib", "builder_optimization_level", "timing_cache",
-        "shapes", "verbose"}
+        "shapes", "verbose", "dla_core", "dla_gpu_fallback"}
 
 
 class ArgError(ValueError):
@@ -88,7 +88,29 @@ def parse_args(argv):
                 raise ArgError("shapes.%s: need equal ranks and min <= opt <= max" % name)
     if not isinstance(args.get("verbose", False), bool):
         raise ArgError("verbose must be true or false")
+    core = args.get("dla_core")
+    if core is not None and (not isinstance(core, int) or isinstance(core, bool) or core < 0):
+        raise ArgError("dla_core must be a DLA core number or null")
+    if not isinstance(args.get("dla_gpu_fallback", False), bool):
+        raise ArgError("dla_gpu_fallback must be true or false")
     return args
+
+
+def use_dla(builder, config, trt, core, gpu_fallback, precision):
+    """The network's layers on DLA core `core` (docs/trtexec.md §12), as trtexec's --useDLACore:
+    default device type DLA, the core, GPU fallback if asked; the DLA runs FP16 or INT8, so FP16
+    is turned on unless INT8 is. Returns an error text, or None."""
+    cores = builder.num_DLA_cores
+    if core >= cores:
+        return "Cannot create DLA engine, %d not available (this device has %d DLA cores)" % (core, cores)
+    config.default_device_type = trt.DeviceType.DLA
+    config.DLA_core = core
+    if gpu_fallback:
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)
+    if precision not in ("int8", "best"):
+        config.set_flag(trt.BuilderFlag.FP16)
+    say("DLA core %d%s" % (core, ", GPU fallback" if gpu_fallback else ""))
+    return None
 
 
 def say(msg):
@@ -150,6 +172,11 @@ def build(args, trt):
             config.builder_optimization_level = level
         else:
             say("warning: builder_optimization_level needs TensorRT >= 8.6; ignored")
+    if args.get("dla_core") is not None:
+        problem = use_dla(builder, config, trt, args["dla_core"], args.get("dla_gpu_fallback", False),
+                          args["precision"])
+        if problem:
+            return finish(1, error=problem, tensorrt=version)
     if args.get("shapes"):
         profile = builder.create_optimization_profile()
         for name, spec in sorted(args["shapes"].items()):

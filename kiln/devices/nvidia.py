@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 __all__ = [
     "TegraRelease", "parse_nv_tegra_release", "parse_device_tree_model",
-    "parse_device_tree_compatible", "module_from_compatible", "soc_from_compatible",
+    "parse_device_tree_compatible", "module_from_compatible", "soc_from_compatible", "jetson_dla_cores", "dla_cores",
     "parse_dpkg_versions", "deb_upstream_version", "dpkg_tensorrt", "dpkg_cudnn", "dpkg_cuda",
     "parse_cuda_version_json", "parse_cuda_version_txt", "parse_nvcc_version", "parse_c_defines",
     "parse_cudnn_header", "parse_nvinfer_version_header", "parse_trtexec_banner",
@@ -131,6 +131,32 @@ def module_from_compatible(entries: Sequence[str]) -> tuple[str | None, str | No
                 return mid + ("-super" if super_ else ""), name + (" Super" if super_ else "")
             fallback = fallback or mid
     return fallback, None
+
+
+# DLA cores per module (docs/devices.md §9): Xavier and AGX Orin have two, Orin NX 8GB one, the
+# Orin Nano none (fused off); key as _MODULES. Modules not listed: unknown (None).
+_DLA_CORES = {
+    "p3767-0000": 2, "p3767-0001": 1, "p3767-0003": 0, "p3767-0004": 0, "p3767-0005": 0,
+    "p3701": 2, "p3668": 2, "p2888": 2, "p2972-0000": 2, "p3448": 0, "p3450-0000": 0,
+}
+
+
+def jetson_dla_cores(module: str | None) -> int | None:
+    """How many DLA cores the Jetson module `module` (e.g. "p3767-0005", "p3701-0005") has, None
+    if it is not a module we know (a discrete GPU has none: its fingerprint has no module)."""
+    m = _MODULE_ID.search(module or "")
+    if not m:
+        return None
+    mid = f"{m.group(1)}-{m.group(2)}"
+    found = _DLA_CORES.get(mid, _DLA_CORES.get(m.group(1)))
+    return found
+
+
+def dla_cores(fingerprint: dict) -> int | None:
+    """DLA cores of a device by its fingerprint: a Jetson's by its module; 0 for a discrete GPU."""
+    if fingerprint.get("kind") == "gpu":
+        return 0
+    return jetson_dla_cores(fingerprint.get("module"))
 
 
 _SOCS = ("tegra264", "tegra234", "tegra194", "tegra186", "tegra210")

@@ -270,7 +270,8 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     staged_s = time.time() - t0
     t0 = time.time()
     try:
-        smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", ctx.fleet.models[model].verify)
+        smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", ctx.fleet.models[model].verify,
+                               backend.build_settings(ctx.fleet.model_for(target, model).build))
     except KilnError as exc:
         ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                         why=f"smoke test of {model} failed: {exc.message}")

@@ -120,11 +120,23 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
     if onnx_record is None:
         raise BuildError(f"model {spec.model.name} has not been exported", model=spec.model.name,
                          hint=f"run `doit export:{spec.model.name}` first")
+    check_engine_fits_class(spec)
     key = digest(engine_key_inputs(spec, onnx_record))
     # once per key and run; the record is per (model, class): two models whose ONNX bytes are
     # equal share one engine, and each gets its record
     manifest = ctx.once(("engine", key), lambda: _ensure(ctx, spec, key, onnx_record, say))
     return _write_record(ctx, spec, key, manifest)
+
+
+def check_engine_fits_class(spec: EngineSpec) -> None:
+    """Refuse, before any store access or build, settings the class cannot build (dla_core on a
+    class without that DLA core: a ConfigError naming the class, its module and its targets)."""
+    fp = spec.fingerprint
+    what = ", ".join(x for x in (fp.get("module_name") or fp.get("board_model") or fp.get("gpu_name"),
+                                 fp.get("module")) if x)
+    members = ", ".join(t.name for t in spec.builders) or None
+    spec.backend.check_class(spec.backend.build_settings(spec.model.build), fp,
+                             f"hardware class {spec.hwclass.id}" + (f" ({what})" if what else ""), target=members)
 
 
 def _ensure(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
@@ -428,7 +440,8 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                                   probe_target(ctx, target).fingerprint or spec.fingerprint, stream=stream,
                                   timing_cache=timing_remote, external_data=bool(onnx_record.get("external_data")))
             activity.phase("verifying")
-            report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify)
+            report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify,
+                                    backend.build_settings(spec.model.build))
             if spec.model.build.get("verify_on", 1) >= 2:
                 activity.phase("checking on a second member")
                 from kiln.pipeline.second_check import verify_on_second_member

@@ -85,6 +85,7 @@ class Profile:
     nvidia_smi: dict | None = None          # field -> value, JetPack 6 only
     extra_files: tuple[tuple[str, str], ...] = ()
     hidden: tuple[str, ...] = ()            # host files this device does not have (e.g. /usr/bin/sha256sum)
+    dla_cores: int = 0                      # DLA cores trtexec may use (--useDLACore), per module (docs/devices.md §9)
 
     @property
     def trt3(self) -> str | None:
@@ -95,7 +96,7 @@ class Profile:
         if not self.trt:
             return {}
         return {"KILN_SIM_TRT_VERSION": self.trt, "KILN_SIM_COMPUTE": self.compute or "",
-                "KILN_SIM_GPU": self.gpu or ""}
+                "KILN_SIM_GPU": self.gpu or "", "KILN_SIM_DLA_CORES": str(self.dla_cores)}
 
 
 _R35_4_1 = ("# R35 (release), REVISION: 4.1, GCID: 33958178, BOARD: t186ref, EABI: aarch64, "
@@ -127,19 +128,19 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("orin-jp5", "AGX Orin, JetPack 5.1.2 (L4T 35.4.1, TRT 8.5.2, CUDA 11.4, cuDNN 8.6.0)",
             board_model=_AGX_ORIN[0], compatible=_AGX_ORIN[1], tegra_release=_R35_4_1, debs=_JP5_DEBS,
             trt="8.5.2.2", cuda_json=_JP5_CUDA, nvcc_release=("11.4", "V11.4.315"), cudnn="8.6.0",
-            compute="8.7", gpu="Orin", power_mode=("MAXN", 0)),
+            compute="8.7", gpu="Orin", power_mode=("MAXN", 0), dla_cores=2),
     Profile("orin-jp6", "AGX Orin, JetPack 6.2 (L4T 36.4.3, TRT 10.3.0, CUDA 12.6, cuDNN 9.3.0)",
             board_model=_AGX_ORIN[0], compatible=_AGX_ORIN[1], tegra_release=_R36_4_3, debs=_JP6_DEBS,
             trt="10.3.0.30", cuda_json=_JP6_CUDA, nvcc_release=("12.6", "V12.6.68"), cudnn="9.3.0",
             compute="8.7", gpu="Orin", power_mode=("MAXN", 0),
             nvidia_smi={"name": "Orin (nvgpu)", "compute_cap": "8.7", "driver_version": "540.4.0",
                         "memory.total": "[N/A]", "pci.device_id": "[N/A]", "uuid": "[N/A]",
-                        "pci.bus_id": "[N/A]"}),
+                        "pci.bus_id": "[N/A]"}, dla_cores=2),
     Profile("xavier-jp5", "AGX Xavier, JetPack 5.1.2 (L4T 35.4.1, TRT 8.5.2, CUDA 11.4, cuDNN 8.6.0)",
             board_model="NVIDIA Jetson AGX Xavier Developer Kit",
             compatible=("nvidia,p2972-0000", "nvidia,tegra194"), tegra_release=_R35_4_1, debs=_JP5_DEBS,
             trt="8.5.2.2", cuda_json=_JP5_CUDA, nvcc_release=("11.4", "V11.4.315"), cudnn="8.6.0",
-            compute="7.2", gpu="Xavier", power_mode=("MAXN", 0)),
+            compute="7.2", gpu="Xavier", power_mode=("MAXN", 0), dla_cores=2),
     Profile("cpu", "plain CPU box (no NVIDIA files)"),
 )}
 
@@ -311,7 +312,8 @@ def _tensorrt_init(profile: Profile, state_dir: Path, trtexec_sim: Path, env: di
     the bindings report it (JP5 "8.5.2.2", JP6 "10.3.0") and the device's identity."""
     version = profile.trt if int(profile.trt.split(".")[0]) < 10 else profile.trt3
     identity = {"state": str(state_dir), "library": profile.trt, "compute": profile.compute or "", "gpu": profile.gpu or "",
-                "trtexec_sim": str(trtexec_sim), "build_seconds": env.get("KILN_SIM_BUILD_SECONDS", "0.2")}
+                "trtexec_sim": str(trtexec_sim), "build_seconds": env.get("KILN_SIM_BUILD_SECONDS", "0.2"),
+                "dla_cores": profile.dla_cores}
     lines = []
     for line in (TRT_PYTHON / "__init__.py").read_text().splitlines():
         if line.endswith("# kiln-sim: version"):

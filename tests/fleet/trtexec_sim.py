@@ -23,6 +23,9 @@ lower-case names without the KILN_SIM_ prefix, e.g. {"trt_version": "10.3.0"}):
   KILN_SIM_FAIL            "oom": every build fails with Error Code 2: OutOfMemory
   KILN_SIM_OUTPUT_NOISE    std of Gaussian noise added to exported float outputs (default 0)
   KILN_SIM_WRONG_OUTPUTS   "1": exported float outputs are perturbed far beyond any tolerance
+  KILN_SIM_DLA_CORES       DLA cores of the device (default 0): `--useDLACore=N` with N beyond them
+                           fails as trtexec does (`Cannot create DLA engine, N not available`); a DLA
+                           plan's JSON line says {"dla_core", "gpu_fallback"} (docs/trtexec.md §12)
 
 Outputs (`--loadInputs`, `--exportOutput`, as trtexec 8.5.2 .. 10.16): the sim cannot run a
 network, so at build time it embeds the ONNX bytes in the plan, and an inference that must
@@ -139,6 +142,7 @@ def load_identity():
         "latency_ms": float(get("latency_ms", "10.8")), "state": get("state", ""),
         "unsupported_ops": [o for o in get("unsupported_ops", "").split(",") if o],
         "fail": get("fail", ""),
+        "dla_cores": int(get("dla_cores", "0")),
     }
 
 
@@ -467,6 +471,24 @@ def int8_mode(opts, model, ident):
     return "random"
 
 
+def dla_setup(opts, ident):
+    """--useDLACore=N [--allowGPUFallback], as trtexec's setupNetworkAndConfig (docs/trtexec.md §12):
+    {"dla_core", "gpu_fallback"} for the plan's JSON line, None without DLA, False (error printed)
+    when this device has no DLA core N."""
+    if "--useDLACore" not in opts:
+        return None
+    try:
+        core = int(opts["--useDLACore"])
+    except ValueError:
+        error("Invalid DLA core: %s" % opts["--useDLACore"])
+        return False
+    if core < 0 or core >= ident["dla_cores"]:
+        error("Cannot create DLA engine, %d not available" % core)
+        return False
+    info("DLACore: %d%s" % (core, " (GPU fallback allowed)" if "--allowGPUFallback" in opts else ""))
+    return {"dla_core": core, "gpu_fallback": "--allowGPUFallback" in opts}
+
+
 def precision_of(opts):
     for p in ("best", "int8", "fp16"):
         if "--" + p in opts:
@@ -573,12 +595,19 @@ def do_build(run, opts, ver):
             error("Engine could not be created from network")
             error("Building engine failed")
             return run.setup_failed()
+    dla = dla_setup(opts, ident)
+    if dla is False:
+        return run.setup_failed()
+    if dla and precision == "fp32":
+        precision = "fp16"        # trtexec turns FP16 on for DLA unless INT8 is (sampleEngines.cpp)
     int8 = int8_mode(opts, model, ident) if precision in ("int8", "best") else None
     seconds = ident["build_seconds"] / (2 if cache_loaded else 1)
     start = time.time()
     time.sleep(seconds)
     elapsed = time.time() - start
-    data = engine_bytes(ident, onnx_sha, precision, model, profile, {"int8": int8} if int8 else None, externals)
+    extra = dict([("int8", int8)] if int8 else [])
+    extra.update(dla or {})
+    data = engine_bytes(ident, onnx_sha, precision, model, profile, extra or None, externals)
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
         cache = ("KILNSIM-TIMING-CACHE %s %s %s\n" % (trt_str(ident["trt"]), ident["compute"], onnx_sha)).encode()
@@ -598,7 +627,8 @@ def do_build(run, opts, ver):
         if ver >= (10, 0):
             info("Engine saved to %s" % engine_out)
     log_state(ident, "builds.log", {"onnx": onnx, "onnx_sha256": onnx_sha, "engine": engine_out,
-                                    "external_data": sorted(externals),
+                                    "external_data": sorted(externals), "dla_core": (dla or {}).get("dla_core"),
+                                    "gpu_fallback": (dla or {}).get("gpu_fallback"),
                                     "trt": trt_str(ident["trt"]), "compute": ident["compute"],
                                     "gpu": ident["gpu"], "precision": precision, "argv": run.argv[1:],
                                     "profile": profile, "int8": int8,
@@ -643,8 +673,10 @@ def do_load(run, opts, ver):
     if meta.get("gpu") and meta["gpu"] != ident["gpu"]:
         warn("[TRT] Using an engine plan file across different models of devices is not recommended and is "
              "likely to affect performance or even cause errors.")
+    loaded_core = int(opts["--useDLACore"]) if opts.get("--useDLACore", "").isdigit() else None
     log_state(ident, "loads.log", {"engine": path, "sha256": hashlib.sha256(data).hexdigest(),
-                                   "trt": running, "argv": run.argv[1:]})
+                                   "trt": running, "argv": run.argv[1:], "dla_core": loaded_core,
+                                   "plan_dla_core": meta.get("dla_core")})
     return do_inference(run, opts, data)
 
 

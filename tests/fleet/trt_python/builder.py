@@ -36,7 +36,7 @@ __all__ = ["Logger", "ILogger", "Builder", "INetworkDefinition", "ITensor", "Onn
            "IBuilderConfig", "BuilderFlag", "MemoryPoolType", "NetworkDefinitionCreationFlag", "DataType",
            "IOptimizationProfile", "ITimingCache", "IHostMemory", "CalibrationAlgoType", "IInt8Calibrator",
            "IInt8EntropyCalibrator2", "IInt8EntropyCalibrator", "IInt8MinMaxCalibrator", "IInt8LegacyCalibrator",
-           "trt_version_tuple", "sim_state_log"]
+           "trt_version_tuple", "sim_state_log", "DeviceType"]
 
 
 def trt_version_tuple():
@@ -130,6 +130,11 @@ class DataType(enum.IntEnum):
 #: ONNX TensorProto.DataType -> TensorRT DataType name (INT64 I/O becomes INT32 before 10.0)
 _ONNX_TYPES = {1: "FLOAT", 10: "HALF", 3: "INT8", 6: "INT32", 9: "BOOL", 2: "UINT8",
                7: "INT64" if _VER >= (10, 0) else "INT32", 11: "FLOAT"}
+
+
+class DeviceType(enum.IntEnum):
+    GPU = 0
+    DLA = 1
 
 
 class NetworkDefinitionCreationFlag(enum.IntEnum):
@@ -374,6 +379,8 @@ class IBuilderConfig(object):
         self.int8_calibrator = None
         self._calibration_profile = None
         self._level = 3
+        self.default_device_type = DeviceType.GPU
+        self.DLA_core = -1
 
     def set_flag(self, flag):
         self._flags.add(BuilderFlag(int(flag)))
@@ -454,6 +461,7 @@ class Builder(object):
         self.platform_has_fast_fp16 = True
         self.platform_has_fast_int8 = True
         self.platform_has_tf32 = _SIM.get("compute", "8.7") >= "8.0"
+        self.num_DLA_cores = int(_SIM.get("dla_cores", 0))
 
     def create_network(self, flags=0):
         return INetworkDefinition(flags)
@@ -492,11 +500,13 @@ class Builder(object):
         ident = {"trt": (library + [0, 0, 0, 0])[:4], "compute": _SIM.get("compute", "8.7"), "gpu": _SIM.get("gpu", "Orin")}
         onnx_sha = hashlib.sha256(network._onnx).hexdigest()
         time.sleep(float(_SIM.get("build_seconds", 0.2)))
-        plan = sim.engine_bytes(ident, onnx_sha, precision, network._onnx, profile or None,
-                                extra={"int8": int8} if int8 else None)
+        extra = dict([("int8", int8)] if int8 else [])
+        if DeviceType(int(config.default_device_type)) == DeviceType.DLA:   # marked as trtexec_sim's DLA plans
+            extra.update(dla_core=config.DLA_core, gpu_fallback=config.get_flag(BuilderFlag.GPU_FALLBACK))
+        plan = sim.engine_bytes(ident, onnx_sha, precision, network._onnx, profile or None, extra=extra or None)
         sim_state_log("builds.log", {"tool": "python-api", "onnx_sha256": onnx_sha, "precision": precision,
                                      "trt": ".".join(map(str, _VER)), "compute": ident["compute"],
-                                     "profile": profile, "int8": int8,
+                                     "profile": profile, "int8": int8, "dla_core": extra.get("dla_core"),
                                      "flags": sorted(f.name for f in config._flags),
                                      "timing_cache_loaded": bool(config._timing_cache and config._timing_cache._blob)})
         log(ILogger.INFO, "Engine generation completed in 0.2 seconds.")

@@ -27,6 +27,7 @@ from kiln.factories import factory_imports, find_factory_source, import_factory
 from kiln.files import atomic_file, move_into_place
 from kiln.keys import HashCache, digest, read_json, sha256_file
 from kiln.onnx_external import DATA_SUFFIX, ExternalData, check_graph, needs_packing, pack_external_data
+from kiln.onnx_weights import architecture_sha256
 from kiln.model_code import code_key, describe_change, record_model_code, watch_imports
 from kiln.devices.local_probe import package_version
 from kiln.faults import kill_point
@@ -408,6 +409,7 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         ref_tmp = Path(tmp) / "reference.npz"
         agent.save_arrays(str(ref_tmp), reference_arrays(points))
         onnx_sha, ref_sha = sha256_file(onnx_tmp), sha256_file(ref_tmp)
+        architecture = architecture_sha256(onnx_tmp)  # equal for a weights-only retrain: refit, not rebuild
         kill_point("export:exported")
         # bytes, not records: the local record below still names the previous ONNX until published;
         # the data file first, so a graph in place always finds the data it names
@@ -417,7 +419,8 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
         move_into_place(ref_tmp, paths.reference)
 
     record = {"model": model.name, "onnx_sha256": onnx_sha, "onnx_size": paths.onnx.stat().st_size,
-              "reference_sha256": ref_sha, "opset": opset, "inputs": {k: list(v) for k, v in model.inputs.items()},
+              "reference_sha256": ref_sha, "architecture_sha256": architecture, "opset": opset,
+              "inputs": {k: list(v) for k, v in model.inputs.items()},
               "outputs": list(model.outputs)}
     if model.shapes:
         record["shapes"] = _shapes_json(model)

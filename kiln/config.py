@@ -152,6 +152,8 @@ BUILD_KEYS = {
     "shapes": Key((dict,), doc="deprecated: declare ranges in the model's inputs (the TensorRT profile comes "
                                "from them); still read as { input = { min = [..], opt = [..], max = [..] } }"),
     "extra_flags": Key((list,), default=[], doc="extra trtexec flags from an allowlist, e.g. [\"--noTF32\"]"),
+    "refit": Key((bool,), default=False, doc="TensorRT: build refittable engines; a weights-only retrain is then "
+                                             "refitted on a device of the class instead of rebuilt"),
     "verify_on": Key((int,), default=1, check=lambda v: None if v in (1, 2) else "must be 1 or 2",
                      doc="members of the class that load and check a new engine before it is published: "
                          "1 (the builder) or 2 (the builder and a second member)"),

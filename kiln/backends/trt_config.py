@@ -182,6 +182,10 @@ class TrtBuildConfig:
       so precision fp32 is refused (trtexec would turn FP16 on by itself: docs/trtexec.md §12).
     dla_gpu_fallback: layers the DLA cannot run go to the GPU (`--allowGPUFallback`,
       BuilderFlag.GPU_FALLBACK); without it such a layer fails the build. Only with dla_core.
+    refit: build a refittable engine (trtexec `--refit`, BuilderFlag.REFIT) so that a later
+      weights-only retrain is refitted on the device instead of rebuilt (kiln/pipeline/refit.py;
+      docs/trtexec.md §10). Part of the engine key only when true (keys of models without it
+      stay as they were).
     """
     precision: str = "fp16"
     workspace_mib: int | None = None
@@ -191,6 +195,7 @@ class TrtBuildConfig:
     timing_cache: bool = True
     dla_core: int | None = None
     dla_gpu_fallback: bool = True
+    refit: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -215,6 +220,9 @@ class TrtBuildConfig:
                                    field="precision", hint='set precision = "fp16" for this model or target')
         if not isinstance(self.dla_gpu_fallback, bool):
             raise BuildConfigError("dla_gpu_fallback must be true or false", field="dla_gpu_fallback")
+        if not isinstance(self.refit, bool):
+            raise BuildConfigError("refit must be true or false", field="refit",
+                                   hint="refit = true builds refittable engines (see README, Refit after retraining)")
         if self.shapes is not None:
             object.__setattr__(self, "shapes", _shape_ranges(self.shapes))
         if isinstance(self.extra_flags, str):
@@ -224,13 +232,17 @@ class TrtBuildConfig:
         for flag in flags:
             check_extra_flag(flag)
         object.__setattr__(self, "extra_flags", flags)
+        if self.refit and {"--versionCompatible", "--vc"} & set(flags):
+            raise BuildConfigError("refit cannot be combined with --versionCompatible: version-compatible plans "
+                                   "are not refittable (docs/trtexec.md §9)", field="refit",
+                                   hint="drop refit = true or the --versionCompatible flag")
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, object]) -> "TrtBuildConfig":
         """From a `[models.X.build]` table; accepts `optimization_level` as an alias and
         ignores keys of other backends (ort_optimization)."""
         known = {"precision", "workspace_mib", "shapes", "builder_optimization_level", "extra_flags", "timing_cache",
-                 "dla_core", "dla_gpu_fallback"}
+                 "dla_core", "dla_gpu_fallback", "refit"}
         kwargs = {k: v for k, v in data.items() if k in known}
         if "optimization_level" in data and "builder_optimization_level" not in data:
             kwargs["builder_optimization_level"] = data["optimization_level"]
@@ -239,8 +251,8 @@ class TrtBuildConfig:
         return cls(**kwargs)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, object]:
-        """Canonical, JSON-friendly form (for engine keys)."""
-        return {
+        """Canonical, JSON-friendly form (for engine keys); `refit` only when true."""
+        out = {
             "precision": self.precision, "workspace_mib": self.workspace_mib,
             "shapes": None if self.shapes is None else {
                 r.name: {"min": list(r.min), "opt": list(r.opt), "max": list(r.max)} for r in self.shapes},
@@ -250,6 +262,9 @@ class TrtBuildConfig:
             **({"dla_core": self.dla_core, "dla_gpu_fallback": self.dla_gpu_fallback}
                if self.dla_core is not None else {}),
         }
+        if self.refit:
+            out["refit"] = True
+        return out
 
     def check_version(self, trt_version: str | Sequence[int]) -> tuple[int, int, int]:
         """Refuse extra flags that TensorRT `trt_version` lacks (docs/trtexec.md §2); -> the

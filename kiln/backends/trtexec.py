@@ -23,7 +23,8 @@ from kiln.backends.trt_config import (BuildConfigError, ShapeRange, TrtBuildConf
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_argv", "load_argv", "TRT_API_BUILD_SCRIPT", "api_build_argv"]
+__all__ = ["build_argv", "load_argv", "TRT_API_BUILD_SCRIPT", "api_build_argv", "TRT_API_REFIT_SCRIPT",
+           "api_refit_argv"]
 
 
 def _shape_flags(shapes: Sequence[ShapeRange] | None) -> list[str]:
@@ -67,6 +68,8 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
     if cfg.timing_cache and timing_cache:
         argv.append(f"--timingCacheFile={timing_cache}")
     argv += _dla_flags(cfg.dla_core, cfg.dla_gpu_fallback)
+    if cfg.refit and "--refit" not in cfg.extra_flags:
+        argv.append("--refit")  # BuilderFlag::kREFIT, 8.5 .. 10.x (docs/trtexec.md §10)
     argv += cfg.extra_flags
     argv.append("--skipInference" if ver >= (8, 6) else "--buildOnly")
     return argv
@@ -164,5 +167,18 @@ def api_build_argv(python: str, script: str, *, onnx: str, engine: str, cfg: Trt
             "builder_optimization_level": cfg.builder_optimization_level,
             "timing_cache": timing_cache if cfg.timing_cache else None,
             "shapes": cfg.to_dict()["shapes"],
-            **({"dla_core": cfg.dla_core, "dla_gpu_fallback": cfg.dla_gpu_fallback} if cfg.dla_core is not None else {})}
+            **({"dla_core": cfg.dla_core, "dla_gpu_fallback": cfg.dla_gpu_fallback} if cfg.dla_core is not None else {}),
+            **({"refit": True} if cfg.refit else {})}
+    return [python, script, json.dumps(args, sort_keys=True)]
+
+
+#: Standalone refit script (stdlib + tensorrt, numpy on 8.x): trtexec cannot save a refitted plan
+#: (docs/trtexec.md §10), so every refit goes through the Python API, whatever the build tool.
+TRT_API_REFIT_SCRIPT = Path(__file__).parent.parent / "device_side" / "trt_api_refit.py"
+
+
+def api_refit_argv(python: str, script: str, *, base: str, onnx: str, engine: str,
+                   weights: str | None = None) -> list[str]:
+    """argv for the refit script on the device; args travel as one JSON argument."""
+    args = {"base": base, "onnx": onnx, "engine": engine, "weights": weights}
     return [python, script, json.dumps(args, sort_keys=True)]

@@ -12,7 +12,8 @@ JSON args:
              without a calibrator TensorRT reports "Calibration failure")
   workspace_mib: int > 0 | null,  builder_optimization_level: 0..5 | null (TensorRT >= 8.6),
   timing_cache: path | null  (loaded if it exists, saved after the build),
-  shapes: {input: {"min": [..], "opt": [..], "max": [..]}} | null,  verbose: bool
+  shapes: {input: {"min": [..], "opt": [..], "max": [..]}} | null,  verbose: bool,
+  refit: bool  (BuilderFlag.REFIT: a refittable engine, see trt_api_refit.py)
 
 Output: progress lines "kiln-trt: ..." and, last, one JSON line
   {"kiln": "trt_api_build", "ok": true, "engine": ..., "sha256": ..., "bytes": ..., "seconds": ...,
@@ -27,7 +28,7 @@ import time
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 KEYS = {"onnx", "engine", "precision", "workspace_mib", "builder_optimization_level", "timing_cache",
-        "shapes", "verbose", "dla_core", "dla_gpu_fallback"}
+        "shapes", "verbose", "dla_core", "dla_gpu_fallback", "refit"}
 
 
 class ArgError(ValueError):
@@ -86,8 +87,9 @@ def parse_args(argv):
             dims = [_positive_dims(spec[k], "shapes.%s.%s" % (name, k)) for k in ("min", "opt", "max")]
             if len(set(len(d) for d in dims)) != 1 or not all(a <= b <= c for a, b, c in zip(*dims)):
                 raise ArgError("shapes.%s: need equal ranks and min <= opt <= max" % name)
-    if not isinstance(args.get("verbose", False), bool):
-        raise ArgError("verbose must be true or false")
+    for key in ("verbose", "refit"):
+        if not isinstance(args.get(key, False), bool):
+            raise ArgError("%s must be true or false" % key)
     core = args.get("dla_core")
     if core is not None and (not isinstance(core, int) or isinstance(core, bool) or core < 0):
         raise ArgError("dla_core must be a DLA core number or null")
@@ -166,6 +168,8 @@ def build(args, trt):
         config.set_flag(trt.BuilderFlag.FP16)
     if args["precision"] in ("int8", "best"):
         config.set_flag(trt.BuilderFlag.INT8)
+    if args.get("refit"):
+        config.set_flag(trt.BuilderFlag.REFIT)  # weights can be replaced later without a rebuild
     level = args.get("builder_optimization_level")
     if level is not None:
         if hasattr(config, "builder_optimization_level"):

@@ -26,6 +26,17 @@ lower-case names without the KILN_SIM_ prefix, e.g. {"trt_version": "10.3.0"}):
   KILN_SIM_DLA_CORES       DLA cores of the device (default 0): `--useDLACore=N` with N beyond them
                            fails as trtexec does (`Cannot create DLA engine, N not available`); a DLA
                            plan's JSON line says {"dla_core", "gpu_fallback"} (docs/trtexec.md §12)
+  KILN_SIM_REFIT_RATIO     refit time / build time of the simulated TensorRT refitter (default 0.2: the
+                           slow end of Torch-TensorRT's "typically 80-95% faster", docs/trtexec.md §10)
+  KILN_SIM_REFIT_FAULT     "fail": every refit fails (refit_cuda_engine() returns False); "drop-bias":
+                           refitted engines compute with Conv/Gemm biases zeroed (NVIDIA's kREFIT known
+                           issue, docs/trtexec.md §10)
+
+Refit (docs/trtexec.md §10): `--refit`, `--stripWeights` (10.0+) and `--stripAllWeights` (10.1+)
+are recorded in the plan's JSON line as "refit" ({"mode": "refit" | "identical", "stripped",
+"refits"}) and in builds.log; a stripped plan refuses to run until refitted. The refit itself
+is done through the simulated TensorRT Python API (tests/fleet/trt_sim_refit.py), which
+rewrites the plan with the new weights and logs refits.log, never builds.log.
 
 Outputs (`--loadInputs`, `--exportOutput`, as trtexec 8.5.2 .. 10.16): the sim cannot run a
 network, so at build time it embeds the ONNX bytes in the plan, and an inference that must
@@ -143,6 +154,7 @@ def load_identity():
         "unsupported_ops": [o for o in get("unsupported_ops", "").split(",") if o],
         "fail": get("fail", ""),
         "dla_cores": int(get("dla_cores", "0")),
+        "refit_ratio": float(get("refit_ratio", "0.2")), "refit_fault": get("refit_fault", ""),
     }
 
 
@@ -489,6 +501,16 @@ def dla_setup(opts, ident):
     return {"dla_core": core, "gpu_fallback": "--allowGPUFallback" in opts}
 
 
+def refit_mode(opts):
+    """What the build flags make of the plan (docs/trtexec.md §10): --refit = kREFIT; --stripWeights
+    = kSTRIP_PLAN with kREFIT_IDENTICAL unless --refit is given too; --stripAllWeights = both."""
+    stripped = "--stripWeights" in opts or "--stripAllWeights" in opts
+    refit = "--refit" in opts or "--stripAllWeights" in opts
+    if not (stripped or refit):
+        return None
+    return {"mode": "refit" if refit else "identical", "stripped": stripped, "refits": 0}
+
+
 def precision_of(opts):
     for p in ("best", "int8", "fp16"):
         if "--" + p in opts:
@@ -607,6 +629,8 @@ def do_build(run, opts, ver):
     elapsed = time.time() - start
     extra = dict([("int8", int8)] if int8 else [])
     extra.update(dla or {})
+    if refit_mode(opts):
+        extra["refit"] = refit_mode(opts)
     data = engine_bytes(ident, onnx_sha, precision, model, profile, extra or None, externals)
     info("[TRT] Engine generation completed in %.4f seconds." % elapsed)
     if cache_path:
@@ -631,7 +655,7 @@ def do_build(run, opts, ver):
                                     "gpu_fallback": (dla or {}).get("gpu_fallback"),
                                     "trt": trt_str(ident["trt"]), "compute": ident["compute"],
                                     "gpu": ident["gpu"], "precision": precision, "argv": run.argv[1:],
-                                    "profile": profile, "int8": int8,
+                                    "profile": profile, "int8": int8, "refit": refit_mode(opts),
                                     "timing_cache_loaded": cache_loaded})
     if "--skipInference" in opts or "--buildOnly" in opts:
         info("Skipped inference phase since --%s is added." % ("skipInference" if "--skipInference" in opts else "buildOnly"))
@@ -898,6 +922,14 @@ def do_inference(run, opts, data):
     meta, _ = read_engine_meta(data)
     precision = (meta or {}).get("precision", "fp32")
     ver = tuple(ident["trt"][:2])
+    refit = (meta or {}).get("refit") or {}
+    if refit.get("stripped") and not refit.get("refits"):
+        # a weight-stripped plan has no weights until it is refitted (TensorRT's own message for
+        # this is not quoted in docs/trtexec.md: this text is the simulator's)
+        error("simulator: this plan was built with --stripWeights and has not been refitted; "
+              "its weights are missing")
+        error("Inference set up failed")
+        return run.failed()
     problem = profile_error((meta or {}).get("profile") or {}, parse_shapes(opts.get("--shapes", "")))
     if problem:
         error(problem)

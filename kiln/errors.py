@@ -87,6 +87,11 @@ class VerificationError(BuildError):
     """Outputs of an engine (or of ONNX Runtime) differ from the reference."""
 
 
+class RefitUnsupported(BuildError):
+    """This device cannot refit this engine (no TensorRT Python API for the target's python, a base
+    that is not refittable, weights the ONNX does not name): the engine is built instead."""
+
+
 class DeployError(KilnError):
     """Staging, smoke test, activation or health check on a target failed."""
 

@@ -17,11 +17,12 @@ import uuid
 from kiln.device_side import agent as agent_module
 from kiln.backends.base import Backend
 from kiln.backends.trt_config import TrtBuildConfig
-from kiln.backends.trtexec import TRT_API_BUILD_SCRIPT, api_build_argv, build_argv, load_argv
+from kiln.backends.trtexec import (TRT_API_BUILD_SCRIPT, TRT_API_REFIT_SCRIPT, api_build_argv, api_refit_argv,
+                                   build_argv, load_argv)
 from kiln.backends.trtexec_output import check_trtexec_result, parse_api_build_output
 from kiln.devices.nvidia import dla_cores
 from kiln.devices.workarea import Device
-from kiln.errors import BuildError, VerificationError
+from kiln.errors import BuildError, RefitUnsupported, VerificationError
 from kiln.keys import sha256_file
 
 
@@ -76,6 +77,37 @@ class TensorRTBackend(Backend):
         size = int(device.transport.run(["wc", "-c", engine]).stdout.split()[0])
         return {"engine": engine, "sha256": facts["sha256"], "size": size, "build_seconds": seconds or 0.0,
                 "tool": tool, "command": result.command}
+
+    def refit(self, device: Device, base, onnx, weights, out_dir, fingerprint, stream=None) -> dict:
+        """Refit the refittable plan `base` with the weights of `onnx` (the .npz `weights` of its
+        initializers serves TensorRT 8.x) by the TensorRT Python API on the device (trtexec cannot
+        save a refitted plan: docs/trtexec.md §10); returns facts for the manifest like `build`.
+        Raises RefitUnsupported when this device cannot refit it (no tensorrt module for the
+        target's python, a base that is not refittable, weights the ONNX does not name), BuildError
+        when the refit itself fails: the caller builds instead either way."""
+        target = device.config
+        version = fingerprint.get("tensorrt")
+        device.mkdir(out_dir)
+        engine = posixpath.join(out_dir, self.engine_file)
+        script = device.ensure_input(TRT_API_REFIT_SCRIPT, sha256_file(TRT_API_REFIT_SCRIPT), ".py")
+        argv = api_refit_argv(target.python, script, base=base, onnx=onnx, engine=engine, weights=weights)
+        result = device.transport.run(argv, stream=stream, check=False, timeout=target.command_timeout)
+        answer = parse_api_build_output(result.stdout, "trt_api_refit")
+        if not answer.get("ok") or result.exit_code != 0:
+            details = "; ".join(str(d) for d in (answer.get("details") or [])[:3])
+            reason = f"{answer.get('error')}" + (f" ({details})" if details else "")
+            error = RefitUnsupported if result.exit_code in (3, 4) else BuildError
+            raise error(f"the TensorRT refit failed on {device.target}: {reason}", target=device.target,
+                        hint="the engine is built instead")
+        facts = device.agent("sha256", engine)
+        if facts["sha256"] != answer.get("sha256"):
+            raise BuildError(f"the refitted plan on {device.target} does not match the sha256 the refit reported",
+                             target=device.target, hint="check the device's storage")
+        size = int(device.transport.run(["wc", "-c", engine]).stdout.split()[0])
+        return {"engine": engine, "sha256": facts["sha256"], "size": size,
+                "build_seconds": answer.get("seconds") or 0.0,
+                "tool": f"tensorrt-python {answer.get('tensorrt') or version} ({answer.get('weights')})",
+                "command": result.command}
 
     def verify(self, device: Device, engine, reference, verify, settings=None) -> dict:
         """Run the engine on the reference inputs on the device and compare its outputs with

@@ -191,8 +191,8 @@ def check_trtexec_result(text: str, exit_code: int, *, target: str | None = None
 
 # ---------------------------------------------------------------------------- Python API builder
 
-def parse_api_build_output(text: str) -> dict[str, object]:
-    """The script's last JSON line: {"kiln": "trt_api_build", "ok": bool, ...}."""
+def parse_api_build_output(text: str, script: str = "trt_api_build") -> dict[str, object]:
+    """The script's last JSON line: {"kiln": "trt_api_build" (or `script`), "ok": bool, ...}."""
     for line in reversed(text.strip().splitlines()):
         line = line.strip()
         if line.startswith("{") and '"kiln"' in line:
@@ -200,8 +200,8 @@ def parse_api_build_output(text: str) -> dict[str, object]:
                 data = json.loads(line)
             except ValueError:
                 continue
-            if data.get("kiln") == "trt_api_build":
+            if data.get("kiln") == script:
                 return data
-    raise BuildError("the TensorRT API build script printed no result line",
+    raise BuildError(f"the TensorRT API script {script}.py printed no result line",
                      hint="run it by hand on the device; is python3 able to import tensorrt?",
                      output_tail=text[-500:] or "<empty>")

@@ -193,14 +193,28 @@ def _build_leased(ctx: Context, spec: EngineSpec, key: str, build, say) -> dict:
 
 
 def _build_any(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say) -> dict:
-    """Build on the first builder of the class that can (the caller holds the key's lease)."""
+    """Build on the first builder of the class that can (the caller holds the key's lease). A
+    weights-only change of a model built refittable is refitted from its base instead
+    (kiln.pipeline.refit); a refit that cannot be done or fails falls back to the full build."""
+    from kiln.pipeline.refit import plan_refit, publish_base, refit_wanted
     model = spec.model
     errors = []
+    refit = plan_refit(ctx, spec, onnx_record, say)
     for target in spec.builders:
         if not _still_in_class(ctx, spec, target):
             errors.append(f"{target.name}: no longer in class {spec.hwclass.id}")
             continue
         try:
+            if refit is not None:
+                try:
+                    with ctx.progress.activity(f"refit {spec.task_name} on {target.name}") as activity:
+                        return _build_on(ctx, spec, target, key, engine_key_inputs(spec, onnx_record), onnx_record,
+                                         say, activity, refit=refit)
+                except UnreachableError:
+                    raise
+                except BuildError as exc:  # unsupported, failed, or its engine failed verification
+                    _refit_failed(ctx, spec, key, target, refit, exc, say)
+                    refit = None
             with ctx.progress.activity(f"build {spec.task_name} on {target.name}") as activity:
                 manifest = _build_on(ctx, spec, target, key, engine_key_inputs(spec, onnx_record), onnx_record,
                                      say, activity)
@@ -208,11 +222,21 @@ def _build_any(ctx: Context, spec: EngineSpec, key: str, onnx_record: dict, say)
             errors.append(f"{target.name}: {exc.message}")
             log.warning("builder %s unreachable, trying the next builder of %s", target.name, spec.hwclass.id)
             continue
+        if refit_wanted(spec):  # records follow bytes: the engine is published, now name it a base
+            publish_base(ctx, spec, onnx_record, manifest, say)
         return manifest
     tried = "; ".join(errors) or "the class has no recorded member"
     raise BuildError(f"no builder of hardware class {spec.hwclass.id} could build {model.name}: {tried}",
                      model=model.name, hint="bring one of the class's devices online (or run "
                                             "`doit fingerprint:<target>` for it), then run again")
+
+
+def _refit_failed(ctx: Context, spec: EngineSpec, key: str, target: Target, refit, exc: KilnError, say) -> None:
+    """A refit that could not be used: said, logged and recorded; the caller builds instead."""
+    ctx.events.emit(f"engine:{spec.task_name}", "build", key=key, target=target.name, refit_base=refit.base_key,
+                    why=f"refit on {target.name} not used ({exc.message}); building the engine in full")
+    log.warning("refit of %s on %s not used: %s", spec.task_name, target.name, exc.message)
+    say(f"  refit not used ({exc.message}); building in full")
 
 
 def _still_in_class(ctx: Context, spec: EngineSpec, target: Target) -> bool:
@@ -401,15 +425,22 @@ def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> d
 
 
 def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: dict, onnx_record: dict,
-              say, activity=NULL) -> dict:
-    """Build on `target`, verify, publish. `activity` (kiln.progress) is told each phase and
-    the builder's output lines as they arrive."""
+              say, activity=NULL, refit=None) -> dict:
+    """Build on `target` (or, given a kiln.pipeline.refit.RefitPlan, refit its base there), verify,
+    publish. `activity` (kiln.progress) is told each phase and the builder's output lines as they arrive."""
+    from kiln.pipeline.refit import made_by, send_refit_inputs
     task = f"engine:{spec.task_name}"
     store, backend = ctx.store, spec.backend
     device = Device(ctx.transport(target), target)
-    say(f"  building engine {key[:12]} for {spec.hwclass.id} on {target.name} ({backend.name})")
     why = f"no engine in the store for ONNX {onnx_record['onnx_sha256'][:12]} on class {spec.hwclass.id}"
-    ctx.events.emit(task, "build", key=key, target=target.name, why=why)
+    if refit is None:
+        say(f"  building engine {key[:12]} for {spec.hwclass.id} on {target.name} ({backend.name})")
+        ctx.events.emit(task, "build", key=key, target=target.name, why=why)
+    else:
+        say(f"  refitting engine {key[:12]} for {spec.hwclass.id} on {target.name} from base {refit.base_key[:12]} "
+            f"(same architecture, new weights)")
+        ctx.events.emit(task, "build", key=key, target=target.name, refit_base=refit.base_key,
+                        why=f"{why}; same architecture as engine {refit.base['engine_key'][:12]}: refit with the new weights")
     start = time.time()
 
     # ONNX and reference come from the store, verified, so any controller can build
@@ -422,8 +453,9 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     out_dir = device.path(".kiln", "build", key)
 
     timing_remote = None
-    if spec.model.build.get("timing_cache") and backend.name == "tensorrt":
+    if spec.model.build.get("timing_cache") and backend.name == "tensorrt" and refit is None:
         timing_remote = _fetch_timing_cache(ctx, device, spec, out_dir)
+    fingerprint = probe_target(ctx, target).fingerprint or spec.fingerprint
 
     log_path = ctx.build_log(key)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -435,10 +467,16 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 say(f"    [{target.name}] {line}")
                 activity.note(line)
         try:
-            activity.phase("building")
-            facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
-                                  probe_target(ctx, target).fingerprint or spec.fingerprint, stream=stream,
-                                  timing_cache=timing_remote, external_data=bool(onnx_record.get("external_data")))
+            if refit is None:
+                activity.phase("building")
+                facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
+                                      fingerprint, stream=stream, timing_cache=timing_remote,
+                                      external_data=bool(onnx_record.get("external_data")))
+            else:
+                activity.phase("refitting")
+                base_remote, weights_remote = send_refit_inputs(ctx, device, refit, onnx_local, fingerprint)
+                facts = backend.refit(device, base_remote, onnx_remote, weights_remote, out_dir, fingerprint,
+                                      stream=stream)
             activity.phase("verifying")
             report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify,
                                     backend.build_settings(spec.model.build))
@@ -450,7 +488,10 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
         except KilnError as exc:
             build_log.write(f"\nFAILED: {exc}\n")
             hint = f"{exc.hint}; " if exc.hint else ""
-            raise BuildError(f"building {spec.model.name} for {spec.hwclass.id} on {target.name} failed: {exc.message}",
+            verb = "building" if refit is None else "refitting"
+            if refit is not None:  # the full build that follows starts from an empty folder
+                device.transport.run(["rm", "-rf", out_dir], check=False)
+            raise BuildError(f"{verb} {spec.model.name} for {spec.hwclass.id} on {target.name} failed: {exc.message}",
                              model=spec.model.name, target=target.name, key=key[:12],
                              hint=f"{hint}full build output: {log_path}") from exc
     seconds = time.time() - start
@@ -466,6 +507,8 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 "build_seconds": round(facts.get("build_seconds", seconds), 3),
                 "verification": {k: v for k, v in report.items() if k != "ok"},
                 "built_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if refit is not None or spec.model.build.get("refit"):
+        manifest["made_by"] = made_by(refit)
     # the controller vouches for what it verified: signed before the conditional write
     manifest = controller_trust(ctx).sign(manifest, say=say)
     in_force = publish_manifest(store, key, manifest)
@@ -482,9 +525,10 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     if timing_remote:
         _publish_timing_cache(ctx, device, spec, timing_remote)
     device.transport.run(["rm", "-rf", out_dir], check=False)
+    made = "built" if refit is None else f"refitted from base {refit.base_key[:12]}"
     ctx.events.emit(task, "publish", key=key, target=target.name, seconds=seconds,
-                    why=f"built and verified on {target.name}; {how}")
-    say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, built in {seconds:.1f} s on {target.name})")
+                    why=f"{made} and verified on {target.name}; {how}")
+    say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, {made} in {seconds:.1f} s on {target.name})")
     return in_force
 
 

@@ -60,6 +60,9 @@ engine_manifest_entry = _by_digest("engines", "/manifest.json")
 #: (Stores written before blobs/ hold the bytes here; they are read as they are.)
 engine_entry = _by_digest("engines", "/engine")
 timing_cache_entry = _by_digest("timing-caches", ".cache")  # by class digest
+#: refit base key (architecture, class, build settings, builder) -> signed record naming the blob of a
+#: refittable engine of that architecture (kiln.pipeline.refit); created once, by a conditional write
+refit_base_entry = _by_digest("refit-bases", ".json")
 
 
 def lease_entry(key: str) -> str:

@@ -1,4 +1,4 @@
-"""Refit instead of rebuild (README "Refit after retraining", docs/trtexec.md §10): the export's
+"""Refit instead of rebuild (README "Refit after retraining", docs/trtexec.md §11): the export's
 architecture digest, the `refit` build setting and its flags, the simulated refittable and
 stripped plans, and the device-side refit script's contract."""
 from __future__ import annotations
@@ -124,3 +124,93 @@ def test_the_refit_script_refuses_bad_arguments_and_says_when_tensorrt_is_missin
     assert json.loads(argv[2]) == {"base": "b.plan", "onnx": "m.onnx", "engine": "n.plan", "weights": None}
     code, out = run(argv[2])
     assert code == 3 and "tensorrt is not importable" in out["error"]
+
+
+# -- on simulated Jetsons: refit, rebuild, fall back --------------------------------------------
+
+from tests.fleet.sim import JETSON_PYTHON  # noqa: E402
+
+REFIT_ON = '[models.tiny.build]\nrefit = true\n'
+
+
+def refit_project(tmp_path, sim, devices: dict[str, dict]):
+    from test_fleet import fleet_project
+    p = fleet_project(tmp_path, sim, {n: {"python": JETSON_PYTHON, **o} for n, o in devices.items()})
+    p.fleet.write_text(p.fleet.read_text().replace('outputs = ["logits", "pred_boxes"]\n',
+                                                   'outputs = ["logits", "pred_boxes"]\n' + REFIT_ON, 1))
+    return p
+
+
+def counts(sim, names) -> tuple[int, int]:
+    """(full builds, refits) counted on the devices."""
+    return sum(len(sim.builds(n)) for n in names), sum(len(sim.refits(n)) for n in names)
+
+
+def manifests(p) -> dict[str, dict]:
+    base = p.artifacts / "store" / "entries" / "engines"
+    return {m.parent.name: json.loads(m.read_text()) for m in base.glob("*/*/manifest.json")}
+
+
+def test_a_weights_only_retrain_refits_on_each_class_and_a_graph_change_rebuilds(tmp_path, new_fleet):
+    from test_fleet import retrain
+    sim = new_fleet()
+    sim.add_device("orin6-a", "orin-jp6")     # TensorRT 10.3: OnnxParserRefitter
+    sim.add_device("orin6-b", "orin-jp6")
+    sim.add_device("orin5", "orin-jp5")       # TensorRT 8.5: set_named_weights from the initializers
+    sim.start()
+    names = ["orin6-a", "orin6-b", "orin5"]
+    p = refit_project(tmp_path, sim, {n: {} for n in names})
+    p.doit("-n", "3", "deploy")
+    assert counts(sim, names) == (2, 0)       # one refittable build per class
+    assert all("--refit" in b["argv"] and b["refit"]["mode"] == "refit" for n in names for b in sim.builds(n))
+    bases = list((p.artifacts / "store/entries/refit-bases").rglob("*.json"))
+    assert len(bases) == 2 and all(json.loads(b.read_text())["signature"] for b in bases)
+    first = {n: (sim.srv(n) / "kiln/tiny/current").resolve().name for n in names}
+
+    retrain(p, 0.05)
+    run = p.doit("-n", "3", "deploy")
+    assert counts(sim, names) == (2, 2), run.out   # no full build on any device: one refit per class
+    assert {r["trt"] for n in names for r in sim.refits(n)} == {"10.3.0", "8.5.2.2"}
+    refitted = [m for m in manifests(p).values() if m.get("made_by", {}).get("how") == "refit"]
+    assert len(refitted) == 2 and all(m["verification"]["max_abs_diff"] for m in refitted)
+    assert {m["tool"].split("(")[1] for m in refitted} == {"OnnxParserRefitter.refit_from_file)",
+                                                          "Refitter.set_named_weights)"}
+    onnx_now = json.loads((p.artifacts / "onnx/tiny.json").read_text())["onnx_sha256"]
+    for n in names:                            # every device runs the refitted engine of the new weights
+        current = sim.srv(n) / "kiln/tiny/current"
+        assert current.resolve().name != first[n]
+        release = json.loads((current / "manifest.json").read_text())
+        assert release["onnx_sha256"] == onnx_now and release["smoke_test"]["latency_ms"]["p99"] > 0
+    assert any("refitted from base" in e.get("why", "") for e in p.events() if e["event"] == "publish")
+
+    p.fleet.write_text(p.fleet.read_text() + "\n[models.tiny.export]\nopset = 18\n")   # another graph
+    p.doit("-n", "3", "deploy")
+    assert counts(sim, names) == (4, 2)        # rebuilt in full, once per class
+
+
+def test_a_refit_that_fails_or_computes_wrong_is_not_published_and_the_engine_is_built(tmp_path, new_fleet):
+    from test_fleet import retrain
+    sim = new_fleet()
+    sim.add_device("orin", "orin-jp6", sim_env={"KILN_SIM_REFIT_FAULT": "drop-bias"})
+    sim.start()
+    p = refit_project(tmp_path, sim, {"orin": {}})
+    p.doit("deploy")
+    assert counts(sim, ["orin"]) == (1, 0)
+
+    retrain(p, 0.05)                           # the refit runs, but its engine fails the accuracy gate
+    run = p.doit("deploy")
+    assert counts(sim, ["orin"]) == (2, 1), run.out
+    assert "refit not used" in run.out and "differ from the reference" in run.out
+    assert all(m.get("made_by", {}).get("how") != "refit" for m in manifests(p).values())
+    assert any(e.get("refit_base") and "not used" in e["why"] for e in p.events())
+
+    sim.upgrade("orin", sim_env={"KILN_SIM_REFIT_FAULT": "fail"})
+    retrain(p, 0.1)                            # refit_cuda_engine() returns False
+    run = p.doit("deploy")
+    assert counts(sim, ["orin"]) == (3, 1) and "refit_cuda_engine returned False" in run.out, run.out
+
+    p.fleet.write_text(p.fleet.read_text().replace(JETSON_PYTHON, sys.executable))  # no tensorrt module
+    retrain(p, 0.15)
+    run = p.doit("deploy")
+    assert counts(sim, ["orin"]) == (4, 1) and "tensorrt is not importable" in run.out, run.out
+    assert all(m.get("made_by", {}).get("how") == "build" for m in manifests(p).values())

@@ -251,6 +251,14 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
     env = {**profile.sim_env(), **(sim_env or {})}
     for path, text in _python_packages(profile, state_dir, trtexec_sim, env).items():
         files[path] = FileSpec(text.encode()) if text is not None else absent
+    # a python3 as on a Jetson, with numpy (the agent's comparisons) and the bindings: the host's
+    # system python3 has no numpy, so this is the fleet's interpreter with only the simulated
+    # packages added to its path (kiln's refit script and agent run with it: target `python`)
+    bindings = bool(profile.trt) and f"{DIST_PACKAGES}/tensorrt/__init__.py" not in profile.hidden
+    files[JETSON_PYTHON] = (FileSpec(_sh(f'PYTHONPATH={SIM_SITE}${{PYTHONPATH:+:$PYTHONPATH}} '
+                                         f'exec {shlex.quote(python)} "$@"\n'), 0o755) if profile.trt else absent)
+    for package in ("tensorrt", "cuda"):
+        files[f"{SIM_SITE}/{package}"] = FileSpec(link=f"{DIST_PACKAGES}/{package}") if bindings else absent
     if profile.power_mode:
         name, num = profile.power_mode
         files["/usr/sbin/nvpmodel"] = FileSpec(_sh(
@@ -287,6 +295,8 @@ def profile_files(profile: Profile, *, state_dir: Path, python: str, trtexec_sim
 TRT_PYTHON = HERE / "trt_python"     # the simulated `tensorrt` package, one module per area
 CUDA_PYTHON = HERE / "cuda_python"   # the simulated `cuda` package (cuda-python's cudart)
 DIST_PACKAGES = "/usr/lib/python3/dist-packages"
+JETSON_PYTHON = "/usr/local/bin/kiln-sim-python3"   # numpy + the simulated bindings (see profile_files)
+SIM_SITE = "/usr/local/lib/kiln-sim-python"          # holds links to the simulated tensorrt and cuda only
 
 
 def _python_packages(profile: Profile, state_dir: Path, trtexec_sim: Path, env: dict[str, str]) -> dict[str, str | None]:
@@ -313,7 +323,8 @@ def _tensorrt_init(profile: Profile, state_dir: Path, trtexec_sim: Path, env: di
     version = profile.trt if int(profile.trt.split(".")[0]) < 10 else profile.trt3
     identity = {"state": str(state_dir), "library": profile.trt, "compute": profile.compute or "", "gpu": profile.gpu or "",
                 "trtexec_sim": str(trtexec_sim), "build_seconds": env.get("KILN_SIM_BUILD_SECONDS", "0.2"),
-                "dla_cores": profile.dla_cores}
+                "dla_cores": profile.dla_cores,
+                "refit_ratio": env.get("KILN_SIM_REFIT_RATIO", "0.2"), "refit_fault": env.get("KILN_SIM_REFIT_FAULT", "")}
     lines = []
     for line in (TRT_PYTHON / "__init__.py").read_text().splitlines():
         if line.endswith("# kiln-sim: version"):
@@ -805,6 +816,11 @@ Subsystem sftp internal-sftp
     def builds(self, name: str) -> list:
         """Builds trtexec_sim.py recorded on the device (builds.log: one JSON object per line)."""
         return self._state_log(name, "builds.log")
+
+    def refits(self, name: str) -> list:
+        """Engine refits the simulated TensorRT Python API recorded on the device (refits.log;
+        tests/fleet/trt_python/refit.py): never counted as builds."""
+        return self._state_log(name, "refits.log")
 
     def loads(self, name: str) -> list:
         """Engine loads trtexec_sim.py recorded on the device (loads.log)."""

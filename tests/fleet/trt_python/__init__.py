@@ -2,8 +2,8 @@
 tests/fleet/sim.py into each simulated Jetson's /usr/lib/python3/dist-packages/tensorrt/.
 
 One module per area, imported here: builder.py (Builder, OnnxParser, IBuilderConfig, INT8
-calibrators), onnx_reader.py (the ONNX reading they share). sim.py rewrites the two marked lines
-below per device: `__version__` stays a literal, as in the real package (the cheap probe reads
+calibrators), refit.py (Runtime, ICudaEngine, Refitter, OnnxParserRefitter), onnx_reader.py (the
+ONNX reading they share). sim.py rewrites the two marked lines below per device: `__version__` stays a literal, as in the real package (the cheap probe reads
 it without importing), and `_SIM` holds the device's identity (state folder, compute
 capability, GPU, the trtexec simulator whose plan format is shared). An import is logged in
 state/trt_invocations.log: on a real device it loads libnvinfer and CUDA.
@@ -26,3 +26,4 @@ if _SIM.get("state"):
         pass
 
 from .builder import *  # noqa: E402,F401,F403
+from .refit import *  # noqa: E402,F401,F403

@@ -28,7 +28,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 from _fleet_setup import as_users_run, fleet_project, fmt_s, retrain, run_with_fleets, sim_unsupported  # noqa: E402
 
 SOURCE = ('Torch-TensorRT: refit is "typically 80-95% faster than a full rebuild" '
-          '(docs.pytorch.org/TensorRT/contributors/weight_refit.html); docs/trtexec.md §12')
+          '(docs.pytorch.org/TensorRT/contributors/weight_refit.html); docs/trtexec.md §13')
 
 
 def _state_lines(sim, names, file: str) -> int:

@@ -4,7 +4,7 @@
 nodes, attributes, inputs/outputs, opsets, metadata (the declared input ranges) and each
 initializer's name, dims and data type stay. Two exports whose digests are equal differ in
 weights only, so an engine built from one can be refitted with the other's weights (TensorRT
-names refittable weights after the ONNX initializers: docs/trtexec.md §12). Constant nodes
+names refittable weights after the ONNX initializers: docs/trtexec.md §13). Constant nodes
 keep their values in the digest: a change there counts as a graph change (a rebuild), which
 is never wrong, only slower.
 

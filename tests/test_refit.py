@@ -1,4 +1,4 @@
-"""Refit instead of rebuild (README "Refit after retraining", docs/trtexec.md §12): the export's
+"""Refit instead of rebuild (README "Refit after retraining", docs/trtexec.md §13): the export's
 architecture digest, the `refit` build setting and its flags, the simulated refittable and
 stripped plans, and the device-side refit script's contract."""
 from __future__ import annotations

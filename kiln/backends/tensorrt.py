@@ -81,7 +81,7 @@ class TensorRTBackend(Backend):
     def refit(self, device: Device, base, onnx, weights, out_dir, fingerprint, stream=None) -> dict:
         """Refit the refittable plan `base` with the weights of `onnx` (the .npz `weights` of its
         initializers serves TensorRT 8.x) by the TensorRT Python API on the device (trtexec cannot
-        save a refitted plan: docs/trtexec.md §12); returns facts for the manifest like `build`.
+        save a refitted plan: docs/trtexec.md §13); returns facts for the manifest like `build`.
         Raises RefitUnsupported when this device cannot refit it (no tensorrt module for the
         target's python, a base that is not refittable, weights the ONNX does not name), BuildError
         when the refit itself fails: the caller builds instead either way."""

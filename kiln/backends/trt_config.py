@@ -184,7 +184,7 @@ class TrtBuildConfig:
       BuilderFlag.GPU_FALLBACK); without it such a layer fails the build. Only with dla_core.
     refit: build a refittable engine (trtexec `--refit`, BuilderFlag.REFIT) so that a later
       weights-only retrain is refitted on the device instead of rebuilt (kiln/pipeline/refit.py;
-      docs/trtexec.md §12). Part of the engine key only when true (keys of models without it
+      docs/trtexec.md §13). Part of the engine key only when true (keys of models without it
       stay as they were).
     """
     precision: str = "fp16"

@@ -69,7 +69,7 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
         argv.append(f"--timingCacheFile={timing_cache}")
     argv += _dla_flags(cfg.dla_core, cfg.dla_gpu_fallback)
     if cfg.refit and "--refit" not in cfg.extra_flags:
-        argv.append("--refit")  # BuilderFlag::kREFIT, 8.5 .. 10.x (docs/trtexec.md §12)
+        argv.append("--refit")  # BuilderFlag::kREFIT, 8.5 .. 10.x (docs/trtexec.md §13)
     argv += cfg.extra_flags
     argv.append("--skipInference" if ver >= (8, 6) else "--buildOnly")
     return argv
@@ -173,7 +173,7 @@ def api_build_argv(python: str, script: str, *, onnx: str, engine: str, cfg: Trt
 
 
 #: Standalone refit script (stdlib + tensorrt, numpy on 8.x): trtexec cannot save a refitted plan
-#: (docs/trtexec.md §12), so every refit goes through the Python API, whatever the build tool.
+#: (docs/trtexec.md §13), so every refit goes through the Python API, whatever the build tool.
 TRT_API_REFIT_SCRIPT = Path(__file__).parent.parent / "device_side" / "trt_api_refit.py"
 
 

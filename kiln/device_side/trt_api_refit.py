@@ -2,7 +2,7 @@
 """Refit a refittable TensorRT engine with the weights of a new ONNX (runs ON the device).
 
 Standalone: stdlib + tensorrt (+ numpy on TensorRT 8.x), Python 3.6+, run by the device's
-python3 like trt_api_build.py. The API names per version are docs/trtexec.md §12:
+python3 like trt_api_build.py. The API names per version are docs/trtexec.md §13:
 - TensorRT 10.x: trt.OnnxParserRefitter(refitter, logger).refit_from_file(onnx) sets every
   weight from the ONNX's initializers;
 - TensorRT 8.5/8.6 (no ONNX parser refitter): each refittable weight is set by its name, which

@@ -1,7 +1,7 @@
 """Refit instead of rebuild: a weights-only retrain refits a refittable engine on the device.
 
 A model with `build.refit = true` (TensorRT only) is built refittable (trtexec `--refit`,
-BuilderFlag.REFIT; docs/trtexec.md §12). After its engine is published, a *refit base* is
+BuilderFlag.REFIT; docs/trtexec.md §13). After its engine is published, a *refit base* is
 recorded for (architecture, class, build settings, builder version): the architecture is the
 export's `architecture_sha256` (the ONNX with initializer values removed, kiln.onnx_weights),
 so a retrain whose graph is unchanged finds the base, and a graph change does not.

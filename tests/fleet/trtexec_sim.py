@@ -27,15 +27,15 @@ lower-case names without the KILN_SIM_ prefix, e.g. {"trt_version": "10.3.0"}):
                            fails as trtexec does (`Cannot create DLA engine, N not available`); a DLA
                            plan's JSON line says {"dla_core", "gpu_fallback"} (docs/trtexec.md §12)
   KILN_SIM_REFIT_RATIO     refit time / build time of the simulated TensorRT refitter (default 0.2: the
-                           slow end of Torch-TensorRT's "typically 80-95% faster", docs/trtexec.md §12)
+                           slow end of Torch-TensorRT's "typically 80-95% faster", docs/trtexec.md §13)
   KILN_SIM_REFIT_FAULT     "fail": every refit fails (refit_cuda_engine() returns False); "drop-bias":
                            refitted engines compute with Conv/Gemm biases zeroed (NVIDIA's kREFIT known
-                           issue, docs/trtexec.md §12)
+                           issue, docs/trtexec.md §13)
 
-Refit (docs/trtexec.md §12): `--refit`, `--stripWeights` (10.0+) and `--stripAllWeights` (10.1+)
+Refit (docs/trtexec.md §13): `--refit`, `--stripWeights` (10.0+) and `--stripAllWeights` (10.1+)
 are recorded in the plan's JSON line as "refit" ({"mode": "refit" | "identical", "stripped",
 "refits"}) and in builds.log; a stripped plan refuses to run until refitted. The refit itself
-is done through the simulated TensorRT Python API (tests/fleet/trt_sim_refit.py), which
+is done through the simulated TensorRT Python API (tests/fleet/trt_python/refit.py), which
 rewrites the plan with the new weights and logs refits.log, never builds.log.
 
 Outputs (`--loadInputs`, `--exportOutput`, as trtexec 8.5.2 .. 10.16): the sim cannot run a
@@ -502,7 +502,7 @@ def dla_setup(opts, ident):
 
 
 def refit_mode(opts):
-    """What the build flags make of the plan (docs/trtexec.md §12): --refit = kREFIT; --stripWeights
+    """What the build flags make of the plan (docs/trtexec.md §13): --refit = kREFIT; --stripWeights
     = kSTRIP_PLAN with kREFIT_IDENTICAL unless --refit is given too; --stripAllWeights = both."""
     stripped = "--stripWeights" in opts or "--stripAllWeights" in opts
     refit = "--refit" in opts or "--stripAllWeights" in opts

@@ -1,7 +1,7 @@
 """Simulated TensorRT Python API, refit part: Runtime.deserialize_cuda_engine, ICudaEngine
 (refittable, serialize), Refitter (get_all_weights, set_named_weights, get_missing_weights,
 refit_cuda_engine, max_threads) and, from 10.0 only, OnnxParserRefitter (refit_from_file,
-refit_from_bytes, num_errors, get_error, clear_errors), with the names of docs/trtexec.md §12.
+refit_from_bytes, num_errors, get_error, clear_errors), with the names of docs/trtexec.md §13.
 
 What it simulates (stdlib only; runs in the device's system python3):
 - a plan is the one tests/fleet/trtexec_sim.py writes (header, JSON line, embedded ONNX); it
@@ -12,11 +12,11 @@ What it simulates (stdlib only; runs in the device's system python3):
 - set_named_weights(name, array) accepts anything with the buffer protocol (a numpy array) whose
   element count is the initializer's, and returns False otherwise (as the real one: a wrong name
   or a changed count); refit_from_file checks every initializer of the new ONNX the same way;
-- refit_cuda_engine() sleeps build time x KILN_SIM_REFIT_RATIO (docs/trtexec.md §12 for the
+- refit_cuda_engine() sleeps build time x KILN_SIM_REFIT_RATIO (docs/trtexec.md §13 for the
   figure), writes the new weights into the embedded ONNX (so the simulated trtexec computes with
   them), and logs one line in the device's state/refits.log (never builds.log);
 - faults: KILN_SIM_REFIT_FAULT=fail (refit_cuda_engine returns False) or drop-bias (Conv/Gemm
-  biases zeroed in the refitted engine: NVIDIA's kREFIT known issue, docs/trtexec.md §12).
+  biases zeroed in the refitted engine: NVIDIA's kREFIT known issue, docs/trtexec.md §13).
 """
 import struct
 import time

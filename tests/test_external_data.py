@@ -168,6 +168,27 @@ def test_per_tensor_files_are_packed_into_one_file_named_by_its_sha256(tmp_path)
     assert none is None and [f.name for f in small.parent.iterdir()] == ["model.onnx"]
 
 
+def test_the_exporters_weights_outside_the_graph_are_packed_unless_external_data_is_false(tmp_path):
+    """What torch writes past 2 GB (weights beside the graph) goes through the same packing with the
+    default "auto"; `false` refuses it; `true` packs even a single file."""
+    from types import SimpleNamespace
+
+    from kiln.pipeline.export import _external_data_layout
+
+    def layout(folder, option, one_file):
+        graph = _two_tensor_model(folder, one_file=one_file)
+        return _external_data_layout(folder, graph, SimpleNamespace(name="m", export={"external_data": option}))
+
+    packed, data = layout(tmp_path / "auto", "auto", one_file=False)
+    assert packed.parent.name == "packed" and graph_locations(packed) == {data.location}
+    single, none = layout(tmp_path / "single", "auto", one_file=True)
+    assert none is None and single.name == "model.onnx" and single.parent.name == "single"
+    forced, data = layout(tmp_path / "forced", True, one_file=True)
+    assert data is not None and (forced.parent / data.location).exists()
+    with pytest.raises(ExportError, match="over 2 GB"):
+        layout(tmp_path / "never", False, one_file=False)
+
+
 @pytest.mark.parametrize("location", ["../" + "a" * 64 + DATA_SUFFIX, "sub/" + "a" * 64 + DATA_SUFFIX,
                                       "/etc/passwd", "weights.bin", "A" * 64 + DATA_SUFFIX])
 def test_a_graph_naming_any_other_data_file_is_refused(tmp_path, location):
@@ -243,6 +264,15 @@ def test_an_external_data_model_deploys_to_a_simulated_jetson_through_s3(tmp_pat
     assert f"fleet/onnx/{location[:2]}/{location}" in keys, keys
     [build] = sim.builds("orin-a")
     assert build["external_data"] == [location], build        # read next to the ONNX on the device
+    # the TensorRT Python API builder (the device's python3 and its tensorrt bindings) on the same inputs:
+    # parse_from_file reads the data next to the graph as well
+    from kiln.backends.trtexec import TRT_API_BUILD_SCRIPT
+    graph = f"/srv/kiln/.kiln/inputs/{record['onnx_sha256']}.onnx"
+    args = json.dumps({"onnx": graph, "engine": "/srv/kiln/api.plan", "precision": "fp16"})
+    result = sim.transport("orin-a").run(["/usr/bin/python3", str(TRT_API_BUILD_SCRIPT), args], check=False)
+    assert result.exit_code == 0, result.stdout + result.stderr
+    api = sim.builds("orin-a")[-1]
+    assert (api["tool"], api["external_data"]) == ("python-api", [location]), api
     inputs = sim.srv("orin-a") / "kiln/.kiln/inputs"
     assert sha(inputs / location) == record["external_data"]["sha256"]
     manifest = json.loads((sim.srv("orin-a") / "kiln/tiny/current/manifest.json").read_text())

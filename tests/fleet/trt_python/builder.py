@@ -226,6 +226,7 @@ class INetworkDefinition(object):
     def __init__(self, flags):
         self.flags = flags
         self._inputs, self._outputs, self._model, self._onnx = [], [], None, None
+        self._externals = {}   # external weights the parser read next to the ONNX file {location: bytes}
 
     @property
     def num_inputs(self):
@@ -295,6 +296,15 @@ class OnnxParser(object):
             self.logger.log(ILogger.ERROR, "%s: Failed to parse ONNX model from file: %s" % (where, path or "<bytes>"))
             self._errors.append(ParserError("Failed to parse ONNX model: %s" % exc))
             return False
+        # external weights, relative to the ONNX file's folder (`path`; without it, as the real parser,
+        # relative to the working folder): trtexec_sim's reader, docs/trtexec.md §11
+        externals, problems = _trtexec_sim().read_external_weights(path or "", bytes(model), _VER[:2])
+        if problems:
+            for line in problems:
+                self.logger.log(ILogger.ERROR, line.replace("[TRT] ", "", 1))
+                self._errors.append(ParserError(line.replace("[TRT] ", "", 1)))
+            return False
+        self.network._externals = externals
         return True
 
     def parse_from_file(self, model):
@@ -503,10 +513,12 @@ class Builder(object):
         extra = dict([("int8", int8)] if int8 else [])
         if DeviceType(int(config.default_device_type)) == DeviceType.DLA:   # marked as trtexec_sim's DLA plans
             extra.update(dla_core=config.DLA_core, gpu_fallback=config.get_flag(BuilderFlag.GPU_FALLBACK))
-        plan = sim.engine_bytes(ident, onnx_sha, precision, network._onnx, profile or None, extra=extra or None)
+        plan = sim.engine_bytes(ident, onnx_sha, precision, network._onnx, profile or None, extra=extra or None,
+                                externals=network._externals)
         sim_state_log("builds.log", {"tool": "python-api", "onnx_sha256": onnx_sha, "precision": precision,
                                      "trt": ".".join(map(str, _VER)), "compute": ident["compute"],
                                      "profile": profile, "int8": int8, "dla_core": extra.get("dla_core"),
+                                     "external_data": sorted(network._externals),
                                      "flags": sorted(f.name for f in config._flags),
                                      "timing_cache_loaded": bool(config._timing_cache and config._timing_cache._blob)})
         log(ILogger.INFO, "Engine generation completed in 0.2 seconds.")

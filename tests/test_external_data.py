@@ -85,16 +85,20 @@ def test_an_external_data_model_round_trips_on_onnx_runtime(tmp_path):
     # ONNX Runtime's basic level leaves initializers as they are: still, the engine holds them all
     assert graph_locations(tmp_path / "deploy/tiny/current/model.ort.onnx") == set()
 
-    # new weights: a new data file, and the old one leaves artifacts/onnx once no record names it
-    import torch
-    sd = torch.load(p.root / "ckpt/tiny.pt", weights_only=True)
-    key = next(k for k in sd if k.endswith("weight"))
-    sd[key] = sd[key] + 0.01
-    torch.save(sd, p.root / "ckpt/tiny.pt")
-    p.doit("export")
-    second = json.loads((onnx_dir / "tiny.json").read_text())
-    assert second["onnx_sha256"] != record["onnx_sha256"] and second["external_data"]["location"] != data.location
-    assert [f.name for f in onnx_dir.glob("*" + DATA_SUFFIX)] == [second["external_data"]["location"]]
+
+
+def test_data_files_no_record_names_leave_artifacts_onnx(tmp_path):
+    """After an export with new weights writes its record, the previous data file goes; one that
+    another model's record still names stays."""
+    from kiln.pipeline.export import _remove_unused_data_files
+    old, new, shared = ("%064x%s" % (i, DATA_SUFFIX) for i in (1, 2, 3))
+    for name in (old, new, shared):
+        (tmp_path / name).write_bytes(b"w")
+    (tmp_path / "det.json").write_text(json.dumps({"external_data": {"location": new}}))
+    (tmp_path / "seg.json").write_text(json.dumps({"external_data": {"location": shared}}))
+    (tmp_path / "det.provenance.json").write_text(json.dumps({"onnx_sha256": "x"}))
+    _remove_unused_data_files(tmp_path)
+    assert sorted(f.name for f in tmp_path.glob("*" + DATA_SUFFIX)) == sorted([new, shared])
 
 
 def test_the_default_keeps_the_export_key_and_forcing_external_data_changes_it(tmp_path):

@@ -82,6 +82,17 @@ def test_the_fleet_file_takes_refit_per_model(tmp_path):
         load_fleet(tmp_path / "targets.toml", tmp_path / "a")
 
 
+def test_int8_calibrated_on_data_is_rebuilt_and_a_qdq_export_is_refitted():
+    from types import SimpleNamespace as Model
+    from kiln.pipeline.refit import calibrated_int8
+    data = {"data": "calib", "function": None}
+    assert calibrated_int8(Model(build={"precision": "int8"}, calibration=data, export={}))
+    assert calibrated_int8(Model(build={"precision": "best"}, calibration=data, export={"quantize": None}))
+    assert not calibrated_int8(Model(build={"precision": "int8"}, calibration=data, export={"quantize": "qdq"}))
+    assert not calibrated_int8(Model(build={"precision": "fp16"}, calibration=data, export={}))
+    assert not calibrated_int8(Model(build={"precision": "int8"}, calibration=None, export={}))
+
+
 def _sim(tmp_path, version, *argv):
     env = {"PATH": "/usr/bin:/bin", "KILN_SIM_STATE": str(tmp_path / "state"), "KILN_SIM_BUILD_SECONDS": "0.01",
            "KILN_SIM_TRT_VERSION": version}

@@ -50,6 +50,16 @@ def refit_wanted(spec) -> bool:
     return spec.backend.name == "tensorrt" and bool(spec.model.build.get("refit"))
 
 
+def calibrated_int8(model) -> bool:
+    """INT8 from a calibration data set (implicit quantization): its activation ranges were measured
+    with the old weights and a refit cannot renew them (the Refitter's dynamic-range calls are
+    deprecated from 10.1, docs/trtexec.md §13), so such an engine is rebuilt (with a new
+    calibration); a Q/DQ export (export.quantize = "qdq") carries its scales as initializers and
+    is refitted like any weights."""
+    return (model.build.get("precision") in ("int8", "best") and getattr(model, "calibration", None) is not None
+            and (model.export or {}).get("quantize") != "qdq")
+
+
 def architecture_of(ctx, spec, onnx_record: dict) -> str | None:
     """The export record's architecture digest; an export made before it was recorded is read
     from the local ONNX (if it is that ONNX), else None: no refit, a full build."""
@@ -73,6 +83,9 @@ def plan_refit(ctx, spec, onnx_record: dict, say=print) -> RefitPlan | None:
     """The base to refit from, or None (refit off, unknown architecture, no usable base, or the
     base was built from this very ONNX)."""
     if not refit_wanted(spec):
+        return None
+    if calibrated_int8(spec.model):
+        log.info("%s: INT8 calibrated on data; new weights need a new calibration: building", spec.task_name)
         return None
     architecture = architecture_of(ctx, spec, onnx_record)
     if architecture is None:

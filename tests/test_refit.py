@@ -225,3 +225,22 @@ def test_a_refit_that_fails_or_computes_wrong_is_not_published_and_the_engine_is
     run = p.doit("deploy")
     assert counts(sim, ["orin"]) == (4, 1) and "tensorrt is not importable" in run.out, run.out
     assert all(m.get("made_by", {}).get("how") == "build" for m in manifests(p).values())
+
+
+def test_the_simulated_refitter_reads_initializers_from_every_field_and_rewrites_only_their_values():
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from tests.fleet.trt_python.refit import initializer_bytes, replace_initializers
+    a, b, c = np.array([1.5, -2.25, 3], np.float32), np.array([-3, 5, 127, -128], np.int8), np.array([7, -9], np.int64)
+    tensors = [helper.make_tensor("a", TensorProto.FLOAT, [3], a.tolist()),      # float_data
+               helper.make_tensor("b", TensorProto.INT8, [4], b.tolist()),       # int32_data
+               helper.make_tensor("c", TensorProto.INT64, [2], c.tolist()),      # int64_data
+               numpy_helper.from_array(a, "r")]                                   # raw_data
+    model = helper.make_model(helper.make_graph([], "g", [], [], tensors)).SerializeToString()
+    assert initializer_bytes(model) == {"a": a.tobytes(), "b": b.tobytes(), "c": c.tobytes(), "r": a.tobytes()}
+    new = replace_initializers(model, {"a": (a * 2).tobytes()})
+    loaded = onnx.load_from_string(new)
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), a * 2)
+    assert [t.name for t in loaded.graph.initializer] == ["a", "b", "c", "r"]
+    assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[1]), b)

@@ -79,6 +79,43 @@ def _with_raw(tensor, raw):
     return body + _field(9, 2, raw)
 
 
+_INT32_PACK = {2: "B", 3: "b", 4: "H", 5: "h", 6: "i", 9: "B", 10: "H"}   # types kept in int32_data
+
+
+def _varints(wire, value):
+    """A repeated varint field, packed or not -> signed 64-bit ints."""
+    out = onnx_reader._packed_ints(wire, value)
+    return [v - (1 << 64) if v >= 1 << 63 else v for v in out]
+
+
+def _tensor_raw(tensor):
+    """Little-endian bytes of a TensorProto's values, whichever field holds them (None: external)."""
+    dtype, raw, chunks = 1, None, []
+    for number, wire, value in onnx_reader.fields(tensor):
+        if number == 2:
+            dtype = value
+        elif number == 9:
+            raw = bytes(value)
+        elif number in (4, 10):      # float_data / double_data: packed bytes are already little-endian
+            chunks.append(bytes(value) if wire == 2 else struct.pack("<I" if number == 4 else "<Q", value))
+        elif number == 5:
+            chunks.append(b"".join(struct.pack("<" + _INT32_PACK.get(dtype, "i"), v) for v in _varints(wire, value)))
+        elif number == 7:
+            chunks.append(b"".join(struct.pack("<q", v) for v in _varints(wire, value)))
+    return raw if raw is not None else (b"".join(chunks) if chunks else None)
+
+
+def initializer_bytes(model):
+    """{initializer name: little-endian bytes} of an ONNX's main graph."""
+    out = {}
+    for number, _, value in onnx_reader.fields(model):
+        if number == 7:
+            for n2, _, v2 in onnx_reader.fields(value):
+                if n2 == 5:
+                    out[_tensor_name(v2)] = _tensor_raw(v2)
+    return out
+
+
 def replace_initializers(model, raws):
     """ONNX bytes with the initializers named in `raws` {name: little-endian bytes} replaced."""
     out = []
@@ -238,12 +275,12 @@ class OnnxParserRefitter(object):
         except onnx_reader.OnnxReadError as exc:
             self._errors.append("ModelImporter.cpp: Failed to parse ONNX model: %s" % exc)
             return False
-        ok = True
+        ok, values = True, initializer_bytes(bytes(model))
         for init in new.initializers:
-            if init.raw_data is None:
-                self._errors.append("simulator: initializer %s has no raw_data" % init.name)
+            if values.get(init.name) is None:
+                self._errors.append("simulator: initializer %s holds no data here (external?)" % init.name)
                 ok = False
-            elif not self.refitter._accept(init.name, init.raw_data, "initializer"):
+            elif not self.refitter._accept(init.name, values[init.name], "initializer"):
                 self._errors.append("[REFIT_FAILED] weights %s do not fit the engine" % init.name)
                 ok = False
         return ok

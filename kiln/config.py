@@ -141,6 +141,25 @@ VERIFY_KEYS = {
                     doc="relative tolerance for TensorRT engines (fp16/TF32 kernels); the looser of this and rtol applies"),
     "trt_atol": Key((float, int), default=1e-2, check=lambda v: None if v >= 0 else "must be >= 0",
                     doc="absolute tolerance for TensorRT engines; the looser of this and atol applies"),
+    # the accuracy gate of reduced precision (README, Precision and INT8); not part of the export key
+    "int8_rtol": Key((float, int), default=5e-2, check=lambda v: None if v >= 0 else "must be >= 0",
+                     doc="relative tolerance for INT8 TensorRT engines (precision int8 or best); the looser "
+                         "of this and the fp16 ones applies"),
+    "int8_atol": Key((float, int), default=5e-2, check=lambda v: None if v >= 0 else "must be >= 0",
+                     doc="absolute tolerance for INT8 TensorRT engines"),
+    "metric": Key((str,), check=_factory,
+                  doc="'module:function' (engine outputs, reference outputs) -> a number, higher is better "
+                      "(e.g. top-k agreement, box IoU); a new engine below metric_threshold is not published"),
+    "metric_threshold": Key((float, int), doc="the lowest metric value a new engine may have"),
+}
+#: verify keys that only gate engines: left out of the export key (an export does not use them)
+ENGINE_ONLY_VERIFY_KEYS = ("int8_rtol", "int8_atol", "metric", "metric_threshold")
+CALIBRATION_KEYS = {
+    "data": Key((str,), doc="folder of .npz (one batch each: arrays named by input) or .npy (one batch of "
+                            "the only input) files, relative to the fleet file"),
+    "function": Key((str,), check=_factory, doc="'module:function' yielding batches: {input: array} (or an "
+                                                "array for a one-input model)"),
+    "batches": Key((int,), check=_positive, doc="use at most this many batches (in file-name order)"),
 }
 BUILD_KEYS = {
     # TensorRT values are checked by kiln.backends.trt_config.TrtBuildConfig (the one validator of
@@ -177,6 +196,7 @@ MODEL_KEYS = {
     "export": EXPORT_KEYS,
     "verify": VERIFY_KEYS,
     "build": BUILD_KEYS,
+    "calibration": CALIBRATION_KEYS,
 }
 #: what a target may override of the models it runs (`[targets.<t>.build]`, `[targets.<t>.model_build.<m>]`):
 #: every build setting except the TensorRT profile, which follows the model's inputs and references
@@ -207,6 +227,8 @@ TARGET_KEYS = {
     "builder": Key((bool,), default=False, doc="prefer this target for builds in its hardware class"),
     "build_tool": Key((str,), default="trtexec", check=_one_of(BUILDER_TOOLS)),
     "trtexec": Key((str,), default=DEFAULT_TRTEXEC),
+    "tensorrt_python": Key((str,), doc="python with TensorRT's bindings (python3-libnvinfer), for build_tool = "
+                                       "\"python-api\" and INT8 calibration; default: python"),
     "class_fields": Key((list,), default=[], doc="extra fingerprint fields that split hardware classes"),
     "pin": Key((dict,), default={}, check=lambda v: _pins(v),
                doc="{ <model> = \"<engine key prefix>\" }: keep that release active (see README, rollback and pins)"),
@@ -300,6 +322,9 @@ class Model:
     #: "" for the model's own build settings; a short digest when a target overrides them
     #: (Fleet.model_for): its engines, tasks and records are then `<model>~<variant>`
     variant: str = ""
+    #: the INT8 calibration data set ([models.X.calibration]): {"data": Path | None, "function": str | None,
+    #: "batches": int | None}, or None
+    calibration: dict[str, Any] | None = None
 
     @property
     def engine_name(self) -> str:
@@ -509,6 +534,11 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
         build = {**defaults["build"], **m["build"]}
         export = {**defaults["export"], **m["export"]}
         shapes = _model_shapes(src, name, m["inputs"], build, export, from_defaults="shapes" not in m["build"])
+        verify = {**defaults["verify"], **m["verify"]}
+        if (verify["metric"] is None) != (verify["metric_threshold"] is None):
+            given = "metric" if verify["metric"] is not None else "metric_threshold"
+            raise src.error(["models", name, "verify", given], "metric and metric_threshold go together",
+                            "give both: metric = \"module:function\" and metric_threshold = <lowest value>")
         models[name] = Model(
             name=name, factory=m["factory"], checkpoint=(path.parent / m["checkpoint"]).resolve(),
             seed=m.get("seed"),
@@ -516,9 +546,10 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
             outputs=tuple(m["outputs"]),
             # the model's own values win over [defaults], which win over the schema's defaults
             export=export,
-            verify={**defaults["verify"], **m["verify"]},
+            verify=verify,
             build=build,
-            factory_path=tuple(dict.fromkeys(factory_path)), shapes=shapes)
+            factory_path=tuple(dict.fromkeys(factory_path)), shapes=shapes,
+            calibration=_calibration(src, name, m.get("calibration"), path.parent))
 
     targets = {}
     for name, table in raw["targets"].items():
@@ -574,6 +605,23 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
                  rollouts=rollouts,
                  signing_key=signing_key, trusted=tuple(dict.fromkeys(signing["trusted"])),
                  lease_seconds=checked["store"]["lease_seconds"])
+
+
+def _calibration(src: _Source, name: str, table: dict | None, base: Path) -> dict | None:
+    """[models.X.calibration]: exactly one of `data` (an existing folder) and `function`."""
+    if not table:
+        return None
+    where = ["models", name, "calibration"]
+    if ("data" in table) == ("function" in table):
+        raise src.error(where, "needs exactly one of data and function",
+                        'data = "<folder of .npz/.npy batches>" or function = "module:function"')
+    folder = None
+    if "data" in table:
+        folder = (base / Path(table["data"]).expanduser()).resolve()
+        if not folder.is_dir():
+            raise src.error(where + ["data"], f"folder {table['data']!r} ({folder}) does not exist",
+                            "calibration data is a folder of .npz/.npy files, relative to the fleet file")
+    return {"data": folder, "function": table.get("function"), "batches": table.get("batches")}
 
 
 def _target_builds(src: _Source, name: str, tables: dict, models: list[str]) -> dict:

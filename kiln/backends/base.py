@@ -30,10 +30,12 @@ class Backend:
         raise NotImplementedError
 
     def build(self, device: Device, onnx: str, out_dir: str, settings: dict, fingerprint: dict,
-              stream: Stream | None = None, timing_cache: str | None = None, external_data: bool = False) -> dict:
+              stream: Stream | None = None, timing_cache: str | None = None, external_data: bool = False,
+              calibration_cache: str | None = None) -> dict:
         """Build `out_dir/engine_file` on the device; returns facts for the manifest. `external_data`:
         the ONNX's weights are in a data file next to it (kiln.onnx_external); the engine must
-        still be one self-contained file."""
+        still be one self-contained file. A backend that calibrates (TensorRT INT8) gets the
+        calibration cache's path on the device."""
         raise NotImplementedError
 
     def verify(self, device: Device, engine: str, reference: str, verify: dict, settings: dict | None = None) -> dict:

@@ -28,7 +28,7 @@ class OnnxRuntimeBackend(Backend):
         return f"onnxruntime-{fingerprint.get('onnxruntime')}"
 
     def build(self, device, onnx, out_dir, settings, fingerprint, stream=None, timing_cache=None,
-              external_data=False) -> dict:
+              external_data=False, calibration_cache=None) -> dict:
         device.mkdir(out_dir)
         out = posixpath.join(out_dir, self.engine_file)
         # ONNX Runtime's optimised model keeps pointing at the ONNX's external data file for the

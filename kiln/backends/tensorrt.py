@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import sys
 import uuid
 
 from kiln.device_side import agent as agent_module
@@ -45,30 +46,26 @@ class TensorRTBackend(Backend):
         return f"tensorrt-{fingerprint.get('tensorrt')}" + (f"-b{build}" if build else "")
 
     def build(self, device: Device, onnx, out_dir, settings, fingerprint, stream=None, timing_cache=None,
-              external_data=False) -> dict:
+              external_data=False, calibration_cache=None) -> dict:
         """trtexec --onnx / the API's parse_from_file read external weights next to the ONNX file
         (docs/trtexec.md §11); the plan holds them, so `external_data` changes nothing here."""
         target = device.config
-        version = fingerprint.get("tensorrt")
-        if not version:
-            raise BuildError(f"{device.target} reports no TensorRT version", target=device.target,
-                             hint="install TensorRT (JetPack ships it) or check the fingerprint with `doit status`")
+        version = _tensorrt_version(device, fingerprint)
         cfg = TrtBuildConfig.from_mapping({**settings, "timing_cache": timing_cache is not None})
         cfg.check_tool(target.build_tool)
         cfg.check_dla(dla_cores(fingerprint), _device_text(fingerprint, device.target), target=device.target)
         device.mkdir(out_dir)
         engine = posixpath.join(out_dir, self.engine_file)
         if target.build_tool == "python-api":
-            script = device.ensure_input(TRT_API_BUILD_SCRIPT, sha256_file(TRT_API_BUILD_SCRIPT), ".py")
-            argv = api_build_argv(target.python, script, onnx=onnx, engine=engine, cfg=cfg, timing_cache=timing_cache)
-            result = device.transport.run(argv, stream=stream, check=False, timeout=target.command_timeout)
-            answer = parse_api_build_output(result.stdout)
+            answer, result = self._run_api_script(device, onnx=onnx, engine=engine, cfg=cfg, stream=stream,
+                                                  timing_cache=timing_cache, calibration_cache=calibration_cache)
             if not answer.get("ok") or result.exit_code != 0:
                 raise BuildError(f"the TensorRT API build failed on {device.target}: {answer.get('error')}",
                                  target=device.target, hint="see the build log")
             seconds, tool = answer.get("seconds"), f"tensorrt-python {version}"
         else:
-            argv = build_argv(target.trtexec, onnx, engine, cfg, version, timing_cache=timing_cache)
+            argv = build_argv(target.trtexec, onnx, engine, cfg, version, timing_cache=timing_cache,
+                              calibration_cache=calibration_cache)
             result = device.transport.run(argv, stream=stream, check=False, timeout=target.command_timeout)
             report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
                                           target=device.target)
@@ -109,7 +106,38 @@ class TensorRTBackend(Backend):
                 "tool": f"tensorrt-python {answer.get('tensorrt') or version} ({answer.get('weights')})",
                 "command": result.command}
 
-    def verify(self, device: Device, engine, reference, verify, settings=None) -> dict:
+    def calibrate(self, device: Device, onnx, out_dir, settings, fingerprint, *, batches: str, cache: str,
+                  stream=None) -> dict:
+        """INT8 calibration on the device with the TensorRT Python API (trtexec cannot calibrate from
+        data: docs/trtexec.md §10): the build script feeds `batches` (.npz on the device) to an
+        IInt8EntropyCalibrator2 and writes the calibration cache to `cache`. The engine of that run
+        is thrown away: every build, this one's included, reads the cache. -> {"seconds", "batches"}"""
+        _tensorrt_version(device, fingerprint)
+        cfg = TrtBuildConfig.from_mapping({**settings, "timing_cache": False})
+        device.mkdir(out_dir)
+        scratch = posixpath.join(out_dir, "calibration.plan")
+        answer, result = self._run_api_script(device, onnx=onnx, engine=scratch, cfg=cfg, stream=stream,
+                                              calibration_cache=cache, calibration_batches=batches)
+        device.transport.run(["rm", "-f", scratch], check=False)
+        if not answer.get("ok") or result.exit_code != 0:
+            raise BuildError(f"INT8 calibration failed on {device.target}: {answer.get('error')}",
+                             target=device.target,
+                             hint=f"calibration runs the TensorRT Python API with {_api_python(device.config)} "
+                                  "(set tensorrt_python to a python3 with python3-libnvinfer and cuda-python or "
+                                  "libcudart); see the build log")
+        return {"seconds": answer.get("seconds"), "batches": answer.get("calibration_batches")}
+
+    def _run_api_script(self, device: Device, *, onnx, engine, cfg, stream=None, timing_cache=None,
+                        calibration_cache=None, calibration_batches=None):
+        target = device.config
+        script = device.ensure_input(TRT_API_BUILD_SCRIPT, sha256_file(TRT_API_BUILD_SCRIPT), ".py")
+        argv = api_build_argv(_api_python(target), script, onnx=onnx, engine=engine, cfg=cfg,
+                              timing_cache=timing_cache, calibration_cache=calibration_cache,
+                              calibration_batches=calibration_batches)
+        result = device.transport.run(argv, stream=stream, check=False, timeout=target.command_timeout)
+        return parse_api_build_output(result.stdout), result
+
+    def verify(self, device: Device, engine, reference, verify, settings=None, keep_outputs=None) -> dict:
         """Run the engine on the reference inputs on the device and compare its outputs with
         PyTorch's, like the ONNX Runtime backend; keep trtexec's latency percentiles.
 
@@ -124,7 +152,9 @@ class TensorRTBackend(Backend):
         A dynamic model's reference holds the shape points min, opt and max: steps 2-3 run once
         per point (its own folder, `--shapes` at that point), and opt's latency is reported.
         A plan for another TensorRT/GPU, a broken plan or outputs beyond the tolerances
-        raise VerificationError.
+        raise VerificationError. With `keep_outputs` (a local folder), each point's exported
+        outputs are fetched there as `<point>.json` ("static.json" for a static model), for the
+        task metric the controller evaluates (kiln.pipeline.accuracy).
         """
         target = device.config
         rtol, atol = trt_tolerances(verify)
@@ -148,6 +178,9 @@ class TensorRTBackend(Backend):
                                  "latency_ms": result.latency_ms}
                 for name, diff in got["max_abs_diff"].items():
                     compared[name] = max(diff, compared.get(name, 0.0))
+                if keep_outputs is not None:
+                    device.transport.get(posixpath.join(folder, agent_module.TRT_OUTPUTS_FILE),
+                                         os.path.join(keep_outputs, f"{point or 'static'}.json"))
                 if point in (None, "opt") or report is None:
                     report = result
         finally:
@@ -228,12 +261,30 @@ def _shapes_text(shapes: dict) -> str:
 
 
 def trt_tolerances(verify: dict) -> tuple[float, float]:
-    """TensorRT's tolerances: the looser of verify.rtol/atol and verify.trt_rtol/trt_atol.
+    """TensorRT's tolerances: the looser of verify.rtol/atol and verify.trt_rtol/trt_atol, and for
+    an INT8 engine (verify["engine_precision"] int8 or best) also verify.int8_rtol/int8_atol.
 
     fp16 (and TF32 on Ampere+/Orin even for fp32) kernels differ from PyTorch's fp32
-    outputs by more than ONNX Runtime on the CPU does; exported values also carry only 6
-    significant digits (see kiln/device_side/agent.py on --exportOutput).
+    outputs by more than ONNX Runtime on the CPU does; INT8 more again; exported values also
+    carry only 6 significant digits (see kiln/device_side/agent.py on --exportOutput).
     """
-    rtol = max(float(verify.get("rtol", 1e-3)), float(verify.get("trt_rtol") or 0.0))
-    atol = max(float(verify.get("atol", 1e-4)), float(verify.get("trt_atol") or 0.0))
+    int8 = verify.get("engine_precision") in ("int8", "best")
+    rtol = max(float(verify.get("rtol", 1e-3)), float(verify.get("trt_rtol") or 0.0),
+               float(verify.get("int8_rtol") or 0.0) if int8 else 0.0)
+    atol = max(float(verify.get("atol", 1e-4)), float(verify.get("trt_atol") or 0.0),
+               float(verify.get("int8_atol") or 0.0) if int8 else 0.0)
     return rtol, atol
+
+
+def _tensorrt_version(device: Device, fingerprint: dict) -> str:
+    version = fingerprint.get("tensorrt")
+    if not version:
+        raise BuildError(f"{device.target} reports no TensorRT version", target=device.target,
+                         hint="install TensorRT (JetPack ships it) or check the fingerprint with `doit status`")
+    return version
+
+
+def _api_python(target) -> str:
+    """The interpreter that runs the TensorRT Python API: tensorrt_python, else python (a local target
+    without either: this one)."""
+    return target.tensorrt_python or target.python or sys.executable

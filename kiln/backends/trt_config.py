@@ -127,7 +127,6 @@ class ExtraFlag:
 EXTRA_FLAGS: dict[str, ExtraFlag] = {
     "--noTF32": ExtraFlag(),
     "--refit": ExtraFlag(),
-    "--calib": ExtraFlag(r"[\w./-]+", note="INT8 calibration cache on the device"),
     "--hardwareCompatibilityLevel": ExtraFlag(r"none|ampere\+|sameComputeCapability", since=(8, 6),
                                               note="not supported on JetPack"),
     "--versionCompatible": ExtraFlag(since=(8, 6)),
@@ -152,6 +151,12 @@ def check_extra_flag(flag: object) -> tuple[str, str | None]:
         raise BuildConfigError(f"extra flag {name} is a build setting of its own", field="extra_flags",
                                hint="set dla_core = <core> (and dla_gpu_fallback = true|false) in the build "
                                     "settings, e.g. [targets.<target>.build] dla_core = 0")
+    if name == "--calib":
+        raise BuildConfigError("extra flag --calib is not passed through: INT8 calibration is a setting of its own",
+                               field="extra_flags",
+                               hint="give the model a calibration data set ([models.<m>.calibration] data = "
+                                    "\"<folder>\" or function = \"module:function\"): kiln builds the cache once per "
+                                    "hardware class and passes it to every INT8 build (README, Precision and INT8)")
     if spec is None:
         raise BuildConfigError(f"extra flag {name!r} is not allowed", field="extra_flags",
                                hint="allowed: " + " ".join(sorted(EXTRA_FLAGS)) +
@@ -186,6 +191,9 @@ class TrtBuildConfig:
       weights-only retrain is refitted on the device instead of rebuilt (kiln/pipeline/refit.py;
       docs/trtexec.md §13). Part of the engine key only when true (keys of models without it
       stay as they were).
+    calibration: sha256 digest of the INT8 calibration data set (kiln.calibration), or None. Only
+      with precision int8 or best; the engine key holds it, the build gets the calibration cache
+      built from that data for its hardware class (`--calib`, docs/trtexec.md §10).
     """
     precision: str = "fp16"
     workspace_mib: int | None = None
@@ -196,6 +204,7 @@ class TrtBuildConfig:
     dla_core: int | None = None
     dla_gpu_fallback: bool = True
     refit: bool = False
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -223,6 +232,13 @@ class TrtBuildConfig:
         if not isinstance(self.refit, bool):
             raise BuildConfigError("refit must be true or false", field="refit",
                                    hint="refit = true builds refittable engines (see README, Refit after retraining)")
+        if self.calibration is not None:
+            if not (isinstance(self.calibration, str) and re.fullmatch(r"[0-9a-f]{64}", self.calibration)):
+                raise BuildConfigError(f"calibration must be the sha256 of a calibration data set, got "
+                                       f"{self.calibration!r}", field="calibration")
+            if self.precision not in ("int8", "best"):
+                raise BuildConfigError(f"a calibration data set is used by int8 or best builds, not {self.precision}",
+                                       field="calibration", hint="set precision = \"int8\" or leave calibration out")
         if self.shapes is not None:
             object.__setattr__(self, "shapes", _shape_ranges(self.shapes))
         if isinstance(self.extra_flags, str):
@@ -242,7 +258,8 @@ class TrtBuildConfig:
         """From a `[models.X.build]` table; accepts `optimization_level` as an alias and
         ignores keys of other backends (ort_optimization)."""
         known = {"precision", "workspace_mib", "shapes", "builder_optimization_level", "extra_flags", "timing_cache",
-                 "dla_core", "dla_gpu_fallback", "refit"}
+                 "dla_core", "dla_gpu_fallback", "refit",
+                 "calibration"}
         kwargs = {k: v for k, v in data.items() if k in known}
         if "optimization_level" in data and "builder_optimization_level" not in data:
             kwargs["builder_optimization_level"] = data["optimization_level"]
@@ -261,6 +278,8 @@ class TrtBuildConfig:
             # only for DLA engines, so every GPU engine keeps the key it had before DLA existed
             **({"dla_core": self.dla_core, "dla_gpu_fallback": self.dla_gpu_fallback}
                if self.dla_core is not None else {}),
+            # only when set: engine keys without calibration stay what they were
+            **({"calibration": self.calibration} if self.calibration else {}),
         }
         if self.refit:
             out["refit"] = True

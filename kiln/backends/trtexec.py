@@ -38,7 +38,8 @@ def _shape_flags(shapes: Sequence[ShapeRange] | None) -> list[str]:
 
 
 def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfig,
-               trt_version: str | Sequence[int], timing_cache: str | None = None) -> list[str]:
+               trt_version: str | Sequence[int], timing_cache: str | None = None,
+               calibration_cache: str | None = None) -> list[str]:
     """trtexec argv for a build-only run on a device with TensorRT `trt_version`
     (flags per version: docs/trtexec.md §2).
 
@@ -50,6 +51,8 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
     - `--timingCacheFile` when cfg.timing_cache and a path is given (docs/trtexec.md §7).
     - DLA: `--useDLACore=N` (+ `--allowGPUFallback` with cfg.dla_gpu_fallback), 8.x-10.x (§12).
     - extra flags: refused by `cfg.check_version` when this TensorRT lacks them.
+    - `--calib=<cache>`: the INT8 calibration cache built for cfg.calibration on this class
+      (trtexec reads a cache, it cannot calibrate from data: docs/trtexec.md §10).
     """
     ver = cfg.check_version(trt_version)
     argv = [trtexec_path, f"--onnx={onnx}", f"--saveEngine={engine_out}"]
@@ -70,6 +73,11 @@ def build_argv(trtexec_path: str, onnx: str, engine_out: str, cfg: TrtBuildConfi
     argv += _dla_flags(cfg.dla_core, cfg.dla_gpu_fallback)
     if cfg.refit and "--refit" not in cfg.extra_flags:
         argv.append("--refit")  # BuilderFlag::kREFIT, 8.5 .. 10.x (docs/trtexec.md §13)
+    if cfg.calibration:
+        if not calibration_cache:
+            raise BuildConfigError("an INT8 build with a calibration data set needs its calibration cache",
+                                   field="calibration", hint="build it first (kiln.pipeline.calibration)")
+        argv.append(f"--calib={calibration_cache}")
     argv += cfg.extra_flags
     argv.append("--skipInference" if ver >= (8, 6) else "--buildOnly")
     return argv
@@ -160,8 +168,13 @@ TRT_API_BUILD_SCRIPT = Path(__file__).parent.parent / "device_side" / "trt_api_b
 
 
 def api_build_argv(python: str, script: str, *, onnx: str, engine: str, cfg: TrtBuildConfig,
-                   timing_cache: str | None = None) -> list[str]:
-    """argv for the API build script on the device; args travel as one JSON argument."""
+                   timing_cache: str | None = None, calibration_cache: str | None = None,
+                   calibration_batches: str | None = None) -> list[str]:
+    """argv for the API build script on the device; args travel as one JSON argument.
+
+    INT8 with a calibration data set: `calibration_cache` is read by the script's calibrator
+    (no calibration runs when it was written by this TensorRT); with `calibration_batches` (an
+    .npz of batches, kiln.calibration) the calibrator feeds them and writes the cache there."""
     cfg.check_tool("python-api")
     args = {"onnx": onnx, "engine": engine, "precision": cfg.precision, "workspace_mib": cfg.workspace_mib,
             "builder_optimization_level": cfg.builder_optimization_level,
@@ -169,6 +182,11 @@ def api_build_argv(python: str, script: str, *, onnx: str, engine: str, cfg: Trt
             "shapes": cfg.to_dict()["shapes"],
             **({"dla_core": cfg.dla_core, "dla_gpu_fallback": cfg.dla_gpu_fallback} if cfg.dla_core is not None else {}),
             **({"refit": True} if cfg.refit else {})}
+    if cfg.calibration:
+        if not calibration_cache:
+            raise BuildConfigError("an INT8 build with a calibration data set needs its calibration cache path",
+                                   field="calibration")
+        args["calibration"] = {"cache": calibration_cache, "batches": calibration_batches}
     return [python, script, json.dumps(args, sort_keys=True)]
 
 

@@ -14,6 +14,11 @@ JSON args:
   timing_cache: path | null  (loaded if it exists, saved after the build),
   shapes: {input: {"min": [..], "opt": [..], "max": [..]}} | null,  verbose: bool,
   refit: bool  (BuilderFlag.REFIT: a refittable engine, see trt_api_refit.py)
+  calibration: {"cache": path, "batches": path | null} | null   (INT8 implicit quantization;
+             docs/trtexec.md §10). With "batches" (an .npz written by kiln.calibration: arrays
+             "batch00000.<input>", C order) the calibrator feeds every batch to TensorRT and
+             writes the calibration cache to "cache"; without, it only reads "cache" (written
+             by this TensorRT for this class: no calibration runs).
 
 Output: progress lines "kiln-trt: ..." and, last, one JSON line
   {"kiln": "trt_api_build", "ok": true, "engine": ..., "sha256": ..., "bytes": ..., "seconds": ...,
@@ -28,7 +33,7 @@ import time
 
 PRECISIONS = ("fp32", "fp16", "int8", "best")
 KEYS = {"onnx", "engine", "precision", "workspace_mib", "builder_optimization_level", "timing_cache",
-        "shapes", "verbose", "dla_core", "dla_gpu_fallback", "refit"}
+        "shapes", "verbose", "dla_core", "dla_gpu_fallback", "refit", "calibration"}
 
 
 class ArgError(ValueError):
@@ -95,6 +100,14 @@ def parse_args(argv):
         raise ArgError("dla_core must be a DLA core number or null")
     if not isinstance(args.get("dla_gpu_fallback", False), bool):
         raise ArgError("dla_gpu_fallback must be true or false")
+    calib = args.get("calibration")
+    if calib is not None:
+        if not isinstance(calib, dict) or set(calib) - {"cache", "batches"} or not isinstance(calib.get("cache"), str):
+            raise ArgError("calibration must be an object {cache: path, batches: path or null}")
+        if calib.get("batches") is not None and not isinstance(calib["batches"], str):
+            raise ArgError("calibration.batches must be a path or null")
+        if args["precision"] not in ("int8", "best"):
+            raise ArgError("calibration needs precision int8 or best")
     return args
 
 
@@ -113,6 +126,142 @@ def use_dla(builder, config, trt, core, gpu_fallback, precision):
         config.set_flag(trt.BuilderFlag.FP16)
     say("DLA core %d%s" % (core, ", GPU fallback" if gpu_fallback else ""))
     return None
+
+
+# ---------------------------------------------------------------------------- INT8 calibration
+
+def read_npz_batches(path):
+    """The calibration batches of kiln's .npz: [{input: (shape, raw bytes)}] in batch order.
+    Reads the .npy members itself (no numpy on the device's python3 needed)."""
+    import ast
+    import struct
+    import zipfile
+    batches = {}
+    with zipfile.ZipFile(path) as z:
+        for member in z.namelist():
+            if not member.endswith(".npy") or not member.startswith("batch"):
+                continue
+            index, _, name = member[len("batch"):-len(".npy")].partition(".")
+            data = z.read(member)
+            if data[:6] != b"\x93NUMPY":
+                raise ValueError("%s in %s is not a .npy array" % (member, path))
+            major = data[6]
+            if major == 1:
+                (hlen,), start = struct.unpack("<H", data[8:10]), 10
+            else:
+                (hlen,), start = struct.unpack("<I", data[8:12]), 12
+            header = ast.literal_eval(data[start:start + hlen].decode("latin1"))
+            if header.get("fortran_order"):
+                raise ValueError("%s in %s is not in C order" % (member, path))
+            batches.setdefault(int(index), {})[name] = (tuple(header["shape"]), data[start + hlen:])
+    return [batches[i] for i in sorted(batches)]
+
+
+class DeviceMemory(object):
+    """cudaMalloc / cudaMemcpy(host to device) / cudaFree for the calibrator's get_batch, from
+    cuda-python when installed, else libcudart.so through ctypes (docs/trtexec.md §10)."""
+
+    def __init__(self):
+        import ctypes
+        self._ctypes, self._cudart, self._lib, self._host = ctypes, None, None, []
+        try:
+            try:
+                from cuda.bindings import runtime as cudart      # cuda-python >= 12.6
+            except ImportError:
+                from cuda import cudart                         # cuda-python 11.x / 12.x
+            self._cudart = cudart
+        except ImportError:
+            import ctypes.util
+            for name in ("libcudart.so", ctypes.util.find_library("cudart"), "/usr/local/cuda/lib64/libcudart.so"):
+                if not name:
+                    continue
+                try:
+                    self._lib = ctypes.CDLL(name)
+                    break
+                except OSError:
+                    continue
+            if self._lib is None:
+                raise RuntimeError("no CUDA runtime for calibration: neither cuda-python (`from cuda import cudart`) "
+                                   "nor libcudart.so could be loaded")
+
+    def _check(self, err, what):
+        code = err if isinstance(err, int) else getattr(err, "value", err)
+        if int(code) != 0:
+            raise RuntimeError("%s failed with CUDA error %s" % (what, err))
+
+    def malloc(self, size):
+        if self._cudart is not None:
+            err, ptr = self._cudart.cudaMalloc(size)
+            self._check(err, "cudaMalloc(%d)" % size)
+            return int(ptr)
+        ptr = self._ctypes.c_void_p()
+        self._check(self._lib.cudaMalloc(self._ctypes.byref(ptr), self._ctypes.c_size_t(size)), "cudaMalloc")
+        return int(ptr.value)
+
+    def copy_to_device(self, ptr, data):
+        host = self._ctypes.create_string_buffer(data, len(data))
+        self._host.append(host)                                 # alive until the copy returned
+        if self._cudart is not None:
+            (err,) = self._cudart.cudaMemcpy(ptr, self._ctypes.addressof(host), len(data),
+                                             self._cudart.cudaMemcpyKind.cudaMemcpyHostToDevice)
+        else:
+            err = self._lib.cudaMemcpy(self._ctypes.c_void_p(ptr), host, self._ctypes.c_size_t(len(data)), 1)
+        self._check(err, "cudaMemcpy")
+        self._host.pop()
+
+    def free(self, ptr):
+        if self._cudart is not None:
+            self._cudart.cudaFree(ptr)
+        else:
+            self._lib.cudaFree(self._ctypes.c_void_p(ptr))
+
+
+def make_calibrator(trt, cache_path, batches):
+    """An IInt8EntropyCalibrator2 that feeds `batches` (None: read the cache only) and writes the
+    cache TensorRT gives it to `cache_path`."""
+    memory = DeviceMemory() if batches else None
+
+    class Calibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self):
+            trt.IInt8EntropyCalibrator2.__init__(self)   # the bindings need the base constructor
+            self.index, self.buffers, self.fed = 0, {}, 0
+
+        def get_batch_size(self):
+            return 1          # explicit-batch networks: the batch is part of each input's shape
+
+        def get_batch(self, names):
+            if not batches or self.index >= len(batches):
+                return None
+            batch = batches[self.index]
+            self.index += 1
+            pointers = []
+            for name in names:
+                if name not in batch:
+                    say("calibration batch %d has no input %r (it has %s)" % (self.index - 1, name, sorted(batch)))
+                    return None
+                data = batch[name][1]
+                ptr, size = self.buffers.get(name, (None, 0))
+                if ptr is None or size < len(data):
+                    if ptr is not None:
+                        memory.free(ptr)
+                    ptr = memory.malloc(len(data))
+                    self.buffers[name] = (ptr, len(data))
+                memory.copy_to_device(ptr, data)
+                pointers.append(ptr)
+            self.fed += 1
+            return pointers
+
+        def read_calibration_cache(self):
+            if batches or not os.path.exists(cache_path):
+                return None   # calibrating: a cache left from before must not stand in for the data
+            with open(cache_path, "rb") as f:
+                return f.read()
+
+        def write_calibration_cache(self, cache):
+            _atomic_write(cache_path, bytes(memoryview(cache)))
+            say("wrote the calibration cache %s (%d bytes)" % (cache_path, len(bytes(memoryview(cache)))))
+
+    return Calibrator()
 
 
 def say(msg):
@@ -166,8 +315,16 @@ def build(args, trt):
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, args["workspace_mib"] << 20)
     if args["precision"] in ("fp16", "best"):
         config.set_flag(trt.BuilderFlag.FP16)
+    calibrator = None
     if args["precision"] in ("int8", "best"):
         config.set_flag(trt.BuilderFlag.INT8)
+        calib = args.get("calibration")
+        if calib:
+            batches = read_npz_batches(calib["batches"]) if calib.get("batches") else None
+            if calib.get("batches"):
+                say("calibrating INT8 with %d batches from %s" % (len(batches), calib["batches"]))
+            calibrator = make_calibrator(trt, calib["cache"], batches)
+            config.int8_calibrator = calibrator
     if args.get("refit"):
         config.set_flag(trt.BuilderFlag.REFIT)  # weights can be replaced later without a rebuild
     level = args.get("builder_optimization_level")
@@ -186,6 +343,8 @@ def build(args, trt):
         for name, spec in sorted(args["shapes"].items()):
             profile.set_shape(name, spec["min"], spec["opt"], spec["max"])
         config.add_optimization_profile(profile)
+        if calibrator is not None and hasattr(config, "set_calibration_profile"):
+            config.set_calibration_profile(profile)    # calibration runs at the profile's opt shapes
 
     # trtexec passes ignore_mismatch=False up to 10.0 and True from 10.1 (docs/trtexec.md §7)
     ignore_mismatch = ver >= (10, 1, 0)
@@ -215,8 +374,11 @@ def build(args, trt):
         serialized = config.get_timing_cache().serialize()
         _atomic_write(cache_path, bytes(memoryview(serialized)))
         say("saved timing cache to %s" % cache_path)
+    extra = {}
+    if calibrator is not None:
+        extra = {"calibration_batches": calibrator.fed, "calibration_cache": args["calibration"]["cache"]}
     return finish(0, engine=args["engine"], sha256=hashlib.sha256(data).hexdigest(), bytes=len(data),
-                  seconds=round(seconds, 3), tensorrt=version)
+                  seconds=round(seconds, 3), tensorrt=version, **extra)
 
 
 def main(argv=None):

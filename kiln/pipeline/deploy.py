@@ -25,7 +25,8 @@ from kiln.oserrors import explain_os_errors
 from kiln.keys import read_json, write_json_if_changed
 from kiln.pipeline.context import Context
 from kiln.devices.workarea import ReleaseState
-from kiln.pipeline.engines import EngineSpec, current_engine_key, engine_blob, engine_spec, ensure_engine
+from kiln.pipeline.engines import (EngineSpec, current_engine_key, engine_blob, engine_spec, engine_verify,
+                                   ensure_engine)
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
 from kiln.pipeline.busy import wait_until_free
@@ -270,8 +271,9 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     staged_s = time.time() - t0
     t0 = time.time()
     try:
-        smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", ctx.fleet.models[model].verify,
-                               backend.build_settings(ctx.fleet.model_for(target, model).build))
+        model_run = ctx.fleet.model_for(target, model)   # with the target's build overrides
+        smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", engine_verify(model_run),
+                               backend.build_settings(model_run.build))
     except KilnError as exc:
         ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                         why=f"smoke test of {model} failed: {exc.message}")

@@ -46,6 +46,7 @@ from kiln.devices.workarea import Device
 from kiln.errors import BuildError, CorruptEntry, KilnError, UnreachableError
 from kiln.keys import digest, read_json, write_json_if_changed
 from kiln.oserrors import explain_os_errors
+from kiln.pipeline.calibration import INT8_PRECISIONS, calibration_digest, ensure_calibration_cache
 from kiln.pipeline.context import Context
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_classes
@@ -66,6 +67,14 @@ class EngineSpec:
     hwclass: HardwareClass
     fingerprint: dict                # of a member: the builder version comes from it
     builders: tuple[Target, ...]     # who may build it, in order of preference
+    #: digest of the INT8 calibration data set when the build needs a calibration cache
+    #: (kiln.pipeline.calibration.calibration_digest), else None
+    calibration: str | None = None
+
+    @property
+    def build_inputs(self) -> dict:
+        """The model's build settings plus the calibration data's digest (an engine-defining input)."""
+        return {**self.model.build, "calibration": self.calibration} if self.calibration else self.model.build
 
     @property
     def task_name(self) -> str:
@@ -90,13 +99,14 @@ def engine_spec(ctx: Context, model: Model, hwclass: HardwareClass, fingerprint:
         builders += [] if deploying in builders else [deploying]
     else:
         builders += [t for t in members if t not in builders]
-    return EngineSpec(model, hwclass, fingerprint, tuple(builders))
+    return EngineSpec(model, hwclass, fingerprint, tuple(builders),
+                      calibration_digest(ctx.hashes, model, hwclass.backend))
 
 
 def engine_key_inputs(spec: EngineSpec, onnx_record: dict) -> dict:
     backend = spec.backend
     return {"format": ENGINE_FORMAT, "onnx_sha256": onnx_record["onnx_sha256"],
-            "class": spec.hwclass.digest, "build": backend.build_settings(spec.model.build),
+            "class": spec.hwclass.digest, "build": backend.build_settings(spec.build_inputs),
             "builder": backend.builder_version(spec.fingerprint)}
 
 
@@ -467,19 +477,32 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 say(f"    [{target.name}] {line}")
                 activity.note(line)
         try:
+            extra = {}
+            if refit is None and spec.calibration:
+                activity.phase("calibrating")
+                extra["calibration_cache"] = ensure_calibration_cache(
+                    ctx, spec, device, target, onnx_remote, onnx_sha, out_dir, fingerprint, say, stream)
+            elif refit is None and backend.name == "tensorrt" and spec.model.build.get("precision") in INT8_PRECISIONS:
+                _check_explicitly_quantized(spec, onnx_local)
             if refit is None:
                 activity.phase("building")
-                facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.model.build),
+                facts = backend.build(device, onnx_remote, out_dir, backend.build_settings(spec.build_inputs),
                                       fingerprint, stream=stream, timing_cache=timing_remote,
-                                      external_data=bool(onnx_record.get("external_data")))
+                                      external_data=bool(onnx_record.get("external_data")), **extra)
             else:
                 activity.phase("refitting")
                 base_remote, weights_remote = send_refit_inputs(ctx, device, refit, onnx_local, fingerprint)
                 facts = backend.refit(device, base_remote, onnx_remote, weights_remote, out_dir, fingerprint,
                                       stream=stream)
             activity.phase("verifying")
-            report = backend.verify(device, facts["engine"], ref_remote, spec.model.verify,
-                                    backend.build_settings(spec.model.build))
+            outputs_dir = (ctx.artifacts / "cache" / "outputs" / key
+                           if spec.model.verify.get("metric") and backend.name == "tensorrt" else None)
+            report = backend.verify(device, facts["engine"], ref_remote, engine_verify(spec.model),
+                                    backend.build_settings(spec.model.build),
+                                    **({"keep_outputs": outputs_dir} if outputs_dir else {}))
+            if outputs_dir:
+                from kiln.pipeline.accuracy import check_metric
+                report["metric"] = check_metric(spec, target, outputs_dir, ref_local)
             if spec.model.build.get("verify_on", 1) >= 2:
                 activity.phase("checking on a second member")
                 from kiln.pipeline.second_check import verify_on_second_member
@@ -530,6 +553,26 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                     why=f"{made} and verified on {target.name}; {how}")
     say(f"  published engine {key[:12]} ({facts['size'] / 1e6:.1f} MB, {made} in {seconds:.1f} s on {target.name})")
     return in_force
+
+
+def engine_verify(model: Model) -> dict:
+    """The verify settings an engine of `model` is checked with: the model's `verify` table plus the
+    precision it is built with (INT8 engines get the int8 tolerances: kiln.backends.tensorrt)."""
+    return {**model.verify, "engine_precision": model.build.get("precision")}
+
+
+def _check_explicitly_quantized(spec: EngineSpec, onnx: Path) -> None:
+    """An INT8 build without a calibration data set needs Q/DQ nodes in the ONNX: otherwise trtexec
+    would use placeholder ranges and the Python API refuses (docs/trtexec.md §10)."""
+    import onnx as onnx_lib
+    graph = onnx_lib.load(str(onnx), load_external_data=False).graph
+    if not any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in graph.node):
+        raise BuildError(f"model {spec.model.name} is built with precision {spec.model.build.get('precision')} but "
+                         "has no INT8 calibration data set and its ONNX has no Q/DQ nodes: TensorRT would have no "
+                         "scales (trtexec uses placeholder ranges, good for timing only)", model=spec.model.name,
+                         hint=f"add [models.{spec.model.name}.calibration] data = \"<folder of .npz/.npy batches>\" "
+                              "(or function = \"module:function\"), or export with Q/DQ nodes "
+                              "(export.quantize = \"qdq\"), or build fp16")
 
 
 def _publish_engine(ctx: Context, device: Device, facts: dict, key: str) -> str:

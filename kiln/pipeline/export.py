@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.config import Model
+from kiln.config import ENGINE_ONLY_VERIFY_KEYS, Model
 from kiln.errors import ExportError
 from kiln.factories import factory_imports, find_factory_source, import_factory
 from kiln.files import atomic_file, move_into_place
@@ -82,7 +82,8 @@ def export_inputs(model: Model, hashes: HashCache, provenance: dict | None = Non
         **({"shapes": _shapes_json(model)} if model.shapes else {}),  # static models: key as before
         "outputs": list(model.outputs),
         "export": _export_options_key(model.export),
-        "verify": model.verify,
+        # the engine-only gate (int8 tolerances, metric) is no export input: changing it re-exports nothing
+        "verify": {k: v for k, v in model.verify.items() if k not in ENGINE_ONLY_VERIFY_KEYS},
         "torch": package_version("torch"),
         "onnx": package_version("onnx"),
         "onnxruntime": package_version("onnxruntime"),

@@ -9,6 +9,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 
+from kiln.pipeline.calibration import calibration_digest
 from kiln.pipeline.context import Context
 from kiln.pipeline.engines import EngineSpec, engine_key_inputs, engine_profile
 from kiln.errors import StoreError
@@ -76,7 +77,7 @@ def cache_report(ctx: Context) -> list[CacheRow]:
             model = ctx.fleet.model_for(target, model_name)   # with the target's build overrides
             row = rows.get((model.engine_name, hw.id))
             if row is None:
-                spec = EngineSpec(model, hw, fingerprint, (target,))
+                spec = EngineSpec(model, hw, fingerprint, (target,), calibration_digest(ctx.hashes, model, hw.backend))
                 key = digest(engine_key_inputs(spec, onnx))
                 hit, why, manifest = _lookup(ctx, key)
                 row = rows[(model.engine_name, hw.id)] = CacheRow(   # `det`, or `det~<variant>`

@@ -25,6 +25,7 @@ from kiln.devices.hwclass import class_or_none, describe_change
 from kiln.devices.workarea import Device, ReleaseState
 from kiln.errors import ExportError, KilnError
 from kiln.keys import digest, read_json
+from kiln.pipeline.calibration import calibration_digest
 from kiln.pipeline.context import MAX_PARALLEL, Context
 from kiln.pipeline.engines import EngineSpec, engine_key_inputs
 from kiln.pipeline.export import ExportPaths, export_inputs
@@ -132,7 +133,7 @@ def _wanted_key(ctx: Context, target: Target, model, hw, fingerprint, why: list[
         why.append("never exported")
     if not (hw and onnx):
         return None
-    spec = EngineSpec(model, hw, fingerprint, (target,))
+    spec = EngineSpec(model, hw, fingerprint, (target,), calibration_digest(ctx.hashes, model, hw.backend))
     key = digest(engine_key_inputs(spec, onnx))
     record = read_json(ctx.engine_record(model.engine_name, hw.id))
     if record is None or record["key"] != key:

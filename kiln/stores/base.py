@@ -63,6 +63,8 @@ timing_cache_entry = _by_digest("timing-caches", ".cache")  # by class digest
 #: refit base key (architecture, class, build settings, builder) -> signed record naming the blob of a
 #: refittable engine of that architecture (kiln.pipeline.refit); created once, by a conditional write
 refit_base_entry = _by_digest("refit-bases", ".json")
+#: INT8 calibration caches, by kiln.pipeline.calibration.calibration_key (ONNX, data, TensorRT, class)
+calibration_cache_entry = _by_digest("calibration-caches", ".cache")
 
 
 def lease_entry(key: str) -> str:

@@ -455,6 +455,30 @@ def calibration_header(ident):
     return "TRT-%s-" % banner_tag(ident["trt"]).split("v", 1)[1].split("]", 1)[0]
 
 
+def read_calibration_scales(text):
+    """{tensor: scale} of a calibration cache's `name: <hex float32>` lines (docs/trtexec.md §10)."""
+    import struct
+    scales = {}
+    for line in text.splitlines()[1:]:
+        name, sep, value = line.rpartition(": ")
+        if sep and re.fullmatch(r"[0-9a-fA-F]{1,8}", value.strip()):
+            scales[name] = struct.unpack(">f", struct.pack(">I", int(value.strip(), 16)))[0]
+    return scales
+
+
+def input_scales(model, scales):
+    """The scales of the network's inputs, from a calibration cache's scales."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "trt_python"))
+    try:
+        import onnx_reader
+        names = [i.name for i in onnx_reader.read_model(model).graph_inputs]
+    except ValueError:
+        names = []
+    finally:
+        sys.path.pop(0)
+    return dict((n, scales[n]) for n in names if n in scales)
+
+
 def int8_mode(opts, model, ident):
     """How an INT8 build gets its scales (docs/trtexec.md §10): "qdq" (Q/DQ nodes in the ONNX),
     "calibrated" (--calib=<cache> written by this TensorRT), "random" (--calib names a missing or
@@ -465,22 +489,23 @@ def int8_mode(opts, model, ident):
             warn("[TRT] Calibrator won't be used in explicit precision mode. Use quantization aware training to "
                  "generate network with Quantize/Dequantize nodes.")
         info("Calibration: explicit quantization (Q/DQ)")
-        return "qdq"
+        return "qdq", None
     calib = opts.get("--calib")
     if not calib:
         info("Calibration: Dynamic")
-        return "placeholder"
+        return "placeholder", None
     info("Calibration: %s" % calib)
     try:
         with open(calib, "rb") as f:
-            head = f.read(64).split(b"\n", 1)[0].decode("ascii", "replace")
+            text = f.read().decode("ascii", "replace")
     except OSError:
-        head = ""
+        text = ""
+    head = text.split("\n", 1)[0]
     if head.startswith(calibration_header(ident)):
-        return "calibrated"
+        return "calibrated", input_scales(model, read_calibration_scales(text))
     warn("[TRT] Calibration cache %s %s; calibrating with random data" % (
         calib, "was written by another TensorRT (%s)" % head if head else "cannot be read"))
-    return "random"
+    return "random", None
 
 
 def dla_setup(opts, ident):
@@ -622,12 +647,13 @@ def do_build(run, opts, ver):
         return run.setup_failed()
     if dla and precision == "fp32":
         precision = "fp16"        # trtexec turns FP16 on for DLA unless INT8 is (sampleEngines.cpp)
-    int8 = int8_mode(opts, model, ident) if precision in ("int8", "best") else None
+    int8, scales = int8_mode(opts, model, ident) if precision in ("int8", "best") else (None, None)
     seconds = ident["build_seconds"] / (2 if cache_loaded else 1)
     start = time.time()
     time.sleep(seconds)
     elapsed = time.time() - start
     extra = dict([("int8", int8)] if int8 else [])
+    extra.update({"int8_input_scales": scales} if scales else {})
     extra.update(dla or {})
     if refit_mode(opts):
         extra["refit"] = refit_mode(opts)
@@ -813,11 +839,18 @@ def load_inputs(run, opts, data, ver):
     return True, (session, feeds)
 
 
-def compute_outputs(run, session, feeds, precision, ver, int8=None):
+def compute_outputs(run, session, feeds, precision, ver, int8=None, input_scales=None):
     """Run the embedded ONNX; model TensorRT's output types, fp16 rounding and the noise knobs.
     An INT8 engine without real scales (placeholder ranges or random-data calibration) is off by
-    several per cent of each output's range; calibrated or Q/DQ INT8 is rounded like fp16."""
+    several per cent of each output's range; calibrated or Q/DQ INT8 is rounded like fp16, and a
+    calibrated engine quantizes its inputs with the cache's scales: values beyond the calibrated
+    range saturate (calibration data of another scale than the real inputs shows in the outputs)."""
     import numpy as np
+    feeds = dict(feeds)
+    for name, scale in sorted((input_scales or {}).items()):
+        if name in feeds and feeds[name].dtype.kind == "f" and scale > 0:
+            q = np.clip(np.round(feeds[name] / scale), -127, 127)
+            feeds[name] = (q * scale).astype(feeds[name].dtype)
     names = [o.name for o in session.get_outputs()]
     types = {o.name: o.type for o in session.get_outputs()}
     outputs = {}
@@ -830,7 +863,7 @@ def compute_outputs(run, session, feeds, precision, ver, int8=None):
                 value = value.astype(np.float16).astype(np.float32)
             if int8 in ("placeholder", "random") and value.size:
                 span = float(np.max(np.abs(value))) or 1.0
-                value = value + (0.08 * span * np.cos(np.arange(value.size) * 1.7)).reshape(value.shape).astype(np.float32)
+                value = value + (0.3 * span * np.cos(np.arange(value.size) * 1.7)).reshape(value.shape).astype(np.float32)
             if run.ident["output_noise"]:
                 value = value + rng.normal(0, run.ident["output_noise"], value.shape).astype(np.float32)
             if run.ident["wrong_outputs"]:
@@ -987,7 +1020,8 @@ def do_inference(run, opts, data):
     if "--exportOutput" in opts and prepared is not None:
         session, feeds = prepared
         export_outputs(opts["--exportOutput"], compute_outputs(run, session, feeds, precision, ver,
-                                                               (meta or {}).get("int8")))
+                                                               (meta or {}).get("int8"),
+                                                               (meta or {}).get("int8_input_scales")))
     return run.passed()
 
 

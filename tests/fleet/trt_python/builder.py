@@ -498,9 +498,9 @@ class Builder(object):
                                             "Network has dynamic or shape inputs, but no optimization profile has "
                                             "been defined."))
             return None
-        int8 = None
+        int8, cache, self._calibrated_now = None, None, False
         if config.get_flag(BuilderFlag.INT8):
-            int8 = self._int8_scales(network, config, profile)
+            int8, cache = self._int8_scales(network, config, profile)
             if int8 is None:
                 return None
         fp16 = config.get_flag(BuilderFlag.FP16)
@@ -511,6 +511,8 @@ class Builder(object):
         onnx_sha = hashlib.sha256(network._onnx).hexdigest()
         time.sleep(float(_SIM.get("build_seconds", 0.2)))
         extra = dict([("int8", int8)] if int8 else [])
+        if cache:
+            extra["int8_input_scales"] = sim.input_scales(network._onnx, sim.read_calibration_scales(cache))
         if DeviceType(int(config.default_device_type)) == DeviceType.DLA:   # marked as trtexec_sim's DLA plans
             extra.update(dla_core=config.DLA_core, gpu_fallback=config.get_flag(BuilderFlag.GPU_FALLBACK))
         plan = sim.engine_bytes(ident, onnx_sha, precision, network._onnx, profile or None, extra=extra or None,
@@ -518,6 +520,7 @@ class Builder(object):
         sim_state_log("builds.log", {"tool": "python-api", "onnx_sha256": onnx_sha, "precision": precision,
                                      "trt": ".".join(map(str, _VER)), "compute": ident["compute"],
                                      "profile": profile, "int8": int8, "dla_core": extra.get("dla_core"),
+                                     "calibration_run": self._calibrated_now,
                                      "external_data": sorted(network._externals),
                                      "flags": sorted(f.name for f in config._flags),
                                      "timing_cache_loaded": bool(config._timing_cache and config._timing_cache._blob)})
@@ -526,14 +529,14 @@ class Builder(object):
 
     # -- INT8 ------------------------------------------------------------------------
     def _int8_scales(self, network, config, profile):
-        """"qdq", "calibrated" (from a calibrator's cache or a calibration run), or None after
-        logging the failure as TensorRT does."""
+        """("qdq", None), ("calibrated", the cache's text) from a calibrator's cache or a calibration
+        run, or (None, None) after logging the failure as TensorRT does."""
         log, calibrator = self.logger.log, config.int8_calibrator
         if network._model.op_types() & {"QuantizeLinear", "DequantizeLinear"}:
             if calibrator is not None:
                 log(ILogger.WARNING, "Calibrator won't be used in explicit precision mode. Use quantization aware "
                                      "training to generate network with Quantize/Dequantize nodes.")
-            return "qdq"
+            return "qdq", None
         if calibrator is None:
             log(ILogger.WARNING, "Calibrator is not being used. Users must provide dynamic range for all tensors "
                                  "that are not Int32 or Bool.")
@@ -542,23 +545,23 @@ class Builder(object):
             if _VER < (10, 0):
                 log(ILogger.ERROR, _error_lines(2, "Internal Error", "builder.cpp::buildSerializedNetwork::609",
                                                 "Assertion enginePtr != nullptr failed. "))
-            return None
+            return None, None
         header = calibration_header(calibrator.get_algorithm())
         cache = calibrator.read_calibration_cache()
         if cache:
             text = bytes(cache).decode("ascii", "replace")
             if text.split("\n", 1)[0].strip() == header:
                 log(ILogger.INFO, "Calibration table was read from the cache; skipping calibration")
-                return "calibrated"
+                return "calibrated", text
             log(ILogger.WARNING, "The calibration cache header %r does not match %r: recalibrating"
                 % (text.split("\n", 1)[0][:64], header))
         ranges, batches = self._calibrate(network, config, calibrator, profile)
         if ranges is None:
-            return None
+            return None, None
         if not batches:
             log(ILogger.ERROR, _error_lines(4, "Internal Error", "standardEngineBuilder.cpp::initCalibrationParams::1402",
                                             CALIBRATION_FAILURE))
-            return None
+            return None, None
         lines = [header]
         digest = hashlib.sha256(json.dumps(sorted(ranges.items())).encode()).digest()
         for name, amax in sorted(ranges.items()):
@@ -571,10 +574,11 @@ class Builder(object):
                     lines.append("%s: %s" % (out, _scale_hex((1 + h[0] / 255.0) / 127.0)))
         blob = ("\n".join(lines) + "\n").encode()
         calibrator.write_calibration_cache(IHostMemory(blob))
+        self._calibrated_now = True
         sim_state_log("calibrations.log", {"onnx_sha256": hashlib.sha256(network._onnx).hexdigest(),
                                            "batches": batches, "header": header,
                                            "cache_sha256": hashlib.sha256(blob).hexdigest()})
-        return "calibrated"
+        return "calibrated", blob.decode()
 
     def _calibrate(self, network, config, calibrator, profile):
         """Feed every batch: -> ({input: max-abs}, number of batches) or (None, 0) on a bad batch."""

@@ -22,7 +22,7 @@ DEVICE_DIR = Path(__file__).resolve().parent.parent / "kiln" / "device_side"
 DEVICE_FILES = sorted(DEVICE_DIR.glob("*.py"))
 
 # Imported lazily, inside functions, by the subcommands that need them; optional on devices.
-OPTIONAL_MODULES = frozenset({"numpy", "onnxruntime", "tensorrt"})
+OPTIONAL_MODULES = frozenset({"numpy", "onnxruntime", "tensorrt", "cuda"})  # cuda: cuda-python, for INT8 calibration
 
 # Standard-library modules that Python 3.6 does not have (sys.stdlib_module_names is the
 # running interpreter's list). A name matches itself and its submodules.

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from kiln.config import Model
-from kiln.errors import BuildError, ConfigError
+from kiln.errors import BuildError, ConfigError, ExportError
 from kiln.files import atomic_write
 from kiln.keys import HashCache, digest
 
@@ -132,3 +132,37 @@ def write_batches(model: Model, path: Path) -> int:
             z.writestr(info, data)
     atomic_write(path, buffer.getvalue())
     return len({m[0].split(".")[0] for m in members})
+
+
+def quantize_qdq(model: Model, src: Path, dst: Path) -> Path:
+    """Explicit quantization at export (`export.quantize = "qdq"`): ONNX Runtime's quantize_static
+    writes QuantizeLinear/DequantizeLinear pairs into `src` -> `dst`, its scales from the model's
+    calibration data set. As TensorRT wants them (docs/trtexec.md §10): INT8 activations and weights,
+    symmetric (zero point 0), weights per output channel, on the convolutions and matrix products.
+    The bytes are deterministic for equal inputs (tests/test_int8_qdq.py)."""
+    import logging
+
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    batches = iter(list(iter_batches(model)))
+
+    class Reader(CalibrationDataReader):
+        def get_next(self):
+            batch = next(batches, None)
+            return None if batch is None else {k: v.astype("float32") if v.dtype.kind == "f" else v
+                                               for k, v in batch.items()}
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)   # quantize_static advises pre-processing through the root logger
+    try:
+        quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"],
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises many kinds
+        raise ExportError(f"Q/DQ quantization of model {model.name} failed: {type(exc).__name__}: {exc}",
+                         model=model.name, hint="check the calibration data set, or export without quantize") from exc
+    finally:
+        root.setLevel(level)
+    return dst

@@ -131,6 +131,9 @@ EXPORT_KEYS = {
                          check=lambda v: None if v in (True, False, "auto") else 'must be true, false or "auto"',
                          doc="weights in a data file next to the graph: \"auto\" when the model needs it (over 2 GB), "
                              "true always, false never (a model over 2 GB then fails to export)"),
+    "quantize": Key((str,), check=_one_of(("qdq",)),
+                    doc="\"qdq\": write INT8 Quantize/DequantizeLinear nodes into the ONNX (ONNX Runtime's "
+                        "quantize_static on the model's calibration data set) for TensorRT's explicit quantization"),
 }
 VERIFY_KEYS = {
     "rtol": Key((float, int), default=1e-3, doc="relative tolerance against the PyTorch reference outputs"),
@@ -535,6 +538,10 @@ def load_fleet(path: Path | str | None = None, artifacts: Path | str | None = No
         export = {**defaults["export"], **m["export"]}
         shapes = _model_shapes(src, name, m["inputs"], build, export, from_defaults="shapes" not in m["build"])
         verify = {**defaults["verify"], **m["verify"]}
+        if export.get("quantize") == "qdq" and not m.get("calibration"):
+            raise src.error(["models", name, "export", "quantize"], "a Q/DQ export needs the model's calibration data set",
+                            f'add [models.{name}.calibration] data = "<folder of .npz/.npy batches>" '
+                            '(or function = "module:function"): its batches set the quantization scales')
         if (verify["metric"] is None) != (verify["metric_threshold"] is None):
             given = "metric" if verify["metric"] is not None else "metric_threshold"
             raise src.error(["models", name, "verify", given], "metric and metric_threshold go together",

@@ -58,7 +58,7 @@ def test_a_good_fleet_loads_with_defaults_applied(tmp_path):
     det = fleet.models["det"]
     assert det.checkpoint == tmp_path / "ckpt/det.pt"
     assert det.build["precision"] == "fp16" and det.build["workspace_mib"] == 2048
-    assert det.export == {"opset": 17, "exporter": "torchscript", "external_data": "auto"}
+    assert det.export == {"opset": 17, "exporter": "torchscript", "external_data": "auto", "quantize": None}
     orin = fleet.targets["orin-01"]
     assert orin.transport == "ssh" and orin.python == "python3" and orin.host == "orin-01.lab"
     assert orin.trtexec == "/usr/src/tensorrt/bin/trtexec"

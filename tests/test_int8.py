@@ -107,33 +107,6 @@ def test_int8_calibrates_once_per_class_reuses_the_cache_and_overrides_precision
     assert [s for (m, variant, _), s in status.items() if not variant] == ["hit"]
 
 
-def test_int8_without_calibration_data_or_qdq_is_refused_before_building(tmp_path, orins):
-    p = _project(tmp_path, orins, "", {"orin-a": {}}, overrides='\n[targets.orin-a.build]\nprecision = "int8"\n')
-    run = p.doit("deploy:orin-a", check=False)
-    assert run.returncode != 0
-    assert "no INT8 calibration data set and its ONNX has no Q/DQ nodes" in run.out, run.out
-    assert "[models.tiny.calibration]" in run.out
-    assert builds(orins, ["orin-a"]) == 0 and p.store_engines() == []
-
-
-def test_accuracy_gate_fails_int8_calibrated_on_data_of_another_scale(tmp_path, orins):
-    """Calibration images in 0..0.05 while the model sees 0..1: the engine's inputs saturate, its
-    outputs are off; the per-output int8 tolerances fail it, nothing is published or deployed."""
-    _calibration_data(tmp_path / "calib", scale=0.05)
-    p = _project(tmp_path, orins, '''
-        [models.tiny.build]
-        precision = "int8"
-        [models.tiny.calibration]
-        data = "calib"
-        ''', {"orin-a": {}})
-    run = p.doit("deploy:orin-a", check=False)
-    assert run.returncode != 0
-    assert "TensorRT engine outputs differ from the reference on orin-a" in run.out, run.out
-    assert "rtol=0.05 atol=0.05" in run.out     # the int8 tolerances applied
-    assert _calibrations(orins) == 1 and builds(orins, ["orin-a"]) == 1
-    assert p.store_engines() == [] and not (orins.srv("orin-a") / "kiln/tiny/current").exists()
-
-
 METRIC = '''
 import numpy as np
 
@@ -144,26 +117,45 @@ def top1_agreement(outputs, reference):
 '''
 
 
-def test_metric_gate_names_model_class_metric_value_and_threshold_and_is_reported(tmp_path, orins):
-    _calibration_data(tmp_path / "calib")
+def test_accuracy_gate_refuses_int8_without_scales_fails_off_outputs_and_a_low_metric(tmp_path, orins):
+    """One model on one Orin, step by step: INT8 with neither calibration data nor Q/DQ is refused
+    before building; calibration images in 0..0.05 while the model sees 0..1 saturate the engine's
+    inputs, and the int8 tolerances fail it; with good data, a task metric below its threshold fails
+    it, naming model, class, metric, value and threshold; above it, the engine is published with
+    the metric in its manifest. Nothing is published or deployed by a failed step."""
     (tmp_path / "task_metrics.py").write_text(METRIC)
-    p = _project(tmp_path, orins, '''
-        [models.tiny.build]
-        precision = "int8"
-        [models.tiny.calibration]
-        data = "calib"
-        [models.tiny.verify]
-        metric = "task_metrics:top1_agreement"
-        metric_threshold = 1.5
-        ''', {"orin-a": {}})
+    p = _project(tmp_path, orins, "", {"orin-a": {}}, overrides='\n[targets.orin-a.build]\nprecision = "int8"\n')
+    run = p.doit("deploy:orin-a", check=False)
+    assert run.returncode != 0
+    assert "no INT8 calibration data set and its ONNX has no Q/DQ nodes" in run.out, run.out
+    assert "[models.tiny.calibration]" in run.out
+    assert builds(orins, ["orin-a"]) == 0 and p.store_engines() == []
+
+    _calibration_data(tmp_path / "calib", scale=0.05)
+    head, rest = p.fleet.read_text().split("[targets.", 1)
+    p.fleet.write_text(head + '[models.tiny.calibration]\ndata = "calib"\n\n[targets.' + rest)
+    run = p.doit("deploy:orin-a", check=False)
+    assert run.returncode != 0
+    assert "TensorRT engine outputs differ from the reference on orin-a" in run.out, run.out
+    assert "rtol=0.05 atol=0.05" in run.out     # the int8 tolerances applied
+    assert _calibrations(orins) == 1 and builds(orins, ["orin-a"]) == 1
+    assert p.store_engines() == [] and not (orins.srv("orin-a") / "kiln/tiny/current").exists()
+
+    for f in (tmp_path / "calib").glob("*.npz"):
+        f.unlink()
+    _calibration_data(tmp_path / "calib")
+    head, rest = p.fleet.read_text().split("[targets.", 1)
+    p.fleet.write_text(head + '[models.tiny.verify]\nmetric = "task_metrics:top1_agreement"\nmetric_threshold = 1.5\n'
+                       '\n[targets.' + rest)
     run = p.doit("deploy:orin-a", check=False)
     assert run.returncode != 0 and p.store_engines() == []
+    assert _calibrations(orins) == 2            # new data: a new calibration cache
     assert "accuracy gate: model tiny on class p3701-0005-sm8.7-trt8.5.2-" in run.out, run.out
     assert "metric task_metrics:top1_agreement = 1 is below the threshold 1.5" in run.out, run.out
 
     p.fleet.write_text(p.fleet.read_text().replace("metric_threshold = 1.5", "metric_threshold = 0.9"))
     again = p.doit("deploy:orin-a")
-    assert _calibrations(orins) == 1, again.out          # the cache of the failed build was kept
+    assert _calibrations(orins) == 2, again.out          # the cache of the failed build was kept
     manifest = json.loads((orins.srv("orin-a") / "kiln/tiny/current/manifest.json").read_text())
     stored = json.loads(next((p.artifacts / "store" / "entries" / "engines").glob("*/*/manifest.json")).read_text())
     assert stored["verification"]["metric"] == {"name": "task_metrics:top1_agreement", "value": 1.0,

@@ -129,3 +129,26 @@ def test_a_missing_calibration_folder_is_refused(tmp_path):
 def test_metric_needs_its_threshold(tmp_path):
     with pytest.raises(ConfigError, match="metric and metric_threshold go together"):
         _fleet(tmp_path, '[models.det.verify]\nmetric = "m:f"')
+
+
+def test_qdq_quantization_is_symmetric_and_byte_for_byte_deterministic(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.calibration import quantize_qdq
+    fleet = _fleet(tmp_path)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        np.save(tmp_path / "calib" / f"b{i}.npy", rng.random((1, 3, 8, 8), dtype=np.float32))
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Conv", ["pixel_values", "w"], ["logits"])], "g",
+                              [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 4, 6, 6])], [w])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "fp32.onnx")
+    a = quantize_qdq(fleet.models["det"], tmp_path / "fp32.onnx", tmp_path / "a.onnx")
+    b = quantize_qdq(fleet.models["det"], tmp_path / "fp32.onnx", tmp_path / "b.onnx")
+    assert a.read_bytes() == b.read_bytes()
+    q = onnx.load(str(a)).graph
+    assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in q.node}
+    zero_points = [numpy_helper.to_array(i) for i in q.initializer if i.name.endswith("_zero_point")]
+    assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)

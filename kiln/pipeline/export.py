@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from kiln.calibration import dataset_digest, quantize_qdq
 from kiln.config import ENGINE_ONLY_VERIFY_KEYS, Model
 from kiln.errors import ExportError
 from kiln.factories import factory_imports, find_factory_source, import_factory
@@ -83,17 +84,24 @@ def export_inputs(model: Model, hashes: HashCache, provenance: dict | None = Non
         "outputs": list(model.outputs),
         "export": _export_options_key(model.export),
         # the engine-only gate (int8 tolerances, metric) is no export input: changing it re-exports nothing
-        "verify": {k: v for k, v in model.verify.items() if k not in ENGINE_ONLY_VERIFY_KEYS},
+        "verify": {k: v for k, v in model.verify.items() if k not in ENGINE_ONLY_VERIFY_KEYS or _quantized(model)},
+        # a Q/DQ export takes its scales from the calibration data: new data, new ONNX
+        **({"calibration": dataset_digest(model, hashes)} if _quantized(model) else {}),
         "torch": package_version("torch"),
         "onnx": package_version("onnx"),
         "onnxruntime": package_version("onnxruntime"),
     }
 
 
+def _quantized(model: Model) -> bool:
+    return model.export.get("quantize") == "qdq"
+
+
 def _export_options_key(export: dict) -> dict:
     """The export options in the key. `external_data = "auto"` (the default) writes exactly what
     enginekiln wrote before the option existed, so it is left out: existing keys stay as they were."""
-    return {k: v for k, v in export.items() if not (k == "external_data" and v == "auto")}
+    return {k: v for k, v in export.items() if not (k == "external_data" and v == "auto")
+            and not (k == "quantize" and v is None)}   # no Q/DQ asked: the key as before the option
 
 
 def export_key(model: Model, hashes: HashCache, provenance: dict | None = None) -> str:
@@ -386,6 +394,13 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
             raise ExportError("the exporter wrote no ONNX file", model=model.name,
                               hint="see the exporter's messages; try the other exporter or opset")
         onnx_tmp, external = _external_data_layout(Path(tmp), onnx_tmp, model, activity)
+        if _quantized(model):
+            if external is not None:
+                raise ExportError("a Q/DQ export (export.quantize = \"qdq\") of a model with external data is not "
+                                  "supported", model=model.name, hint="set external_data = false, or export without quantize")
+            activity.phase("quantizing (Q/DQ)")
+            check_onnx(onnx_tmp, model)
+            onnx_tmp = quantize_qdq(model, onnx_tmp, Path(tmp) / "model.qdq.onnx")
         activity.phase("onnx check")
         opset = check_onnx(onnx_tmp, model)
         activity.phase("ONNX Runtime verification")
@@ -398,8 +413,10 @@ def export_model(model: Model, paths: ExportPaths, key_inputs: dict, publish=Non
                 raise ExportError(f"ONNX Runtime cannot run the exported model{at}: {exc}", model=model.name,
                                   hint="the export is not usable; try another opset/exporter"
                                        + ("; check the model works across the declared ranges" if point else "")) from exc
-            got = agent.compare_outputs(point_expected, actual, model.verify["rtol"], model.verify["atol"],
-                                        model.verify["rows_may_permute"])
+            rtol, atol = model.verify["rtol"], model.verify["atol"]
+            if _quantized(model):   # INT8 Q/DQ against PyTorch's fp32: the int8 tolerances
+                rtol, atol = max(rtol, model.verify["int8_rtol"]), max(atol, model.verify["int8_atol"])
+            got = agent.compare_outputs(point_expected, actual, rtol, atol, model.verify["rows_may_permute"])
             if not got["ok"]:
                 raise ExportError(f"ONNX Runtime disagrees with PyTorch{at}: {got['reason']}", model=model.name,
                                   hint="the export changed the model's numerics; check unsupported ops or loosen verify.rtol/atol")

@@ -14,8 +14,9 @@ Measures, on the same random file and the same server, in one run:
     engines missing, the no-op (all present) on a build server that has the records in
     artifacts/, and the no-op on a CI worker with an empty artifacts folder (fingerprints and
     ONNX records come from the store).
-Prints medians over the runs and the ratios (target >= 0.9x). moto is a Python server,
-so absolute numbers are bounded by it; the ratios are what this measures.
+Prints medians over the runs and the ratios (target >= 0.9x): of the medians, and the median and range of
+the per-run ratios (each run does the three puts back to back, then the two gets). moto is a Python
+server, so absolute numbers are bounded by it; the ratios are what this measures.
 --size-mb 0 skips the throughput part. Env: KILN_BENCH_SIZE_MB, KILN_BENCH_RUNS override the defaults.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.s3server import MotoS3, patched_env, scrubbed_aws_env  # noqa: E402
+from tests.s3server import MotoS3, free_port, patched_env, scrubbed_aws_env  # noqa: E402
 
 MB = 1 << 20
 
@@ -56,6 +57,41 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def process_cpu() -> float:
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class MotoProcess(MotoS3):
+    """The same moto S3 server, in its own process (`python -m moto.server`): the CPU this process
+    spends is then the client's alone, a figure the shared machine's load does not blur."""
+
+    def __init__(self) -> None:
+        import subprocess
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(self.port)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def start(self) -> "MotoProcess":
+        import urllib.request
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.endpoint}/moto-api/", timeout=2).close()
+                return self
+            except OSError:
+                if time.monotonic() > deadline or self._proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError("moto.server did not start")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=30)
 
 
 def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
@@ -101,12 +137,19 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
         client.meta.events.register("before-call.s3", lambda model, **_: calls.append((model.name, "B", time.perf_counter())))
         client.meta.events.register("after-call.s3", lambda model, **_: calls.append((model.name, "A", time.perf_counter())))
     phases: dict[str, list[tuple[float, float]]] = {k: [] for k in results if "put" in k or "upload" in k}
-    order = list(ops)
+    cpus: dict[str, list[float]] = {k: [] for k in results}
+    # the three puts run back to back, then the two gets, each group in an order that rotates from
+    # run to run: a busy spell of the shared machine then hits a put and the upload it is compared
+    # with alike, and the per-run ratios (below) pair them
+    puts = [k for k in ops if "put" in k or "upload" in k]
+    gets = [k for k in ops if k not in puts]
     for run in range(args.runs):
-        for k in order[run % len(order):] + order[:run % len(order)]:
+        for k in puts[run % 3:] + puts[:run % 3] + gets[run % 2:] + gets[:run % 2]:
             measure, cleanup = ops[k]
             calls.clear()
+            cpu0 = process_cpu()
             results[k].append(timed(lambda: measure(run)))
+            cpus[k].append(process_cpu() - cpu0)
             if k in phases:
                 parts = [t for n, _, t in calls if n == "UploadPart"]
                 done = [t for n, _, t in calls if n == "CompleteMultipartUpload"]
@@ -116,15 +159,19 @@ def throughput(args, server, bucket: str, raw, store, tmp: Path) -> None:
     raw.delete_object(Bucket=bucket, Key="bench/raw-get")
 
     med = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\n{'operation':28} {'median s':>9} {'MiB/s':>8}   runs (s)")
+    whose = "the client's alone (moto in its own process)" if args.moto_process else \
+        "this process's: the client and the moto server in it"
+    print(f"\n{'operation':28} {'median s':>9} {'MiB/s':>8} {'CPU s':>6}   runs (s); CPU = {whose}")
     for k, v in results.items():
-        print(f"{k:28} {med[k]:9.2f} {args.size_mb / med[k]:8.0f}   "
+        print(f"{k:28} {med[k]:9.2f} {args.size_mb / med[k]:8.0f} {statistics.median(cpus[k]):6.2f}   "
               + " ".join(f"{x:.2f}" for x in v))
     print("\nthroughput ratio vs raw boto3 (target >= 0.90x):")
     for ours, theirs in (("store put (sha given)", "boto3 upload_file"),
                          ("store put (sha computed)", "boto3 upload_file"),
                          ("store get (verified)", "boto3 download_file")):
-        print(f"  {ours:26} / {theirs:20} = {med[theirs] / med[ours]:.2f}x")
+        paired = [t / o for t, o in zip(results[theirs], results[ours])]
+        print(f"  {ours:26} / {theirs:20} = {med[theirs] / med[ours]:.2f}x (medians); per run "
+              f"{statistics.median(paired):.2f}x [{min(paired):.2f}-{max(paired):.2f}]")
     print("where the puts go (medians): parts = first UploadPart sent to last answered, complete = "
           "CompleteMultipartUpload (the server joins the parts)")
     for k, v in phases.items():
@@ -226,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--models", type=int, default=20, help="M models for the cache check")
     ap.add_argument("--classes", type=int, default=4,
                     help="K targets of K distinct hardware classes for the cache check")
+    ap.add_argument("--moto-process", action="store_true",
+                    help="run the moto server in its own process (CPU column = the client's alone)")
     args = ap.parse_args(argv)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     with patched_env(scrubbed_aws_env()), tempfile.TemporaryDirectory(prefix="kiln-bench-") as tmp:
         from kiln.stores.s3 import S3Store
 
-        server = MotoS3().start()
+        server = (MotoProcess() if args.moto_process else MotoS3()).start()
         try:
             bucket = server.new_bucket("bench")
             raw = server.client()

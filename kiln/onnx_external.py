@@ -123,9 +123,29 @@ def graph_locations(graph: Path | str) -> set[str]:
     return {_entries(t).get("location", "") for t, _ in _all_tensors(proto) if _is_external(t)}
 
 
+#: a serialized TensorProto.external_data entry whose key is "location" (StringStringEntryProto:
+#: key = field 1, value = field 2): every external tensor carries one
+_LOCATION_KEY = b"\x0a\x08location\x12"
+
+
+def _mentions_location(path: Path | str) -> bool:
+    """Whether the file holds a serialized `location` entry: a streamed scan, so a single-file ONNX
+    of up to 2 GB is not parsed into memory just to learn it names no external data."""
+    tail = b""
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            if _LOCATION_KEY in tail + block:
+                return True
+            tail = block[-len(_LOCATION_KEY):]
+    return False
+
+
 def check_graph(graph: Path | str, expected: ExternalData | None, model: str | None = None) -> None:
     """The graph names exactly the data file its record says (or none for a single-file ONNX),
-    and that name is an accepted location. Raises ExportError otherwise."""
+    and that name is an accepted location. Raises ExportError otherwise. A single-file ONNX is
+    only scanned (streamed); the graph is parsed (without its weights) when it names data."""
+    if expected is None and not _mentions_location(graph):
+        return
     try:
         found = graph_locations(graph)
     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and others

@@ -210,6 +210,9 @@ def test_a_graph_naming_any_other_data_file_is_refused(tmp_path, location):
     assert repr(location) in str(info.value) or "names external data" in str(info.value)
     with pytest.raises(ExportError):
         ExternalData.from_record({"external_data": {"location": location, "sha256": "a" * 64, "size": 1}})
+    with pytest.raises(ExportError):   # a "single file" whose graph names data anyway (found by a streamed scan)
+        check_graph(evil, None)
+    check_graph(tmp_path / "m" / "model.onnx", None)   # the weights inside: nothing named, nothing parsed
 
 
 # -- trtexec reads the data next to the ONNX file ---------------------------------------------------

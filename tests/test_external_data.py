@@ -285,3 +285,20 @@ def test_an_external_data_model_deploys_to_a_simulated_jetson_through_s3(tmp_pat
     manifest = json.loads((sim.srv("orin-a") / "kiln/tiny/current/manifest.json").read_text())
     assert location in manifest["inputs"], manifest["inputs"]
     assert 0 < max(manifest["smoke_test"]["max_abs_diff"].values()) < 1e-2, run.out   # fp16 plan vs PyTorch
+
+
+def test_the_device_keeps_the_data_file_its_releases_use_and_removes_an_unused_one(tmp_path):
+    from kiln.device_side import agent
+    root = tmp_path / "install"
+    inputs = root / ".kiln" / "inputs"
+    inputs.mkdir(parents=True)
+    used, unused = ("%064x%s" % (i, DATA_SUFFIX) for i in (1, 2))
+    rel = root / "det" / "releases" / "k1"
+    rel.mkdir(parents=True)
+    (root / "det" / "current").symlink_to("releases/k1")
+    (rel / "manifest.json").write_text(json.dumps({"onnx_sha256": "aa", "inputs": ["bb.npz", "aa.onnx", used]}))
+    for name in ("aa.onnx", "bb.npz", used, unused):
+        (inputs / name).write_bytes(b"x")
+        os.utime(inputs / name, (1, 1))
+    assert agent.clean_inputs(str(root), ["det"], [], str(root)) == {"removed": [unused]}
+    assert sorted(p.name for p in inputs.iterdir()) == sorted(["aa.onnx", "bb.npz", used])

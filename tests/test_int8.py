@@ -161,3 +161,31 @@ def test_accuracy_gate_refuses_int8_without_scales_fails_off_outputs_and_a_low_m
     assert stored["verification"]["metric"] == {"name": "task_metrics:top1_agreement", "value": 1.0,
                                                 "threshold": 0.9, "points": {"static": 1.0}}
     assert manifest["engine_key"] == stored["key"]
+
+
+def test_a_dynamic_batch_int8_model_calibrates_at_opt_and_deploys_to_a_mixed_fleet(tmp_path, orins):
+    """Batch 1..4 (opt 2): the calibration batches have the opt shape (TensorRT calibrates at the
+    calibration profile's opt), JP5 builds with trtexec --calib, JP6 with the Python API reading
+    the cache; every engine is verified at min, opt and max."""
+    folder = tmp_path / "calib"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        np.savez(folder / f"b{i}.npz", pixel_values=rng.random((2, 3, 32, 32)).astype(np.float32))
+    p = _project(tmp_path, orins, '''
+        [models.tiny.build]
+        precision = "int8"
+        [models.tiny.calibration]
+        data = "calib"
+        ''', {"orin-a": {}, "orin-c": {"build_tool": "python-api"}})
+    p.fleet.write_text(p.fleet.read_text().replace(
+        "inputs = { pixel_values = [1, 3, 32, 32] }",
+        "inputs = { pixel_values = { min = [1, 3, 32, 32], opt = [2, 3, 32, 32], max = [4, 3, 32, 32] } }"))
+    run = p.doit("-n", "2", "deploy")
+    assert _calibrations(orins) == 2, run.out
+    assert all(c["batches"] == 3 for n in DEVICES for c in orins.calibrations(n))
+    for name in ("orin-a", "orin-c"):
+        manifest = json.loads((orins.srv(name) / "kiln/tiny/current/manifest.json").read_text())
+        assert sorted(manifest["smoke_test"]["points"]) == ["max", "min", "opt"], manifest["smoke_test"]
+    (jp5,) = [b for b in orins.builds("orin-a") if not b.get("calibration_run")]
+    assert jp5["int8"] == "calibrated" and jp5["profile"]["pixel_values"]["opt"] == [2, 3, 32, 32]

@@ -152,3 +152,29 @@ def test_qdq_quantization_is_symmetric_and_byte_for_byte_deterministic(tmp_path)
     assert {"QuantizeLinear", "DequantizeLinear"} <= {n.op_type for n in q.node}
     zero_points = [numpy_helper.to_array(i) for i in q.initializer if i.name.endswith("_zero_point")]
     assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points)
+
+
+CALIB_FUNCTION = '''
+import numpy as np
+
+
+def batches():
+    rng = np.random.default_rng({seed})
+    for _ in range(3):
+        yield rng.random((1, 3, 8, 8))          # one-input model: an array per batch
+'''
+
+
+def test_a_calibration_function_is_keyed_by_its_module_and_yields_the_batches(tmp_path):
+    (tmp_path / "int8_calib_fn.py").write_text(CALIB_FUNCTION.format(seed=1))
+    text = textwrap.dedent(FLEET.replace("{extra}", "")).replace('data = "calib"', 'function = "int8_calib_fn:batches"\nbatches = 2')
+    (tmp_path / "targets.toml").write_text(text)
+    model = load_fleet(tmp_path / "targets.toml", tmp_path / "artifacts").models["det"]
+    hashes = HashCache(tmp_path / "hashes.json")
+    first = dataset_digest(model, hashes)
+    assert write_batches(model, tmp_path / "b.npz") == 2                  # `batches = 2` of the three
+    shape, raw = read_npz_batches(str(tmp_path / "b.npz"))[0]["pixel_values"]
+    expected = np.random.default_rng(1).random((1, 3, 8, 8)).astype(np.float32)
+    assert shape == (1, 3, 8, 8) and np.frombuffer(raw, np.float32).tolist() == expected.ravel().tolist()
+    (tmp_path / "int8_calib_fn.py").write_text(CALIB_FUNCTION.format(seed=2))
+    assert dataset_digest(model, HashCache(tmp_path / "hashes.json")) != first

@@ -244,3 +244,38 @@ def test_the_simulated_refitter_reads_initializers_from_every_field_and_rewrites
     assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[0]), a * 2)
     assert [t.name for t in loaded.graph.initializer] == ["a", "b", "c", "r"]
     assert np.array_equal(numpy_helper.to_array(loaded.graph.initializer[1]), b)
+
+
+def test_a_dynamic_batch_int8_model_deploys_to_a_mixed_fleet_and_a_retrain_refits_it(tmp_path, new_fleet):
+    """issue 10's "done when", all from targets.toml: a dynamic-batch INT8 (Q/DQ) model on a JetPack 6
+    Orin and on this CPU (ONNX Runtime); a weights-only retrain refits the Orin's engine."""
+    from test_fleet import retrain
+    from test_int8 import _calibration_data
+    from test_int8_qdq import CLASSIFIER
+    sim = new_fleet()
+    sim.add_device("orin6", "orin-jp6")
+    sim.start()
+    (tmp_path / "qdq_models.py").write_text(CLASSIFIER)
+    _calibration_data(tmp_path / "calib")
+    p = refit_project(tmp_path, sim, {"orin6": {"tensorrt_python": JETSON_PYTHON}})
+    text = p.fleet.read_text().replace('factory = "examples.tiny_detector:build_model"', 'factory = "qdq_models:build"')
+    text = text.replace('outputs = ["logits", "pred_boxes"]', 'outputs = ["logits"]').replace(
+        "inputs = { pixel_values = [1, 3, 32, 32] }",
+        "inputs = { pixel_values = { min = [1, 3, 32, 32], opt = [2, 3, 32, 32], max = [4, 3, 32, 32] } }", 1)
+    text = text.replace(REFIT_ON, REFIT_ON + 'precision = "int8"\n[models.tiny.export]\nquantize = "qdq"\n'
+                                  '[models.tiny.calibration]\ndata = "calib"\n'
+                                  # ONNX Runtime runs the Q/DQ graph in INT8 too: checked with looser tolerances
+                                  '[models.tiny.verify]\nrtol = 0.01\natol = 0.01\n', 1)
+    p.fleet.write_text(text + '\n[targets.cpu]\nmodels = ["tiny"]\ninstall_dir = "deploy"\n')
+    p.doit("deploy")
+    assert counts(sim, ["orin6"]) == (1, 0)
+    built = sim.builds("orin6")[0]
+    assert built["precision"] == "int8" and built["int8"] == "qdq" and built["profile"]["pixel_values"]["max"][0] == 4
+    cpu_first = p.active()
+
+    retrain(p, 0.05)
+    run = p.doit("deploy")
+    assert counts(sim, ["orin6"]) == (1, 1), run.out            # refitted, not rebuilt
+    refitted = [m for m in manifests(p).values() if m.get("made_by", {}).get("how") == "refit"]
+    assert len(refitted) == 1 and set(refitted[0]["verification"]["points"]) == {"min", "opt", "max"}
+    assert p.active() != cpu_first                                # the CPU target follows with ONNX Runtime

@@ -87,7 +87,7 @@ class TensorRTBackend(Backend):
         device.mkdir(out_dir)
         engine = posixpath.join(out_dir, self.engine_file)
         script = device.ensure_input(TRT_API_REFIT_SCRIPT, sha256_file(TRT_API_REFIT_SCRIPT), ".py")
-        argv = api_refit_argv(target.python, script, base=base, onnx=onnx, engine=engine, weights=weights)
+        argv = api_refit_argv(_api_python(target), script, base=base, onnx=onnx, engine=engine, weights=weights)
         result = device.transport.run(argv, stream=stream, check=False, timeout=target.command_timeout)
         answer = parse_api_build_output(result.stdout, "trt_api_refit")
         if not answer.get("ok") or result.exit_code != 0:

@@ -279,3 +279,31 @@ def test_a_dynamic_batch_int8_model_deploys_to_a_mixed_fleet_and_a_retrain_refit
     refitted = [m for m in manifests(p).values() if m.get("made_by", {}).get("how") == "refit"]
     assert len(refitted) == 1 and set(refitted[0]["verification"]["points"]) == {"min", "opt", "max"}
     assert p.active() != cpu_first                                # the CPU target follows with ONNX Runtime
+
+
+def test_a_refit_base_is_used_only_when_a_trusted_key_signed_it_and_its_plan_is_stored(tmp_path):
+    from kiln.pipeline.context import Context
+    from kiln.pipeline.refit import KIND, stored_base
+    from kiln.signing import controller_trust
+    from kiln.stores.base import blob_entry, refit_base_entry
+    from kiln_project import Project
+    p = Project(tmp_path)
+    plan = b"a refittable plan"
+    sha = __import__("hashlib").sha256(plan).hexdigest()
+    key = "ab" * 32
+    with Context.load(p.fleet, p.artifacts) as ctx:
+        store, quiet = ctx.store, (lambda *a: None)
+        record = {"kind": KIND, "base_key": key, "sha256": sha, "engine_key": "cd" * 32, "onnx_sha256": "ef" * 32}
+        store.put_bytes(refit_base_entry(key), json.dumps(controller_trust(ctx).sign(record, say=quiet)).encode())
+        assert stored_base(ctx, key, quiet) is None                  # its plan is not in the store
+        store.put_bytes(blob_entry(sha), plan)
+        assert stored_base(ctx, key, quiet)["sha256"] == sha
+        verdicts = []
+        for forged in ({**controller_trust(ctx).sign(record, say=quiet), "sha256": "00" * 32},   # altered after signing
+                       record):                                                                 # never signed
+            store.put_bytes(refit_base_entry(key), json.dumps(forged).encode(), overwrite=True)
+            assert stored_base(ctx, key, quiet) is None
+            reason = p.artifacts / "store" / f"quarantine/{refit_base_entry(key)}.reason.json"
+            assert not store.exists(refit_base_entry(key))                # moved aside, with its reason
+            verdicts.append(json.loads(reason.read_text())["verdict"])
+        assert len(set(verdicts)) == 2 and "unsigned" in verdicts[1], verdicts

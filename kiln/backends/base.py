@@ -12,7 +12,7 @@ from __future__ import annotations
 from kiln.devices.workarea import Device
 from kiln.transports.base import Stream
 
-__all__ = ["Backend", "get_backend"]
+__all__ = ["Backend", "get_backend", "engine_tolerances"]
 
 
 class Backend:
@@ -42,6 +42,17 @@ class Backend:
         """Load the engine on the device and run it; raise VerificationError if it is wrong.
         `settings`: the engine's build settings (`build_settings`), for what loading needs (a DLA core)."""
         raise NotImplementedError
+
+
+def engine_tolerances(verify: dict) -> tuple[float, float]:
+    """(rtol, atol) an engine's outputs are compared with against PyTorch's reference: verify.rtol/atol,
+    and for INT8 (built with precision int8/best, or a Q/DQ-quantized ONNX: the `engine_precision`
+    and `quantized` entries kiln.pipeline.engines.engine_verify adds) the looser int8_rtol/int8_atol."""
+    int8 = verify.get("engine_precision") in ("int8", "best") or bool(verify.get("quantized"))
+    rtol, atol = float(verify.get("rtol", 1e-3)), float(verify.get("atol", 1e-4))
+    if int8:
+        rtol, atol = max(rtol, float(verify.get("int8_rtol") or 0.0)), max(atol, float(verify.get("int8_atol") or 0.0))
+    return rtol, atol
 
 
 def get_backend(name: str) -> Backend:

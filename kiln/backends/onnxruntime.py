@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import posixpath
 
-from kiln.backends.base import Backend
+from kiln.backends.base import Backend, engine_tolerances
 from kiln.errors import BuildError, CommandFailed, VerificationError
 
 __all__ = ["OnnxRuntimeBackend"]
@@ -44,8 +44,8 @@ class OnnxRuntimeBackend(Backend):
                 "build_seconds": facts["seconds"], "tool": f"onnxruntime {facts['onnxruntime']}"}
 
     def verify(self, device, engine, reference, verify, settings=None) -> dict:
-        args = ["ort-verify", "--engine", engine, "--reference", reference,
-                "--rtol", repr(float(verify["rtol"])), "--atol", repr(float(verify["atol"]))]
+        rtol, atol = engine_tolerances(verify)   # a Q/DQ model: the int8 tolerances, as at export
+        args = ["ort-verify", "--engine", engine, "--reference", reference, "--rtol", repr(rtol), "--atol", repr(atol)]
         if not verify["rows_may_permute"]:
             args.append("--strict-order")
         report = device.agent(*args)

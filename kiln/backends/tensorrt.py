@@ -16,7 +16,7 @@ import sys
 import uuid
 
 from kiln.device_side import agent as agent_module
-from kiln.backends.base import Backend
+from kiln.backends.base import Backend, engine_tolerances
 from kiln.backends.trt_config import TrtBuildConfig
 from kiln.backends.trtexec import (TRT_API_BUILD_SCRIPT, TRT_API_REFIT_SCRIPT, api_build_argv, api_refit_argv,
                                    build_argv, load_argv)
@@ -262,18 +262,14 @@ def _shapes_text(shapes: dict) -> str:
 
 def trt_tolerances(verify: dict) -> tuple[float, float]:
     """TensorRT's tolerances: the looser of verify.rtol/atol and verify.trt_rtol/trt_atol, and for
-    an INT8 engine (verify["engine_precision"] int8 or best) also verify.int8_rtol/int8_atol.
+    an INT8 engine also verify.int8_rtol/int8_atol (kiln.backends.base.engine_tolerances).
 
     fp16 (and TF32 on Ampere+/Orin even for fp32) kernels differ from PyTorch's fp32
     outputs by more than ONNX Runtime on the CPU does; INT8 more again; exported values also
     carry only 6 significant digits (see kiln/device_side/agent.py on --exportOutput).
     """
-    int8 = verify.get("engine_precision") in ("int8", "best")
-    rtol = max(float(verify.get("rtol", 1e-3)), float(verify.get("trt_rtol") or 0.0),
-               float(verify.get("int8_rtol") or 0.0) if int8 else 0.0)
-    atol = max(float(verify.get("atol", 1e-4)), float(verify.get("trt_atol") or 0.0),
-               float(verify.get("int8_atol") or 0.0) if int8 else 0.0)
-    return rtol, atol
+    rtol, atol = engine_tolerances(verify)
+    return max(rtol, float(verify.get("trt_rtol") or 0.0)), max(atol, float(verify.get("trt_atol") or 0.0))
 
 
 def _tensorrt_version(device: Device, fingerprint: dict) -> str:

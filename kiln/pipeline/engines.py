@@ -287,7 +287,17 @@ def _read_manifest(store, key: str) -> dict | None:
         store.quarantine(name, {"reason": "not an engine manifest (no JSON object with a sha256)"})
         log.warning("engine manifest %s was unreadable; moved it to %s", name, quarantine_entry(name))
         return None
+    if manifest.get("key") != key:
+        # a manifest validly signed for one engine, copied under another key, would otherwise pass:
+        # the signature covers the key it names, so the name it is stored under must be that key
+        store.quarantine(name, {"reason": MISPLACED_REASON, "names_key": manifest.get("key")})
+        log.warning("engine manifest %s names engine key %s; moved it to %s", name, str(manifest.get("key"))[:12],
+                    quarantine_entry(name))
+        return None
     return manifest
+
+
+MISPLACED_REASON = "names another engine key than the one it is stored under"
 
 
 def _blob_present(store, key: str, manifest: dict) -> bool:
@@ -557,8 +567,10 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
 
 def engine_verify(model: Model) -> dict:
     """The verify settings an engine of `model` is checked with: the model's `verify` table plus the
-    precision it is built with (INT8 engines get the int8 tolerances: kiln.backends.tensorrt)."""
-    return {**model.verify, "engine_precision": model.build.get("precision")}
+    precision it is built with and whether its ONNX is Q/DQ-quantized (INT8 engines of either kind
+    get the int8 tolerances: kiln.backends.base.engine_tolerances)."""
+    return {**model.verify, "engine_precision": model.build.get("precision"),
+            "quantized": model.export.get("quantize") == "qdq"}
 
 
 def _check_explicitly_quantized(spec: EngineSpec, onnx: Path) -> None:

@@ -160,6 +160,35 @@ def test_a_planted_unsigned_engine_is_refused_quarantined_and_rebuilt(tmp_path):
     assert p.cache_rows()[0]["status"] == "hit"
 
 
+def test_a_signed_manifest_copied_under_another_key_is_not_that_engine(tmp_path):
+    """A trusted, validly signed manifest answers only for the key it names: copied into the place
+    of another engine (a replay of an old engine for new weights), it is a miss for cache-check,
+    is quarantined by the deploy, and the right engine is built."""
+    store = tmp_path / "shared-store"
+    p = Checkout(tmp_path / "p", store)
+    p.doit("deploy:local")
+    old_key = p.active()
+    old = p.store.get_bytes(engine_manifest_entry(old_key))
+
+    from test_fleet import retrain
+    retrain(p, 0.01)  # new weights: a new engine key
+    p.doit("export")
+    (row,) = p.cache_rows()
+    new_key = row["key"]
+    assert new_key != old_key and row["status"] == "miss"
+    assert p.store.put_bytes(engine_manifest_entry(new_key), old)  # the old engine's signed manifest
+    (row,) = p.cache_rows()
+    assert row["status"] == "miss" and row["why"].startswith("misplaced") and old_key[:12] in row["why"], row
+
+    p.doit("deploy:local")
+    assert p.active() == new_key
+    assert p.manifest(new_key)["key"] == new_key and p.engine_record()["key"] == new_key
+    moved = store / quarantine_entry(engine_manifest_entry(new_key))
+    reason = json.loads(moved.with_name(moved.name + ".reason.json").read_text())
+    assert reason["names_key"] == old_key and "another engine key" in reason["reason"]
+    assert p.cache_rows()[0]["status"] == "hit"
+
+
 # -- 3. a field changed after signing ----------------------------------------------------------------
 
 def test_a_manifest_changed_after_signing_fails_verification(tmp_path):

@@ -98,7 +98,7 @@ def engine_in_store_why(ctx: Context, key: str) -> tuple[bool, str]:
 
 
 def _lookup(ctx: Context, key: str) -> tuple[bool, str, dict | None]:
-    """(hit, why, the manifest of a hit). A hit iff the key's manifest exists, a trusted key signed it (kiln.signing: the
+    """(hit, why, the manifest of a hit). A hit iff the key's manifest exists and names that key, a trusted key signed it (kiln.signing: the
     [signing] trusted ids and this controller's own key, if it has one) and the blob it names
     exists (records only, no payload; writes nothing, so read-only CI credentials do: an
     untrusted manifest is reported, not quarantined). Stores written before blobs/ kept the
@@ -108,6 +108,8 @@ def _lookup(ctx: Context, key: str) -> tuple[bool, str, dict | None]:
     sha = manifest.get("sha256") if isinstance(manifest, dict) else None
     if not isinstance(sha, str):
         return False, "", None
+    if manifest.get("key") != key:  # copied from another engine's place (kiln.pipeline.engines._read_manifest)
+        return False, f"misplaced: the manifest stored for this key names engine {str(manifest.get('key'))[:12]}", None
     verdict = controller_trust(ctx).verdict(manifest)
     if not verdict.ok:
         label = "unsigned" if verdict.status == "unsigned" else "untrusted"

@@ -74,7 +74,15 @@ def _deploy_task(ctx: Context, target) -> dict:
     return step(target.name, f"deploy {', '.join(target.models)} to {target.name}",
                 lambda: _deploy_unless_rolled_out(ctx, target),
                 lambda: deploy_is_current(ctx, target),
-                [f"fingerprint:{target.name}"] + [f"export:{m}" for m in target.models])
+                _exports_first(ctx, target.models) + [f"fingerprint:{target.name}"])
+
+
+def _exports_first(ctx: Context, models) -> list[str]:
+    """The exports (and a demo model's checkpoint, the export's own dependency) before the probes:
+    doit checks up-to-date-ness in the main thread one task at a time, in about this order, so the
+    export starts on its own thread before the checks wait for the devices' probes (it needs none)."""
+    first = [f"checkpoint:{m}" for m in models if ctx.fleet.models[m].seed is not None]
+    return first + [f"export:{m}" for m in models]
 
 
 def _deploy_unless_rolled_out(ctx: Context, target) -> dict:
@@ -96,5 +104,5 @@ def _rollout_task(ctx: Context, group: str, members: list) -> dict:
     models = sorted({m for t in members for m in t.models})
     task = step(group, f"roll out to the group {group} in waves: {', '.join(t.name for t in members)}", run,
                 lambda: all(deploy_is_current(ctx, t) for t in members),
-                [f"fingerprint:{t.name}" for t in members] + [f"export:{m}" for m in models])
+                _exports_first(ctx, models) + [f"fingerprint:{t.name}" for t in members])
     return task

@@ -14,9 +14,12 @@ Each round, in one process:
   3. new weights (same graph) into both checkpoints;
   4. enginekiln retrain: `doit -n 4 deploy:orins`;  5. Ansible retrain: the same two stages.
 Same network, same weights, same devices, same S3 server. Printed: medians and ranges of each
-path, the ratios enginekiln / Ansible (median of the per-round ratios and their range), engine
+path with the controller's CPU time (this process's children: doit and its export child; stage 1
+and ansible-playbook with their ssh clients), the ratios enginekiln / Ansible (median of the
+per-round ratios and their range), engine
 builds counted on the devices, and the SSH commands each device ran (logged device-side by an sshd
 ForceCommand wrapper: every exec and sftp session, with the program it started), by kind.
+--baseline DIR adds another checkout's enginekiln to every round (before/after a change, in one run).
 --timing-cache makes the Ansible playbook keep a trtexec timing cache per device (enginekiln keeps
 one per class in its store); by default it has none, like the pipeline the issue measured.
 Needs root and /usr/sbin/sshd (the simulator); otherwise prints SKIPPED and exits 0.
@@ -110,8 +113,8 @@ def write_weights(path: Path, delta: float) -> None:
 class Kiln:
     """An enginekiln project over the fleet with an S3 store (fresh per cold run)."""
 
-    def __init__(self, tmp: Path, sim, names: list[str], s3, bucket: str, tag: str):
-        self.sim, self.names = sim, names
+    def __init__(self, tmp: Path, sim, names: list[str], s3, bucket: str, tag: str, repo: Path = REPO):
+        self.sim, self.names, self.repo = sim, names, repo
         self.install = f"/srv/kiln-{tag}"
         self.p = fleet_project(tmp / f"kiln-{tag}", sim, {n: {"groups": ["orins"], "install_dir": self.install}
                                                           for n in names})
@@ -123,7 +126,8 @@ class Kiln:
     def run(self, weights: Path) -> float:
         self.p.checkpoint().parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights, self.p.checkpoint())
-        return timed([sys.executable, "-m", "doit", "-n", "4", "deploy:orins"], self.env, "doit deploy:orins")
+        return timed([sys.executable, "-m", "doit", "-n", "4", "deploy:orins"], self.env, "doit deploy:orins",
+                     cwd=self.repo)
 
     def serving(self, name: str) -> str | None:
         link = self.sim.srv(name) / self.install.removeprefix("/srv/") / "tiny" / "current"
@@ -181,9 +185,9 @@ def s3_env(s3) -> dict[str, str]:
     return {**env, "KILN_S3_ENDPOINT_URL": s3.endpoint, "AWS_ENDPOINT_URL_S3": s3.endpoint}
 
 
-def timed(argv: list[str], env: dict, what: str, timeout: float = 600) -> float:
+def timed(argv: list[str], env: dict, what: str, timeout: float = 600, cwd: Path = REPO) -> float:
     start = time.perf_counter()
-    proc = subprocess.run(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    proc = subprocess.run(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
     elapsed = time.perf_counter() - start
     if proc.returncode != 0:
@@ -212,7 +216,16 @@ def describe(cmds: dict[str, list[str]], builder_hint: str | None = None) -> str
     return "; ".join(parts)
 
 
-def bench(tmp: Path, runs: int, n: int, build_s: str, timing_cache: bool, fleets: list, verbose: bool) -> list[str]:
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished children: the controller's side of
+    a run (doit and its export child; stage 1 and ansible-playbook with their ssh clients)."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def bench(tmp: Path, runs: int, n: int, build_s: str, timing_cache: bool, fleets: list, verbose: bool,
+          baseline: Path | None = None) -> list[str]:
     from tests.s3server import MotoS3, patched_env, scrubbed_aws_env
     import logging
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -224,25 +237,33 @@ def bench(tmp: Path, runs: int, n: int, build_s: str, timing_cache: bool, fleets
         sim.add_device(name, "orin-jp5", sim_env={"KILN_SIM_BUILD_SECONDS": build_s})
     sim.start()
     s3 = MotoS3().start()
+    tools = ["kiln", "ansible"] + (["kiln@baseline"] if baseline else [])
+    phases = ("cold", "retrain")
+    times = {f"{t} {p}": [] for p in phases for t in tools}
+    cpu = {k: [] for k in times}
+    ratios = {f"{t} {p}": [] for p in phases for t in tools if t != "ansible"}
+    cmds_seen, builds_seen = {}, collections.defaultdict(list)
     try:
         with patched_env(scrubbed_aws_env()):
             bucket = s3.new_bucket("lean")
         base, weights = tmp / "weights" / "base.pt", tmp / "weights"
         write_weights(base, 0.0)
-        times = {k: [] for k in ("kiln cold", "ansible cold", "kiln retrain", "ansible retrain")}
-        ratios = {"cold": [], "retrain": []}
-        cmds_seen, builds_seen = {}, collections.defaultdict(list)
         for r in range(runs):
             new = weights / f"retrain-{r}.pt"
             write_weights(new, 0.01 * (r + 1))
-            kiln = Kiln(tmp, sim, names, s3, bucket, f"r{r}")
-            ans = Ansible(tmp, sim, names, s3, bucket, f"r{r}", timing_cache)
+            pipelines = {"kiln": Kiln(tmp, sim, names, s3, bucket, f"r{r}"),
+                         "ansible": Ansible(tmp, sim, names, s3, bucket, f"r{r}", timing_cache)}
+            if baseline:
+                pipelines["kiln@baseline"] = Kiln(tmp, sim, names, s3, bucket, f"b{r}", repo=baseline)
+            order = tools[r % len(tools):] + tools[:r % len(tools)]  # rotated: none always runs first
             for phase, w in (("cold", base), ("retrain", new)):
-                order = [("kiln", kiln), ("ansible", ans)] if r % 2 == 0 else [("ansible", ans), ("kiln", kiln)]
                 got = {}
-                for tool, pipeline in order:
+                for tool in order:
+                    pipeline = pipelines[tool]
                     before = {x: pipeline.serving(x) for x in names}
+                    cpu0 = children_cpu()
                     t, cmds, builds = counted(sim, names, lambda: pipeline.run(w))
+                    cpu[f"{tool} {phase}"].append(children_cpu() - cpu0)
                     after = {x: pipeline.serving(x) for x in names}
                     if any(after[x] is None or after[x] == before[x] for x in names):
                         raise AssertionError(f"{tool} {phase}: not every device serves a new engine: {before} -> {after}")
@@ -253,25 +274,31 @@ def bench(tmp: Path, runs: int, n: int, build_s: str, timing_cache: bool, fleets
                     if verbose:
                         print(f"  round {r + 1} {tool} {phase}: {t:.2f} s, builds {builds}; commands {describe(cmds)}",
                               flush=True)
-                ratios[phase].append(got["kiln"] / got["ansible"])
-            print(f"round {r + 1}/{runs}: cold {times['kiln cold'][-1]:.2f} s vs {times['ansible cold'][-1]:.2f} s "
-                  f"({ratios['cold'][-1]:.2f}x); retrain {times['kiln retrain'][-1]:.2f} s vs "
-                  f"{times['ansible retrain'][-1]:.2f} s ({ratios['retrain'][-1]:.2f}x)", flush=True)
+                for tool in got:
+                    if tool != "ansible":
+                        ratios[f"{tool} {phase}"].append(got[tool] / got["ansible"])
+            print(f"round {r + 1}/{runs}: " + "; ".join(
+                f"{p} " + " / ".join(f"{t} {times[f'{t} {p}'][-1]:.2f} s" for t in tools) for p in phases), flush=True)
     finally:
         s3.stop()
     cache = "with" if timing_cache else "without"
-    lines = [f"{n} simulated Orins, {build_s} s builds, tiny model, moto S3; Ansible {cache} a timing cache; {runs} rounds"]
+    lines = [f"{n} simulated Orins, {build_s} s builds, tiny model, moto S3; Ansible {cache} a timing cache; {runs} rounds"
+             + (f"; kiln@baseline = the checkout {baseline}" if baseline else "")]
     for key, samples in times.items():
-        lines.append(f"  {key:16s} {fmt_s(samples)}, builds on the devices {builds_seen[key]}")
+        lines.append(f"  {key:22s} {fmt_s(samples)}, controller CPU {fmt_s(cpu[key])}, builds on the devices "
+                     f"{builds_seen[key]}")
     for key, cmds in cmds_seen.items():
-        lines.append(f"  remote commands per device, last {key}: {describe(cmds)}")
-    for phase, rs in ratios.items():
+        if not key.startswith("kiln@"):
+            lines.append(f"  remote commands per device, last {key}: {describe(cmds)}")
+    for key, rs in ratios.items():
+        tool, phase = key.split()
         med = statistics.median(rs)
-        ok = "OK" if med <= GOALS[phase] else "MISSED"
-        lines.append(f"summary: lean {phase} ({n} Orins, {build_s} s builds): enginekiln {fmt_s(times[f'kiln {phase}'])} "
-                     f"vs Ansible {fmt_s(times[f'ansible {phase}'])} = {med:.2f}x [{min(rs):.2f}-{max(rs):.2f}] "
-                     f"(goal <= {GOALS[phase]}x -> {ok}); builds {statistics.median(builds_seen[f'kiln {phase}']):.0f} vs "
-                     f"{statistics.median(builds_seen[f'ansible {phase}']):.0f}")
+        goal = f" (goal <= {GOALS[phase]}x -> {'OK' if med <= GOALS[phase] else 'MISSED'})" if tool == "kiln" else ""
+        name = "enginekiln" if tool == "kiln" else tool
+        lines.append(f"summary: lean {phase} ({n} Orins, {build_s} s builds): {name} {fmt_s(times[key])} "
+                     f"vs Ansible {fmt_s(times[f'ansible {phase}'])} = {med:.2f}x [{min(rs):.2f}-{max(rs):.2f}]{goal}; "
+                     f"controller CPU {statistics.median(cpu[key]):.1f} s vs {statistics.median(cpu[f'ansible {phase}']):.1f} s; "
+                     f"builds {statistics.median(builds_seen[key]):.0f} vs {statistics.median(builds_seen[f'ansible {phase}']):.0f}")
     return lines
 
 
@@ -281,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=3)
     ap.add_argument("--build-seconds", default="2", help="simulated engine build time (default 2)")
     ap.add_argument("--timing-cache", action="store_true", help="the Ansible playbook keeps a timing cache per device")
+    ap.add_argument("--baseline", type=Path, help="another checkout (e.g. `git archive main`) timed the same way, "
+                    "interleaved: before/after a change in one run")
     ap.add_argument("-v", "--verbose", action="store_true", help="print every timed run with its commands")
     args = ap.parse_args(argv)
     as_users_run()
@@ -295,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def body(tmp: Path, fleets: list) -> None:
         print("\n".join(bench(tmp, args.runs, args.devices, args.build_seconds, args.timing_cache, fleets,
-                              args.verbose)), flush=True)
+                              args.verbose, args.baseline)), flush=True)
     return run_with_fleets("lean", body)
 
 

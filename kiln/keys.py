@@ -51,6 +51,11 @@ class HashCache:
                 self._entries = {}
         return self._entries
 
+    def reload(self) -> None:
+        """Read the file again at the next use: another process (an export's child) wrote to it."""
+        with self._lock:
+            self._entries = None
+
     def sha256(self, file: Path | str) -> str:
         file = Path(file).resolve()
         try:

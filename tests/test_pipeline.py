@@ -42,6 +42,20 @@ def test_second_run_is_a_noop_and_imports_neither_torch_nor_onnxruntime(project)
     assert project.active() == first_release
 
 
+def test_an_export_runs_torch_in_a_child_process_only(project):
+    """Retrained weights: the run exports, but torch and onnx load in the export's child process,
+    never in doit's (their import and ~0.8 s of interpreter teardown stay off the run)."""
+    save_weights(project, f"sd[next(iter(sd))] += 0.01; torch.save(sd, {str(project.checkpoint())!r})")
+    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
+            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']);"
+            "heavy = [m for m in ('torch', 'onnx') if m in sys.modules];"
+            "print('HEAVY=' + ','.join(heavy)); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=project.env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert ".  export:tiny" in proc.stdout and "HEAVY=\n" in proc.stdout, proc.stdout
+    assert [e["event"] for e in project.events() if e["task"] == "export:tiny"][-1] == "export"
+
+
 def test_touching_the_checkpoint_rebuilds_nothing(project):
     os.utime(project.checkpoint(), (time.time() + 5, time.time() + 5))
     run = project.doit("deploy:local")

@@ -490,15 +490,20 @@ def ensure_export(ctx, model: Model, say=print) -> dict:
 
     Order (records follow bytes): ONNX bytes, reference bytes, then the store's pointer
     `models/<model>/onnx.json`, then the local record and provenance (see export_model)."""
-    store = ctx.store  # a missing bucket or bad credentials fail here, before minutes of export
     paths = ExportPaths.for_model(ctx.artifacts, model.name)
     before = read_json(paths.provenance) or {}
     inputs = export_inputs(model, ctx.hashes, before)
     why = _why_export(before.get("inputs"), inputs)
     say(f"  exporting {model.name} ({why})")
     with ctx.progress.activity(f"export {model.name}") as activity:
-        result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record),
-                              activity=activity, hashes=ctx.hashes)
+        if ctx.fleet.path.is_file():  # torch loads in a child, never in the run's process
+            from kiln.pipeline.export_child import export_in_child
+            # the child opens the store first: a missing bucket or bad credentials fail before the export
+            result = export_in_child(ctx, model, inputs, activity)
+        else:  # a fleet made in code: its child could not read it
+            store = ctx.store  # a missing bucket or bad credentials fail here, before minutes of export
+            result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record),
+                                  activity=activity, hashes=ctx.hashes)
     outcome = "new ONNX" if result["changed"] else "same ONNX bytes as before: nothing downstream rebuilds"
     ctx.events.emit(f"export:{model.name}", "export", key=result["onnx_sha256"], seconds=result["seconds"],
                     why=f"{why}; {outcome}")

@@ -165,14 +165,34 @@ def test_clean_inputs_keeps_what_releases_use_young_files_and_scripts(tmp_path):
     rel.mkdir(parents=True)
     (root / "det" / "current").symlink_to("releases/k1")
     (rel / "manifest.json").write_text('{"onnx_sha256": "aa", "inputs": ["bb.npz"]}')
-    names = ["aa.onnx", "bb.npz", "cc.onnx", "cc.npz", "agent.py", ".x.part", "young.onnx"]
+    kept = "ee" + agent.VERIFIED_SUFFIX  # an engine a build kept that no deploy took
+    names = ["aa.onnx", "bb.npz", "cc.onnx", "cc.npz", "agent.py", ".x.part", "young.onnx", kept]
     for n in names:
         (inputs / n).write_bytes(b"x")
         if n != "young.onnx":
             os.utime(inputs / n, (1, 1))
     out = agent.clean_inputs(str(root), ["det", "missing"], [], str(root))
-    assert out == {"removed": [".x.part", "cc.npz", "cc.onnx"]}
+    assert out == {"removed": [".x.part", "cc.npz", "cc.onnx", kept]}
     assert sorted(p.name for p in inputs.iterdir()) == ["aa.onnx", "agent.py", "bb.npz", "young.onnx"]
+
+
+def test_copy_with_move_checks_the_sha256_and_stays_inside_the_root(tmp_path):
+    root = tmp_path / "install"
+    (root / "staging").mkdir(parents=True)
+    built = root / "built.engine"
+    built.write_bytes(b"engine")
+    sha = hashlib.sha256(b"engine").hexdigest()
+    with pytest.raises(SystemExit, match="does not match sha256"):  # changed since it was verified
+        agent.copy(str(built), str(root / "staging" / "model.plan"), "0" * 64, str(root), move=True)
+    assert built.exists() and not (root / "staging" / "model.plan").exists()
+    outside = tmp_path / "outside.engine"
+    outside.write_bytes(b"engine")
+    with pytest.raises(SystemExit, match="outside the install_dir"):  # never moves a file in from elsewhere
+        agent.copy(str(outside), str(root / "staging" / "model.plan"), sha, str(root), move=True)
+    assert outside.exists()
+    out = agent.copy(str(built), str(root / "staging" / "model.plan"), sha, str(root), move=True)
+    assert out["sha256"] == sha and not built.exists()
+    assert (root / "staging" / "model.plan").read_bytes() == b"engine"
 
 
 def test_lock_staleness_rules(tmp_path):

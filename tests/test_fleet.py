@@ -62,6 +62,8 @@ def test_identical_devices_share_one_build_and_a_second_run_does_nothing(tmp_pat
         assert manifest["smoke_test"]["device_memory_bytes"] is None
     orin_release = {(jetsons.srv(n) / "kiln/tiny/current").resolve().name for n in ORINS}
     assert len(orin_release) == 1
+    # each engine checked once per device: a builder's deploy takes its build's verification
+    assert {n: len(jetsons.loads(n)) for n in ORINS + ["xavier"]} == {n: 1 for n in ORINS + ["xavier"]}
     code, report, _ = p.doit_json("cache-check", "--json")  # the profile, as trtexec measured it
     assert code == 0 and all(r["profile"]["throughput_qps"] > 0 and r["profile"]["latency_ms"]["p99"] > 0
                              and r["profile"]["measured_on"] in ORINS + ["xavier"] for r in report["engines"])

@@ -747,10 +747,22 @@ def remove(path, root):
     return {"removed": entry}
 
 
-def copy(src, dst, sha256, root):
-    """Copy `src` to `dst` (inside root) through a temp name, verified by sha256, then renamed."""
+def copy(src, dst, sha256, root, move=False):
+    """Copy `src` to `dst` (inside root) through a temp name, verified by sha256, then renamed.
+    `move`: `src` (inside root too) is verified by sha256 and renamed to `dst` instead (an engine
+    just built on this device goes into its release without a second copy)."""
     parent = inside(root, os.path.dirname(os.path.abspath(dst)), "copy into")
     dst = _entry_inside(root, parent, os.path.basename(os.path.abspath(dst)), "copy to")
+    if move:
+        src = _entry_inside(root, inside(root, os.path.dirname(os.path.abspath(src)), "move from"),
+                            os.path.basename(os.path.abspath(src)), "move")
+        got = sha256_of(src)
+        if sha256 and got != sha256:
+            raise SystemExit("%s does not match sha256 %s (got %s); not moved" % (src, sha256, got))
+        if os.path.lexists(dst) and (os.path.islink(dst) or not os.path.isdir(dst)):
+            os.unlink(dst)
+        os.rename(src, dst)
+        return {"sha256": got, "path": dst}
     tmp = "%s.%d.part" % (dst, os.getpid())
     h = hashlib.sha256()
     try:
@@ -794,8 +806,14 @@ def _release_inputs(model_dir):
     return names, prefixes
 
 
+#: an engine verified on this device by its build, kept in .kiln/inputs for its deploy to move
+#: into the release (kiln.pipeline.engines); one no deploy took is removed like an unused input
+VERIFIED_SUFFIX = ".verified-engine"
+
+
 def clean_inputs(install_dir, models, keep, root, min_age=PART_MIN_AGE, now=None):
-    """In .kiln/inputs: remove temp files (`*.part`) of dead runs, and data inputs (.onnx, .onnx.data, .npz)
+    """In .kiln/inputs: remove temp files (`*.part`) of dead runs, engines kept after a build
+    that no deploy took (VERIFIED_SUFFIX), and data inputs (.onnx, .onnx.data, .npz)
     that neither `keep` nor the current/previous release of any of `models` uses. Files younger
     than `min_age` are left (a build may be using them right now); scripts (.py) are kept."""
     now = time.time() if now is None else now
@@ -816,7 +834,7 @@ def clean_inputs(install_dir, models, keep, root, min_age=PART_MIN_AGE, now=None
             continue
         if age < min_age or name in wanted or any(name.startswith(p) for p in prefixes):
             continue
-        if name.endswith(".part") or name.endswith((".onnx", ".onnx.data", ".npz")):
+        if name.endswith(".part") or name.endswith((".onnx", ".onnx.data", ".npz", VERIFIED_SUFFIX)):
             _remove(path)
             removed.append(name)
     return {"removed": removed}
@@ -999,7 +1017,7 @@ def main(argv=None):
     s = writer("stage-commit"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
     s = writer("remove"); s.add_argument("--path", required=True)
     s = writer("copy"); s.add_argument("--src", required=True); s.add_argument("--dst", required=True)
-    s.add_argument("--sha256", default="")
+    s.add_argument("--sha256", default=""); s.add_argument("--move", action="store_true")
     s = writer("clean-inputs"); s.add_argument("--install-dir", required=True); s.add_argument("--keep", action="append", default=[])
     s.add_argument("--min-age", type=float, default=PART_MIN_AGE); s.add_argument("models", nargs="*")
     s = sub.add_parser("free"); s.add_argument("--path", required=True)
@@ -1047,7 +1065,7 @@ def main(argv=None):
     elif a.cmd == "remove":
         out = remove(a.path, a.root)
     elif a.cmd == "copy":
-        out = copy(a.src, a.dst, a.sha256, a.root)
+        out = copy(a.src, a.dst, a.sha256, a.root, a.move)
     elif a.cmd == "clean-inputs":
         out = clean_inputs(a.install_dir, a.models, a.keep, a.root, a.min_age)
     elif a.cmd == "free":

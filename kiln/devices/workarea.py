@@ -308,9 +308,10 @@ class Device:
                 raise
             log.warning("could not remove %s on %s", path, self.target)
 
-    def copy(self, src: str, dst: str, sha256: str) -> None:
-        """Copy on the device, verified by sha256, into install_dir."""
-        self.agent("copy", "--src", src, "--dst", dst, "--sha256", sha256)
+    def copy(self, src: str, dst: str, sha256: str, move: bool = False) -> None:
+        """Copy on the device, verified by sha256, into install_dir (`move`: rename `src`, which
+        must be inside install_dir too, after checking its sha256)."""
+        self.agent("copy", "--src", src, "--dst", dst, "--sha256", sha256, *(["--move"] if move else []))
 
     def clean_inputs(self, models: Sequence[str]) -> list[str]:
         """Remove dead runs' temp files and inputs the current/previous releases do not use."""

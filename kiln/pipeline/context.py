@@ -52,6 +52,9 @@ class Context:
         self._lock = threading.Lock()
         #: names of the tasks this run may execute (set by the doit reporter; empty without doit)
         self.selected: set[str] = set()
+        #: (target, engine sha256) -> {"path", "report"}: an engine this run built and verified on
+        #: that target, kept there for its deploy (kiln.pipeline.engines, kiln.pipeline.deploy)
+        self.verified_here: dict[tuple[str, str], dict] = {}
 
     @classmethod
     def load(cls, fleet_file: Path | str | None = None, artifacts: Path | str | None = None) -> "Context":

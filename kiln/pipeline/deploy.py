@@ -11,6 +11,7 @@ if it never had one.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 import tempfile
 import time
@@ -33,6 +34,8 @@ from kiln.pipeline.busy import wait_until_free
 from kiln.pipeline.gates import latency_regression
 from kiln.pipeline.releases import plan_releases, wanted_engine_keys
 from kiln.stores.base import reference_entry
+
+log = logging.getLogger(__name__)
 
 
 def target_engines(ctx: Context, target: Target) -> list[EngineSpec]:
@@ -250,7 +253,8 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     ref_bytes = reference.stat().st_size if reference.exists() else 0
     engine_remote = f"{staging}/{record['engine_file']}"
     blob, _ = engine_blob(ctx, record)  # the bytes by their own sha256, as the manifest names them
-    if not device.fetch_from_store(ctx.store, blob, engine_remote, record["sha256"]):
+    verified = _take_verified(ctx, device, record, engine_remote)
+    if verified is None and not device.fetch_from_store(ctx.store, blob, engine_remote, record["sha256"]):
         local = ctx.engine_cache(key)
         if not (local.exists() and ctx.hashes.sha256(local) == record["sha256"]):
             try:
@@ -272,8 +276,9 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     t0 = time.time()
     try:
         model_run = ctx.fleet.model_for(target, model)   # with the target's build overrides
-        smoke = backend.verify(device, engine_remote, f"{staging}/reference.npz", engine_verify(model_run),
-                               backend.build_settings(model_run.build))
+        smoke = verified if verified is not None else backend.verify(
+            device, engine_remote, f"{staging}/reference.npz", engine_verify(model_run),
+            backend.build_settings(model_run.build))
     except KilnError as exc:
         ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                         why=f"smoke test of {model} failed: {exc.message}")
@@ -298,6 +303,23 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
         Path(f.name).unlink()
     device.stage_commit(model, key)  # the release folder appears complete or not at all
     return {"smoke": smoke, "manifest": manifest}
+
+
+def _take_verified(ctx: Context, device: Device, record: dict, engine_remote: str) -> dict | None:
+    """The engine this run built and verified on this very device (kiln.pipeline.engines
+    `_keep_verified`), moved into the staging folder after checking its sha256: its verification
+    (the same backend check on the same reference data) is this release's smoke test. None if there
+    is no such engine or it is gone or changed (then it is fetched and smoke-tested as usual)."""
+    kept = ctx.verified_here.pop((device.target, record["sha256"]), None)
+    if kept is None:
+        return None
+    try:
+        device.copy(kept["path"], engine_remote, record["sha256"], move=True)
+    except KilnError as exc:
+        log.warning("%s: the engine its build verified is gone or changed (%s); fetching it from the store",
+                    device.target, exc.message)
+        return None
+    return {**{k: v for k, v in kept["report"].items() if k != "second_member"}, "verified_by": "build"}
 
 
 def _after_activation(ctx: Context, device: Device, target: Target, switched: dict[str, str | None],

@@ -557,7 +557,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
         return in_force
     if timing_remote:
         _publish_timing_cache(ctx, device, spec, timing_remote)
-    device.transport.run(["rm", "-rf", out_dir], check=False)
+    _keep_verified(ctx, device, facts["engine"], sha, report, out_dir)
     made = "built" if refit is None else f"refitted from base {refit.base_key[:12]}"
     ctx.events.emit(task, "publish", key=key, target=target.name, seconds=seconds,
                     why=f"{made} and verified on {target.name}; {how}")
@@ -585,6 +585,22 @@ def _check_explicitly_quantized(spec: EngineSpec, onnx: Path) -> None:
                          hint=f"add [models.{spec.model.name}.calibration] data = \"<folder of .npz/.npy batches>\" "
                               "(or function = \"module:function\"), or export with Q/DQ nodes "
                               "(export.quantize = \"qdq\"), or build fp16")
+
+
+def _keep_verified(ctx: Context, device: Device, engine: str, sha: str, report: dict, out_dir: str) -> None:
+    """Keep the engine just verified on this device in its .kiln/inputs (one command, which also
+    removes the build folder): a deploy to this device in this run moves it into the release and
+    takes this verification as its smoke test, instead of downloading it again and running the same
+    check twice (kiln.pipeline.deploy). One no deploy takes is removed by a later clean-inputs."""
+    from kiln.device_side.agent import VERIFIED_SUFFIX
+    if posixpath.dirname(engine) != out_dir:  # not the build's own output: leave it where it is
+        device.transport.run(["rm", "-rf", out_dir], check=False)
+        return
+    kept = device.path(".kiln", "inputs", sha + VERIFIED_SUFFIX)
+    done = device.transport.run(["sh", "-c", 'mv -f -- "$1" "$2"; rm -rf -- "$3"', "kiln-keep", engine, kept, out_dir],
+                                check=False)
+    if done.exit_code == 0:
+        ctx.verified_here[(device.target, sha)] = {"path": kept, "report": report}
 
 
 def _publish_engine(ctx: Context, device: Device, facts: dict, key: str) -> str:

@@ -210,3 +210,31 @@ def test_lock_staleness_rules(tmp_path):
     (lock / "owner").write_text(json.dumps({"token": "t"}))
     assert agent.lock_release(str(lock), "other", str(tmp_path)) == {"released": False, "held": {"token": "t"}}
     assert agent.lock_release(str(lock), "t", str(tmp_path)) == {"released": True} and not lock.exists()
+
+
+def test_batch_runs_steps_in_order_with_their_own_stdin_and_stops_at_the_first_failure(tmp_path):
+    import json
+    import subprocess
+    import sys
+    root = tmp_path / "install"
+    (root / "det" / "releases" / ".staging-k1").mkdir(parents=True)
+    steps = [{"argv": ["write", "--root", str(root), "--path", str(root / "det/releases/.staging-k1/manifest.json")],
+              "stdin": '{"engine_key": "k1"}\n'},
+             {"argv": ["stage-commit", "--root", str(root), "--model-dir", str(root / "det"), "--release", "k1"]},
+             {"argv": ["activate", "--root", str(root), "--model-dir", str(root / "det"), "--release", "k1"]}]
+
+    def run(steps):
+        return subprocess.run([sys.executable, agent.__file__, "batch"], input=json.dumps(steps) + "\n",
+                              capture_output=True, text=True)
+    done = run(steps)
+    assert done.returncode == 0, done.stderr
+    answer = json.loads(done.stdout.splitlines()[-1])
+    assert answer["ok"] and len(answer["results"]) == 3
+    assert json.loads((root / "det" / "current" / "manifest.json").read_text()) == {"engine_key": "k1"}
+    # a refusal ends the batch as it would end the step alone: nothing after it runs
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    refused = run([{"argv": ["write", "--root", str(root), "--path", str(outside / "x")], "stdin": "x"},
+                   {"argv": ["write", "--root", str(root), "--path", str(root / "after")], "stdin": "y"}])
+    assert refused.returncode == agent.ESCAPE_EXIT and "outside the install_dir" in refused.stderr
+    assert not (outside / "x").exists() and not (root / "after").exists()

@@ -783,6 +783,48 @@ def copy(src, dst, sha256, root, move=False):
     return {"sha256": h.hexdigest(), "path": dst}
 
 
+def write_file(path, data, root):
+    """Write `data` (bytes) to `path` inside root: a temp name, fsync, then a rename (a reader
+    sees the old file or the whole new one)."""
+    parent = inside(root, os.path.dirname(os.path.abspath(path)), "write into")
+    path = _entry_inside(root, parent, os.path.basename(os.path.abspath(path)), "write")
+    tmp = "%s.%d.part" % (path, os.getpid())
+    try:
+        with _new_file(tmp) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    return {"path": path, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def batch(steps):
+    """Run several subcommands in this one process, in order (one SSH command and one python
+    start for a phase of a deploy instead of one each). `steps`: [{"argv": [...], "stdin": text}],
+    each step's stdin being what it would read from stdin alone (a presigned URL, a lock owner, a
+    file's content). Stops after the first step whose answer is not ok; a step that exits (a
+    refusal, an error) ends the batch with that exit, as it would end the subcommand alone."""
+    results = []
+    for i, step in enumerate(steps):
+        argv = list(step["argv"])
+        if not argv or argv[0] == "batch":
+            raise SystemExit("batch step %d: a subcommand (not batch) is required" % i)
+        saved = sys.stdin, sys.stdout
+        sys.stdin, sys.stdout = io.StringIO(step.get("stdin") or ""), io.StringIO()
+        try:
+            code = main(argv)
+            printed = sys.stdout.getvalue()
+        finally:
+            sys.stdin, sys.stdout = saved
+        results.append(json.loads(printed.strip().splitlines()[-1]))
+        if code != 0:
+            return {"ok": False, "failed": i, "results": results}
+    return {"ok": True, "results": results}
+
+
 def _fsync_dir(path):
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -1025,6 +1067,8 @@ def main(argv=None):
     s.add_argument("--grace", type=float, required=True)  # the owner info (JSON) comes on stdin
     s = writer("lock-release"); s.add_argument("--path", required=True); s.add_argument("--token", required=True)
     s = sub.add_parser("host-id")
+    s = writer("write"); s.add_argument("--path", required=True)  # the content comes on stdin
+    s = sub.add_parser("batch")  # the steps (JSON) come on stdin, see `batch`
     a = p.parse_args(argv)
     if a.cmd == "sha256":
         out = {"sha256": sha256_of(a.path)}
@@ -1076,6 +1120,11 @@ def main(argv=None):
         out = lock_release(a.path, a.token, a.root)
     elif a.cmd == "host-id":
         out = {"host": host_id()}
+    elif a.cmd == "write":
+        data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode("utf-8")
+        out = write_file(a.path, data, a.root)
+    elif a.cmd == "batch":
+        out = batch(json.loads(sys.stdin.readline()))
     else:
         p.error("missing subcommand")
     print(json.dumps(out, sort_keys=True))

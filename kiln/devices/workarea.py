@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 #: agent subcommands that write or delete on the device: they get `--root <install_dir>`
 WRITING_SUBCOMMANDS = frozenset({"ort-build", "raw-inputs", "fetch", "activate", "rollback", "prune",
-                                 "deactivate", "hold", "unhold",
+                                 "deactivate", "hold", "unhold", "write",
                                  "stage-begin", "stage-commit", "remove", "copy", "clean-inputs",
                                  "lock-take", "lock-release"})
 #: a deploy lock without a readable owner (a run killed by older code) is stale after this many seconds
@@ -245,9 +245,7 @@ class Device:
         def progress(line: str) -> None:
             if stream and not line.startswith("{"):  # the JSON answer is data, not progress
                 stream(line)
-        argv = [self.transport.python, self._agent_path, *args]
-        if args and args[0] in WRITING_SUBCOMMANDS:
-            argv[2:3] = [args[0], "--root", self.root]
+        argv = [self.transport.python, self._agent_path, *self._agent_args(args)]
         extra = {"stdin": stdin} if stdin is not None else {}
         result = self.transport.run(argv, timeout=timeout, stream=progress if stream else None, check=False,
                                     env=env, **extra)
@@ -265,6 +263,20 @@ class Device:
             raise self.transport._fail(result, f"kiln agent `{args[0]}`",
                                        hint="see the output above; the device needs python3 (and numpy/onnxruntime for CPU engines)")
         return answer
+
+    def _agent_args(self, args: Sequence[str]) -> list[str]:
+        """A subcommand's arguments; one that writes gets `--root <install_dir>` first."""
+        args = list(args)
+        return [args[0], "--root", self.root, *args[1:]] if args and args[0] in WRITING_SUBCOMMANDS else args
+
+    def agent_batch(self, steps: Sequence[tuple[Sequence[str], str | None]], timeout: float | None = None) -> list[dict]:
+        """Several agent subcommands, (args, stdin) each, run in order by one agent process: one
+        command on the device. Returns their answers; it stops after the first answer that is not
+        ok (fewer answers than steps), and a step that fails or refuses fails the whole call like
+        that subcommand alone (the steps before it took effect). Stdin stays stdin (secrets too)."""
+        payload = [{"argv": self._agent_args(args), "stdin": stdin or ""} for args, stdin in steps]
+        answer = self.agent("batch", stdin=json.dumps(payload) + "\n", timeout=timeout)
+        return answer["results"]
 
     def ensure_input(self, local: Path | None, sha256: str, suffix: str = "", *,
                      store: Store | None = None, entry: str | None = None) -> str:

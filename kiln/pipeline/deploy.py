@@ -13,9 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-import tempfile
 import time
-from pathlib import Path
 
 from kiln.backends.base import get_backend
 from kiln.config import Target
@@ -173,18 +171,10 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         if switched:
             _after_activation(ctx, device, target, switched, {**todo, **{m: engines[m] for m in unconfirmed}}, say)
         kill_point("deploy:checked")
+        removed = _finish(device, target, engines, ended_holds, say)
         for model in ended_holds:  # the wanted engine changed since the rollback (or it was unpinned)
-            device.agent("unhold", "--model-dir", device.path(model))
             ctx.events.emit(task, "deploy", key=engines[model]["key"], target=target.name, action="hold-ended",
                             why=f"{model}: the wanted engine changed since the rollback; the hold ends")
-        for model, record in engines.items():  # also removes `.staging-*` folders of dead runs
-            device.agent("prune", "--model-dir", device.path(model), "--keep", record["key"])
-        # temp files of dead runs, and inputs neither the current nor the previous releases use
-        try:
-            removed = device.clean_inputs(target.models)
-        except KilnError as exc:  # the releases are active and healthy: cleaning is not worth failing for
-            removed = []
-            say(f"  {target.name}: could not clean {device.path('.kiln', 'inputs')}: {exc.message}")
         if removed:
             say(f"  {target.name}: removed {len(removed)} unused input(s) from {device.path('.kiln', 'inputs')}")
     seconds = time.time() - start
@@ -208,6 +198,28 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                   "sha256": {m: r["sha256"] for m, r in engines.items() if r.get("sha256")}}
     write_json_if_changed(ctx.deployment_record(target.name), deployment)
     return {**deployment, "changed": sorted(todo), "seconds": seconds}
+
+
+def _finish(device: Device, target: Target, engines: dict, ended_holds: list[str], say) -> list[str]:
+    """After activation: end outgrown holds, prune old releases (and `.staging-*` folders of dead
+    runs), clean unused inputs; one agent call. Returns the inputs removed. If that call fails, the
+    steps run one by one: a hold or prune that fails fails the deploy, cleaning only says so."""
+    holds = [("unhold", "--model-dir", device.path(m)) for m in ended_holds]
+    prunes = [("prune", "--model-dir", device.path(m), "--keep", r["key"]) for m, r in engines.items()]
+    clean = ("clean-inputs", "--install-dir", device.root, *target.models)
+    try:
+        answers = device.agent_batch([(step, None) for step in [*holds, *prunes, clean]])
+        if len(answers) == len(holds) + len(prunes) + 1:
+            return answers[-1].get("removed", [])
+    except KilnError:
+        pass
+    for step in [*holds, *prunes]:
+        device.agent(*step)
+    try:
+        return device.clean_inputs(target.models)
+    except KilnError as exc:  # the releases are active and healthy: cleaning is not worth failing for
+        say(f"  {target.name}: could not clean {device.path('.kiln', 'inputs')}: {exc.message}")
+        return []
 
 
 def _latency_gate(ctx: Context, target: Target, states: dict, staged: dict, limit: float) -> None:
@@ -237,24 +249,52 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
                                      entry=reference_entry(onnx["onnx_sha256"]))
     say(f"  {target.name}: staging {model} release {key[:12]}")
     t0 = time.time()
-    begun = device.stage_begin(model, key)  # refuses a releases folder that leads out of install_dir
+    filled = _stage_from_store(ctx, device, model, record, staging, ref_remote, onnx)
+    # stage-begin refuses a releases folder that leads out of install_dir
+    begun = {} if filled else device.stage_begin(model, key)
     try:
         return _fill_staging(ctx, device, target, model, record, backend, staging, begun, ref_remote,
-                             onnx, provenance, t0)
+                             onnx, provenance, t0, filled)
     except BaseException:
         device.remove(staging, check=False)
         raise
 
 
+def _stage_from_store(ctx: Context, device: Device, model: str, record: dict, staging: str, ref_remote: str,
+                      onnx: dict) -> bool:
+    """A fresh staging folder with the engine downloaded from the store (presigned URL, on stdin)
+    and the reference copied in, by one agent call. False if this needs the usual steps (an engine
+    verified here by this run's build, a store that cannot presign, a local target) or that call
+    failed (the usual steps then start over and report what is wrong)."""
+    if (device.target, record["sha256"]) in ctx.verified_here or device.is_local \
+            or not hasattr(ctx.store, "presign_get"):
+        return False
+    blob, sha = engine_blob(ctx, record)
+    try:
+        answers = device.agent_batch([
+            (("stage-begin", "--model-dir", device.path(model), "--release", record["key"]), None),
+            (("fetch", "--out", f"{staging}/{record['engine_file']}", "--sha256", sha), ctx.store.presign_get(blob) + "\n"),
+            (("copy", "--src", ref_remote, "--dst", f"{staging}/reference.npz", "--sha256", onnx["reference_sha256"]),
+             None)])
+    except KilnError as exc:
+        log.info("%s: staging in one call failed (%s); step by step", device.target, exc.message)
+        return False
+    return len(answers) == 3
+
+
 def _fill_staging(ctx: Context, device: Device, target: Target, model: str, record: dict, backend,
-                  staging: str, begun: dict, ref_remote: str, onnx: dict, provenance: dict, t0: float) -> dict:
+                  staging: str, begun: dict, ref_remote: str, onnx: dict, provenance: dict, t0: float,
+                  filled: bool = False) -> dict:
+    """Engine and reference into the staging folder (unless `filled` already), smoke test, manifest,
+    commit."""
     key = record["key"]
     reference = ExportPaths.for_model(ctx.artifacts, model).reference
     ref_bytes = reference.stat().st_size if reference.exists() else 0
     engine_remote = f"{staging}/{record['engine_file']}"
     blob, _ = engine_blob(ctx, record)  # the bytes by their own sha256, as the manifest names them
-    verified = _take_verified(ctx, device, record, engine_remote)
-    if verified is None and not device.fetch_from_store(ctx.store, blob, engine_remote, record["sha256"]):
+    verified = None if filled else _take_verified(ctx, device, record, engine_remote)
+    if not filled and verified is None and not device.fetch_from_store(ctx.store, blob, engine_remote,
+                                                                       record["sha256"]):
         local = ctx.engine_cache(key)
         if not (local.exists() and ctx.hashes.sha256(local) == record["sha256"]):
             try:
@@ -271,7 +311,8 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
                                   hint="run again: the engine will be rebuilt and republished") from exc
         device.check_space(local.stat().st_size + ref_bytes, begun.get("free_bytes"), staging)
         device.transport.put(local, engine_remote, sha256=record["sha256"])
-    device.copy(ref_remote, f"{staging}/reference.npz", onnx["reference_sha256"])
+    if not filled:
+        device.copy(ref_remote, f"{staging}/reference.npz", onnx["reference_sha256"])
     staged_s = time.time() - t0
     t0 = time.time()
     try:
@@ -295,13 +336,9 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
                 "fingerprint": read_json(ctx.fingerprint_file(target.name)),
                 "timings": {"stage_seconds": round(staged_s, 3), "smoke_seconds": round(time.time() - t0, 3)},
                 "smoke_test": smoke, "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": ctx.run_id}
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(manifest, f, indent=2, sort_keys=True)
-    try:
-        device.transport.put(f.name, f"{staging}/manifest.json")
-    finally:
-        Path(f.name).unlink()
-    device.stage_commit(model, key)  # the release folder appears complete or not at all
+    # written and committed by one agent call: the release folder appears complete or not at all
+    device.agent_batch([(("write", "--path", f"{staging}/manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)),
+                        (("stage-commit", "--model-dir", device.path(model), "--release", key), None)])
     return {"smoke": smoke, "manifest": manifest}
 
 

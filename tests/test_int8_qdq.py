@@ -22,15 +22,21 @@ def build():
 '''
 
 
+def use_the_classifier(tmp_path, text: str) -> str:
+    """Writes CLASSIFIER (qdq_models.py) and its calibration data set (calib/) into the project at
+    tmp_path; returns the fleet text `text` with model "tiny" made of it (one output, logits)."""
+    (tmp_path / "qdq_models.py").write_text(CLASSIFIER)
+    _calibration_data(tmp_path / "calib")
+    text = text.replace('factory = "examples.tiny_detector:build_model"', 'factory = "qdq_models:build"')
+    return text.replace('outputs = ["logits", "pred_boxes"]', 'outputs = ["logits"]')
+
+
 def test_qdq_export_builds_int8_from_the_graphs_own_scales(tmp_path, new_fleet):
     sim = new_fleet()
     sim.add_device("orin-a", "orin-jp5")
     sim.start()
-    (tmp_path / "qdq_models.py").write_text(CLASSIFIER)
-    _calibration_data(tmp_path / "calib")
     p = fleet_project(tmp_path, sim, {"orin-a": {"tensorrt_python": SYSTEM_PYTHON}})
-    text = p.fleet.read_text().replace('factory = "examples.tiny_detector:build_model"', 'factory = "qdq_models:build"')
-    text = text.replace('outputs = ["logits", "pred_boxes"]', 'outputs = ["logits"]')
+    text = use_the_classifier(tmp_path, p.fleet.read_text())
     head, rest = text.split("[targets.", 1)
     p.fleet.write_text(head + '[models.tiny.export]\nquantize = "qdq"\n[models.tiny.build]\nprecision = "int8"\n'
                        '[models.tiny.calibration]\ndata = "calib"\n\n[targets.' + rest)

@@ -250,16 +250,12 @@ def test_a_dynamic_batch_int8_model_deploys_to_a_mixed_fleet_and_a_retrain_refit
     """issue 10's "done when", all from targets.toml: a dynamic-batch INT8 (Q/DQ) model on a JetPack 6
     Orin and on this CPU (ONNX Runtime); a weights-only retrain refits the Orin's engine."""
     from test_fleet import retrain
-    from test_int8 import _calibration_data
-    from test_int8_qdq import CLASSIFIER
+    from test_int8_qdq import use_the_classifier
     sim = new_fleet()
     sim.add_device("orin6", "orin-jp6")
     sim.start()
-    (tmp_path / "qdq_models.py").write_text(CLASSIFIER)
-    _calibration_data(tmp_path / "calib")
     p = refit_project(tmp_path, sim, {"orin6": {"tensorrt_python": JETSON_PYTHON}})
-    text = p.fleet.read_text().replace('factory = "examples.tiny_detector:build_model"', 'factory = "qdq_models:build"')
-    text = text.replace('outputs = ["logits", "pred_boxes"]', 'outputs = ["logits"]').replace(
+    text = use_the_classifier(tmp_path, p.fleet.read_text()).replace(
         "inputs = { pixel_values = [1, 3, 32, 32] }",
         "inputs = { pixel_values = { min = [1, 3, 32, 32], opt = [2, 3, 32, 32], max = [4, 3, 32, 32] } }", 1)
     text = text.replace(REFIT_ON, REFIT_ON + 'precision = "int8"\n[models.tiny.export]\nquantize = "qdq"\n'

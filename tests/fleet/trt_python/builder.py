@@ -274,9 +274,11 @@ class ParserError(object):
         return "In node %d (parseGraph): INVALID_GRAPH: %s" % (self._node, self._desc)
 
 
-class OnnxParser(object):
-    def __init__(self, network, logger):
-        self.network, self.logger, self._errors = network, logger, []
+class _ParserErrors(object):
+    """The error list both ONNX parsers share (OnnxParser here, OnnxParserRefitter in refit.py)."""
+
+    def __init__(self):
+        self._errors = []
 
     @property
     def num_errors(self):
@@ -287,6 +289,20 @@ class OnnxParser(object):
 
     def clear_errors(self):
         self._errors = []
+
+    def _read_file(self, model):
+        """The file's bytes, or None when it cannot be opened."""
+        try:
+            with open(model, "rb") as f:
+                return f.read()
+        except OSError:
+            return None
+
+
+class OnnxParser(_ParserErrors):
+    def __init__(self, network, logger):
+        _ParserErrors.__init__(self)
+        self.network, self.logger = network, logger
 
     def parse(self, model, path=None):
         try:
@@ -308,10 +324,8 @@ class OnnxParser(object):
         return True
 
     def parse_from_file(self, model):
-        try:
-            with open(model, "rb") as f:
-                data = f.read()
-        except OSError:
+        data = self._read_file(model)
+        if data is None:
             self.logger.log(ILogger.ERROR, "Could not open file %s" % model)
             self._errors.append(ParserError("Could not open file %s" % model))
             return False

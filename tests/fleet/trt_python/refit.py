@@ -23,7 +23,7 @@ import time
 
 from . import _SIM, __version__
 from . import onnx_reader
-from .builder import IHostMemory, _trtexec_sim, sim_state_log, trt_version_tuple
+from .builder import IHostMemory, _ParserErrors, _trtexec_sim, sim_state_log, trt_version_tuple
 
 __all__ = ["Runtime", "ICudaEngine", "Refitter"]
 _VER = trt_version_tuple()
@@ -255,19 +255,10 @@ def _count(init):
     return n
 
 
-class OnnxParserRefitter(object):
+class OnnxParserRefitter(_ParserErrors):
     def __init__(self, refitter, logger):
-        self.refitter, self.logger, self._errors = refitter, logger, []
-
-    @property
-    def num_errors(self):
-        return len(self._errors)
-
-    def get_error(self, index):
-        return self._errors[index]
-
-    def clear_errors(self):
-        self._errors = []
+        _ParserErrors.__init__(self)
+        self.refitter, self.logger = refitter, logger
 
     def refit_from_bytes(self, model, path=None):
         try:
@@ -286,10 +277,8 @@ class OnnxParserRefitter(object):
         return ok
 
     def refit_from_file(self, model):
-        try:
-            with open(model, "rb") as f:
-                data = f.read()
-        except OSError:
+        data = self._read_file(model)
+        if data is None:
             self._errors.append("Failed to open file: %s" % model)
             return False
         return self.refit_from_bytes(data, model)

@@ -180,10 +180,11 @@ def test_dynamic_batch_on_a_simulated_jetson_builds_a_profile_and_verifies_each_
     [build] = sim.builds("orin-a")
     assert {"--minShapes=pixel_values:1x3x32x32", "--optShapes=pixel_values:2x3x32x32",
             "--maxShapes=pixel_values:4x3x32x32"} <= set(build["argv"]), build["argv"]
-    # one trtexec run per point: when the engine is built (verification) and when it is activated (smoke test)
+    # one trtexec run per point: the build's verification, which is also the smoke test of the
+    # builder's own deploy (an engine is verified once per device)
     shapes = sorted(a for load in sim.loads("orin-a") for a in load["argv"] if a.startswith("--shapes="))
-    assert shapes == 2 * ["--shapes=pixel_values:1x3x32x32"] + 2 * ["--shapes=pixel_values:2x3x32x32"] \
-        + 2 * ["--shapes=pixel_values:4x3x32x32"], run.out
+    assert shapes == ["--shapes=pixel_values:1x3x32x32", "--shapes=pixel_values:2x3x32x32",
+                      "--shapes=pixel_values:4x3x32x32"], run.out
     manifest = json.loads((sim.srv("orin-a") / "kiln/tiny/current/manifest.json").read_text())
     assert set(manifest["smoke_test"]["points"]) == {"min", "opt", "max"}, manifest["smoke_test"]
     assert manifest["smoke_test"]["latency_ms"]["p99"] > 0

@@ -53,7 +53,7 @@ from kiln.pipeline.fingerprints import probe_target, recorded_class, recorded_cl
 from kiln.signing import UntrustedEngine, Verdict, controller_trust
 from kiln.onnx_external import DATA_SUFFIX, ExternalData, check_graph
 from kiln.stores.base import (blob_entry, engine_entry, engine_manifest_entry, lease_entry, onnx_data_entry,
-                              onnx_entry, quarantine_entry, reference_entry, timing_cache_entry)
+                              onnx_entry, quarantine_entry, read_checked_record, reference_entry, timing_cache_entry)
 from kiln.faults import kill_point
 from kiln.progress import NULL
 
@@ -274,27 +274,17 @@ def engine_blob(ctx: Context, record: dict) -> tuple[str, str]:
 
 
 def _read_manifest(store, key: str) -> dict | None:
-    """The key's manifest as stored, or None if absent or unreadable (a corrupt one is
-    quarantined by the store; one that is no JSON object is quarantined here)."""
-    name = engine_manifest_entry(key)
-    try:
-        manifest = json.loads(store.get_bytes(name))
-    except (KeyError, CorruptEntry):
+    """The key's manifest as stored, or None if absent or unreadable (kiln.stores.base.read_checked_record:
+    one that is no engine manifest, or names another key, is quarantined)."""
+    def problem(manifest) -> dict | None:
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
+            return {"reason": "not an engine manifest (no JSON object with a sha256)"}
+        if manifest.get("key") != key:
+            # a manifest validly signed for one engine, copied under another key, would otherwise pass:
+            # the signature covers the key it names, so the name it is stored under must be that key
+            return {"reason": MISPLACED_REASON, "names_key": manifest.get("key")}
         return None
-    except ValueError:
-        manifest = None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("sha256"), str):
-        store.quarantine(name, {"reason": "not an engine manifest (no JSON object with a sha256)"})
-        log.warning("engine manifest %s was unreadable; moved it to %s", name, quarantine_entry(name))
-        return None
-    if manifest.get("key") != key:
-        # a manifest validly signed for one engine, copied under another key, would otherwise pass:
-        # the signature covers the key it names, so the name it is stored under must be that key
-        store.quarantine(name, {"reason": MISPLACED_REASON, "names_key": manifest.get("key")})
-        log.warning("engine manifest %s names engine key %s; moved it to %s", name, str(manifest.get("key"))[:12],
-                    quarantine_entry(name))
-        return None
-    return manifest
+    return read_checked_record(store, engine_manifest_entry(key), problem)
 
 
 MISPLACED_REASON = "names another engine key than the one it is stored under"

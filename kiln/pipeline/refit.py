@@ -29,10 +29,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.errors import CorruptEntry, TransportError
+from kiln.errors import TransportError
 from kiln.keys import digest, sha256_file
 from kiln.signing import controller_trust
-from kiln.stores.base import blob_entry, quarantine_entry, refit_base_entry
+from kiln.stores.base import blob_entry, read_checked_record, refit_base_entry
 
 log = logging.getLogger(__name__)
 REFIT_FORMAT = 1
@@ -100,16 +100,11 @@ def plan_refit(ctx, spec, onnx_record: dict, say=print) -> RefitPlan | None:
 def stored_base(ctx, key: str, say=print) -> dict | None:
     """The base record of `key` if a trusted key signed it and its plan is in the store."""
     store, name = ctx.store, refit_base_entry(key)
-    try:
-        record = json.loads(store.get_bytes(name))
-    except (KeyError, CorruptEntry):
-        return None
-    except ValueError:
-        record = None
-    if not isinstance(record, dict) or record.get("kind") != KIND or record.get("base_key") != key \
-            or not isinstance(record.get("sha256"), str):
-        store.quarantine(name, {"reason": "not a refit base record"})
-        log.warning("refit base %s was unreadable; moved it to %s", key[:12], quarantine_entry(name))
+    def problem(r) -> dict | None:
+        ok = isinstance(r, dict) and r.get("kind") == KIND and r.get("base_key") == key and isinstance(r.get("sha256"), str)
+        return None if ok else {"reason": "not a refit base record"}
+    record = read_checked_record(store, name, problem)
+    if record is None:
         return None
     verdict = controller_trust(ctx).verdict(record)
     if not verdict.ok:

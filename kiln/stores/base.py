@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
+import logging
 import os
 import re
 from contextlib import contextmanager
@@ -34,6 +36,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from kiln.errors import CorruptEntry, StoreError
+
+log = logging.getLogger(__name__)
 
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _ENGINE_ALIAS = re.compile(r"^engines/[0-9a-f]{2}/([0-9a-f]{64})/engine$")
@@ -274,3 +278,22 @@ class Store(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r})"
+
+
+def read_checked_record(store, name: str, problem: Callable[[object], dict | None]) -> dict | None:
+    """The JSON object stored as `name`, or None if absent or unreadable. Bytes the store finds corrupt
+    are quarantined by the store; a record of which `problem` (given the parsed JSON, or None if the
+    bytes are no JSON) says what is wrong, as a quarantine reason {"reason": ..., ...}, is quarantined
+    here with that reason."""
+    try:
+        record = json.loads(store.get_bytes(name))
+    except (KeyError, CorruptEntry):
+        return None
+    except ValueError:
+        record = None
+    reason = problem(record)
+    if reason is not None:
+        store.quarantine(name, reason)
+        log.warning("%s: %s; moved it to %s", name, reason["reason"], quarantine_entry(name))
+        return None
+    return record

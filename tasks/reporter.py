@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 
 from doit.exceptions import TaskFailed, UnmetDependency
@@ -68,6 +69,7 @@ class SummaryReporter(ConsoleReporter):
         self.deploys: set[str] = set()       # the selected deploy:<target> tasks
         self.deployed: dict[str, bool] = {}  # those finished (up to date, done or failed): ok?
         self.fleet_progress = None           # "deploy 7/12 devices", from the first deploy that runs
+        self._fleet_lock = threading.Lock()  # `doit -n N` (threads) starts and ends deploys at once
 
     def initialize(self, tasks, selected_tasks):
         super().initialize(tasks, selected_tasks)
@@ -99,14 +101,18 @@ class SummaryReporter(ConsoleReporter):
         self.deploys = {n for n in will_run if n.startswith("deploy:") and n.split(":", 1)[1] in targets}
 
     def _deploy_started(self, task) -> None:
-        if task.name in self.deploys and len(self.deploys) > 1 and self.fleet_progress is None:
-            self.fleet_progress = self.context.progress.activity("deploy", total=len(self.deploys), unit="devices")
-            self._count_deploys()
+        if task.name not in self.deploys or len(self.deploys) < 2:
+            return
+        with self._fleet_lock:  # one activity: a second one, never finished, would end as "failed"
+            if self.fleet_progress is None:
+                self.fleet_progress = self.context.progress.activity("deploy", total=len(self.deploys), unit="devices")
+                self._count_deploys()
 
     def _deploy_finished(self, task, ok: bool) -> None:
-        if task.name in self.deploys and task.name not in self.deployed:
-            self.deployed[task.name] = ok
-            self._count_deploys()
+        with self._fleet_lock:
+            if task.name in self.deploys and task.name not in self.deployed:
+                self.deployed[task.name] = ok
+                self._count_deploys()
 
     def _count_deploys(self) -> None:
         if self.fleet_progress is None:

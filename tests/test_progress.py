@@ -239,7 +239,8 @@ install_dir = "deploy-2"
 def test_progress_goes_to_stderr_in_plain_lines_and_never_to_stdout(tmp_path):
     p = Project(tmp_path, extra=TWO_LOCAL_TARGETS)
     env = {k: v for k, v in p.env.items() if k not in ("KILN_PROGRESS", "KILN_PROGRESS_INTERVAL")}
-    proc = subprocess.run([sys.executable, "-m", "doit", "deploy"], cwd=REPO, env=env, capture_output=True,
+    # `-n 2`: doit's worker threads start both deploys at once, and the fleet's activity is still one
+    proc = subprocess.run([sys.executable, "-m", "doit", "-n", "2", "deploy"], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert PLAIN_PREFIX not in proc.stdout and "\x1b" not in proc.stdout + proc.stderr
@@ -252,6 +253,10 @@ def test_progress_goes_to_stderr_in_plain_lines_and_never_to_stdout(tmp_path):
                for line in lines), lines
     assert "progress: deploy 0/2 devices" in lines or "progress: deploy 1/2 devices" in lines, lines
     assert any(line.startswith("progress: deploy 2/2 devices in ") for line in lines), lines
+    fleet_lines = [line for line in lines if line.startswith("progress: deploy ")]
+    assert sum(line.startswith(("progress: deploy 0/2 devices", "progress: deploy 1/2 devices"))
+               and " in " not in line for line in fleet_lines) <= 2, fleet_lines  # one activity's lines
+    assert not any("failed" in line for line in fleet_lines), fleet_lines
 
     # a report's JSON is all of stdout
     check = subprocess.run([sys.executable, "-m", "doit", "cache-check", "--json"], cwd=REPO, env=env,

@@ -89,6 +89,43 @@ def test_raw_inputs_writes_trtexec_files(tmp_path):
                     "--loadInputs=images:input0.bin,scale:input1.bin", "--exportOutput=outputs.json"]
 
 
+def test_raw_plan_tells_what_raw_inputs_writes_without_writing(tmp_path):
+    """The controller plans a verification's trtexec runs from its own copy of the reference
+    (agent.raw_plan) and sends them in the same batch as raw-inputs: the plan must be the names
+    and shapes raw-inputs writes, for a static reference and for shape points."""
+    static = reference(tmp_path, **expected())
+    written = agent.raw_inputs(str(static), str(tmp_path / "s"))
+    assert agent.raw_plan(str(static)) == {"files": written["files"], "shapes": written["shapes"]}
+    points = tmp_path / "points.npz"
+    agent.save_arrays(str(points), {f"point.{p}.input.images": np.zeros((n, 3, 4, 4), np.float32)
+                                    for p, n in (("min", 1), ("opt", 2), ("max", 4))})
+    before = set(tmp_path.iterdir())
+    plan = agent.raw_plan(str(points))
+    assert set(tmp_path.iterdir()) == before  # nothing written
+    written = agent.raw_inputs(str(points), str(tmp_path / "p"))
+    assert plan["order"] == written["order"] == ["min", "opt", "max"]
+    assert plan["points"]["max"] == {"files": {"images": "input0.bin"}, "shapes": {"images": [4, 3, 4, 4]}}
+    assert all(plan["points"][p] == {k: written["points"][p][k] for k in ("files", "shapes")} for p in plan["order"])
+
+
+def test_run_answers_with_the_programs_exit_and_output_and_stays_inside_root(tmp_path):
+    """`run` (a trtexec load inside a verification batch): exit code and output in the answer, not
+    on the agent's stdout; ok only for exit 0; a timeout says so; a folder outside --root is refused."""
+    (tmp_path / "work").mkdir()
+    code, out = run_agent("run", "--root", str(tmp_path), "--cwd", str(tmp_path / "work"), "--",
+                          "sh", "-c", "pwd; echo oops >&2; exit 4")
+    assert code == 3 and out["ok"] is False and out["exit_code"] == 4
+    assert out["stdout"].strip() == str(tmp_path / "work") and out["stderr"].strip() == "oops"
+    code, out = run_agent("run", "--root", str(tmp_path), "--cwd", str(tmp_path / "work"), "--", "true")
+    assert code == 0 and out["ok"] is True and out["exit_code"] == 0
+    code, out = run_agent("run", "--root", str(tmp_path), "--cwd", str(tmp_path), "--timeout", "0.3", "--",
+                          "sleep", "5")
+    assert code == 3 and out["timed_out"] is True and "did not finish in 0.3 s" in out["reason"]
+    proc = subprocess.run([sys.executable, str(AGENT), "run", "--root", str(tmp_path / "work"), "--cwd", str(tmp_path),
+                           "--", "true"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == agent.ESCAPE_EXIT, proc.stdout + proc.stderr
+
+
 def test_raw_inputs_int64_as_int32(tmp_path):
     path = tmp_path / "r.npz"
     agent.save_arrays(str(path), {"input.ids": np.array([[1, 2, 3]], dtype=np.int64)})

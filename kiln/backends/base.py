@@ -38,9 +38,11 @@ class Backend:
         calibration cache's path on the device."""
         raise NotImplementedError
 
-    def verify(self, device: Device, engine: str, reference: str, verify: dict, settings: dict | None = None) -> dict:
+    def verify(self, device: Device, engine: str, reference: str, verify: dict, settings: dict | None = None,
+               reference_local=None) -> dict:
         """Load the engine on the device and run it; raise VerificationError if it is wrong.
-        `settings`: the engine's build settings (`build_settings`), for what loading needs (a DLA core)."""
+        `settings`: the engine's build settings (`build_settings`), for what loading needs (a DLA core);
+        `reference_local`: the controller's copy of `reference`, if it has one (fewer round trips)."""
         raise NotImplementedError
 
 

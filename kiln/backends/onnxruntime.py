@@ -43,7 +43,7 @@ class OnnxRuntimeBackend(Backend):
         return {"engine": out, "sha256": facts["sha256"], "size": facts["size"],
                 "build_seconds": facts["seconds"], "tool": f"onnxruntime {facts['onnxruntime']}"}
 
-    def verify(self, device, engine, reference, verify, settings=None) -> dict:
+    def verify(self, device, engine, reference, verify, settings=None, reference_local=None) -> dict:
         rtol, atol = engine_tolerances(verify)   # a Q/DQ model: the int8 tolerances, as at export
         args = ["ort-verify", "--engine", engine, "--reference", reference, "--rtol", repr(rtol), "--atol", repr(atol)]
         if not verify["rows_may_permute"]:

@@ -10,6 +10,7 @@ docs/trtexec.md.
 """
 from __future__ import annotations
 
+import logging
 import os
 import posixpath
 import sys
@@ -25,6 +26,8 @@ from kiln.devices.nvidia import dla_cores
 from kiln.devices.workarea import Device
 from kiln.errors import BuildError, RefitUnsupported, VerificationError
 from kiln.keys import sha256_file
+
+log = logging.getLogger(__name__)
 
 
 class TensorRTBackend(Backend):
@@ -137,20 +140,24 @@ class TensorRTBackend(Backend):
         result = device.transport.run(argv, stream=stream, check=False, timeout=target.command_timeout)
         return parse_api_build_output(result.stdout), result
 
-    def verify(self, device: Device, engine, reference, verify, settings=None, keep_outputs=None) -> dict:
+    def verify(self, device: Device, engine, reference, verify, settings=None, keep_outputs=None,
+               reference_local=None) -> dict:
         """Run the engine on the reference inputs on the device and compare its outputs with
         PyTorch's, like the ONNX Runtime backend; keep trtexec's latency percentiles.
 
-        1. the agent writes each reference input as a raw .bin (`raw-inputs`);
+        1. the agent writes each reference input as a raw .bin for --loadInputs (`raw-inputs`);
         2. one trtexec run: --loadEngine + --loadInputs + --exportOutput (+ --shapes, needed
            for dynamic engines, checked against static ones from 10.x) times the engine and
-           writes the outputs of its last iteration as JSON; run from the scratch folder so
+           writes the outputs of its last iteration as JSON; run in the scratch folder so
            the --loadInputs spec holds plain relative names (',' "'" ':' would split it;
            docs/trtexec.md §6);
         3. the agent compares that JSON with the reference outputs (`trt-compare`, the
            same compare_outputs as ONNX Runtime engines and the export check).
         A dynamic model's reference holds the shape points min, opt and max: steps 2-3 run once
         per point (its own folder, `--shapes` at that point), and opt's latency is reported.
+        With `reference_local` (the controller's copy of `reference`) the input names and shapes
+        are known here (agent `raw_plan`), so all the steps and the clean-up go to the device as
+        one agent batch: one command and one python start instead of four or more.
         A plan for another TensorRT/GPU, a broken plan or outputs beyond the tolerances
         raise VerificationError. With `keep_outputs` (a local folder), each point's exported
         outputs are fetched there as `<point>.json` ("static.json" for a static model), for the
@@ -159,20 +166,31 @@ class TensorRTBackend(Backend):
         target = device.config
         rtol, atol = trt_tolerances(verify)
         work = device.path(".kiln", "verify", f"{os.getpid()}-{uuid.uuid4().hex[:12]}")
+        raw_step = ("raw-inputs", "--reference", reference, "--out-dir", work)
+        removed = False
         try:
-            raw = device.agent("raw-inputs", "--reference", reference, "--out-dir", work)
-            if not raw.get("ok", True):
-                raise VerificationError(f"cannot prepare the reference inputs on {device.target}: {raw.get('reason')}",
-                                        target=device.target)
-            if "points" in raw:   # a dynamic model: min, opt, max, each in its own folder
-                runs = [(p, posixpath.join(work, p), raw["points"][p]) for p in raw["order"]]
-            else:
-                runs = [(None, work, raw)]
-            report, compared, points = None, {}, {}
+            plan = _local_plan(reference_local)
+            planned = plan is not None   # else written first, by its own agent call
+            if not planned:
+                plan = _raw_answer(device, device.agent(*raw_step))
+            runs = ([(p, posixpath.join(work, p), plan["points"][p]) for p in plan["order"]] if "points" in plan
+                    else [(None, work, plan)])
             dla_core = (settings or {}).get("dla_core")   # a DLA engine runs on the core the runtime is given
+            steps = [(raw_step, None)] if planned else []
             for point, folder, one in runs:
-                got, result = self._verify_point(device, engine, reference, verify, point, folder, one, rtol, atol,
-                                                 dla_core)
+                steps += self._point_steps(target, engine, reference, verify, point, folder, one, rtol, atol, dla_core)
+            if keep_outputs is None:
+                steps.append((("remove", "--path", work), None))
+            timeout = target.command_timeout * len(runs) + 120 if target.command_timeout else None
+            answers = device.agent_batch(steps, timeout=timeout)
+            if planned:
+                written = _raw_answer(device, answers.pop(0))
+                if _plan_of(written) != _plan_of(plan):  # the same function on the same bytes: a bug if not
+                    raise VerificationError(f"the raw inputs written on {device.target} are not the ones planned: "
+                                            f"{_plan_of(written)} vs {_plan_of(plan)}", target=device.target)
+            report, compared, points = None, {}, {}
+            for i, (point, folder, one) in enumerate(runs):
+                got, result = self._point_result(device, point, one, answers[2 * i:2 * i + 2], rtol, atol)
                 points[point] = {"shapes": one["shapes"], "max_abs_diff": got["max_abs_diff"],
                                  "permuted": got.get("permuted", False),
                                  "latency_ms": result.latency_ms}
@@ -183,8 +201,10 @@ class TensorRTBackend(Backend):
                                          os.path.join(keep_outputs, f"{point or 'static'}.json"))
                 if point in (None, "opt") or report is None:
                     report = result
+            removed = keep_outputs is None and len(answers) == 2 * len(runs) + 1
         finally:
-            device.transport.run(["rm", "-rf", work], check=False)
+            if not removed:
+                device.transport.run(["rm", "-rf", work], check=False)
         memory = report.device_memory_mib
         out = {"ok": True, "latency_ms": report.latency_ms, "latency_source": report.latency_source,
                "device_memory_bytes": round(memory * (1 << 20)) if memory is not None else None,
@@ -196,17 +216,35 @@ class TensorRTBackend(Backend):
             out["points"] = points
         return out
 
-    def _verify_point(self, device: Device, engine, reference, verify, point, folder, raw, rtol, atol, dla_core=None):
-        """One trtexec run on one set of reference inputs (one shape point) and its comparison."""
-        target = device.config
-        at = "" if point is None else f" at {point} ({_shapes_text(raw['shapes'])})"
+    def _point_steps(self, target, engine, reference, verify, point, folder, raw, rtol, atol, dla_core) -> list:
+        """The agent steps of one shape point: the trtexec run in its folder, then the comparison."""
         argv = load_argv(target.trtexec, engine, iterations=50, percentile=99, shapes=raw["shapes"],
                          load_inputs=raw["files"], export_output=agent_module.TRT_OUTPUTS_FILE,
                          export_times=agent_module.TRT_TIMES_FILE, dla_core=dla_core)
-        result = device.transport.run(["sh", "-c", 'cd "$1" && shift && exec "$@"', "kiln-verify", folder, *argv],
-                                      check=False, timeout=target.command_timeout)
+        run = ("run", "--cwd", folder, *(("--timeout", repr(float(target.command_timeout)))
+                                         if target.command_timeout else ()), "--", *argv)
+        compare = ["trt-compare", "--reference", reference, "--outputs",
+                   posixpath.join(folder, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol),
+                   "--times", posixpath.join(folder, agent_module.TRT_TIMES_FILE)]
+        if point is not None:
+            compare += ["--point", point]
+        if not verify.get("rows_may_permute", True):
+            compare.append("--strict-order")
+        return [(run, None), (tuple(compare), None)]
+
+    def _point_result(self, device: Device, point, raw, answers: list, rtol, atol):
+        """One point's trtexec run and comparison, from their answers (a batch that stopped at the
+        run has no comparison): (the comparison, the run's report), or VerificationError."""
+        at = "" if point is None else f" at {point} ({_shapes_text(raw['shapes'])})"
+        if not answers:
+            raise VerificationError(f"the verification of {device.target}{at} stopped before its trtexec run",
+                                    target=device.target)
+        ran = answers[0]
+        if ran.get("timed_out"):
+            raise VerificationError(f"trtexec did not finish on {device.target}{at}: {ran.get('reason')}",
+                                    target=device.target, hint="raise the target's command_timeout, or check the device")
         try:
-            report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
+            report = check_trtexec_result(ran.get("stdout", "") + "\n" + ran.get("stderr", ""), ran.get("exit_code"),
                                           target=device.target)
         except BuildError as exc:
             low = exc.message.lower()
@@ -216,14 +254,7 @@ class TensorRTBackend(Backend):
                     if "optimization profile" in low else "the engine does not load")
             raise VerificationError(f"{what} on {device.target}{at}: {exc.message}",
                                     target=device.target, hint=exc.hint) from exc
-        args = ["trt-compare", "--reference", reference, "--outputs",
-                posixpath.join(folder, agent_module.TRT_OUTPUTS_FILE), "--rtol", repr(rtol), "--atol", repr(atol),
-                "--times", posixpath.join(folder, agent_module.TRT_TIMES_FILE)]
-        if point is not None:
-            args += ["--point", point]
-        if not verify.get("rows_may_permute", True):
-            args.append("--strict-order")
-        compared = device.agent(*args)
+        compared = answers[1] if len(answers) > 1 else {"ok": False, "reason": "the comparison did not run"}
         if not compared.get("ok"):
             raise VerificationError(
                 f"TensorRT engine outputs differ from the reference on {device.target}{at}: {compared.get('reason')}",
@@ -231,6 +262,32 @@ class TensorRTBackend(Backend):
                 hint=f"nothing was published or activated; compared with rtol={rtol:g} atol={atol:g} (the looser "
                      "of verify.rtol/atol and verify.trt_rtol/trt_atol); check the build or loosen them")
         return compared, _with_latency(report, compared)
+
+
+def _local_plan(reference_local) -> dict | None:
+    """The raw inputs `raw-inputs` will write, read from the controller's copy of the reference;
+    None without one or if it cannot be read (the device's own answer then says what is wrong)."""
+    if reference_local is None:
+        return None
+    try:
+        return agent_module.raw_plan(str(reference_local))
+    except (SystemExit, OSError, ValueError, KeyError) as exc:
+        log.info("cannot plan the raw inputs from %s (%s); the device writes them first", reference_local, exc)
+        return None
+
+
+def _raw_answer(device: Device, raw: dict) -> dict:
+    if not raw.get("ok", True):
+        raise VerificationError(f"cannot prepare the reference inputs on {device.target}: {raw.get('reason')}",
+                                target=device.target)
+    return raw
+
+
+def _plan_of(raw: dict) -> dict:
+    """The names and shapes of a `raw-inputs` answer or a `raw_plan` (what trtexec is given)."""
+    if "points" in raw:
+        return {p: _plan_of(raw["points"][p]) for p in raw["order"]}
+    return {"files": raw["files"], "shapes": raw["shapes"]}
 
 
 def _with_latency(report, compared: dict):

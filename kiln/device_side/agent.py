@@ -308,7 +308,8 @@ def raw_inputs(reference_path, out_dir, int64_as_int32=False, root=None):
 
     A dynamic model's reference (shape points min/opt/max): each point's inputs go to
     `<out_dir>/<point>/`, and the answer is {"points": {point: <the answer below, file names
-    relative to that folder>}, "order": [min, opt, max]}.
+    relative to that folder>}, "order": [min, opt, max]}. `raw_plan` tells the same names and
+    shapes without writing anything (the controller builds the trtexec runs from it).
 
     float64 becomes float32 (TensorRT has no double I/O). int64 inputs are INT64 bindings
     from TensorRT 10.0 on (kINT64 is new in v10.0.0 include/NvInferRuntimeBase.h) but INT32
@@ -322,15 +323,32 @@ def raw_inputs(reference_path, out_dir, int64_as_int32=False, root=None):
                            for p, feeds, _ in points), "order": [p for p, _, _ in points]}
 
 
-def _raw_point(ref, out_dir, int64_as_int32, reference_path):
-    import numpy as np
+def raw_plan(reference_path):
+    """What `raw_inputs` writes for this reference, without writing: {"files", "shapes"} (file
+    names relative to the folder), or {"points": {point: that}, "order": [...]}."""
+    points = reference_points(load_arrays(reference_path))
+    if points[0][0] is None:
+        return _point_plan(points[0][1], reference_path)
+    return {"points": dict((p, _point_plan(feeds, reference_path)) for p, feeds, _ in points),
+            "order": [p for p, _, _ in points]}
+
+
+def _point_plan(ref, reference_path):
+    """{"files": {input name: "input<i>.bin"}, "shapes": {input name: [dims]}} in name order."""
     names = sorted(ref)
     if not names:
         raise SystemExit("%s holds no input.* arrays" % reference_path)
+    return {"files": dict((name, "input%d.bin" % i) for i, name in enumerate(names)),
+            "shapes": dict((name, [int(d) for d in ref[name].shape]) for name in names)}
+
+
+def _raw_point(ref, out_dir, int64_as_int32, reference_path):
+    import numpy as np
+    plan = _point_plan(ref, reference_path)
     if not os.path.isdir(out_dir):
         os.makedirs(out_dir)
-    files, spec, inputs, shapes = {}, [], [], {}
-    for i, name in enumerate(names):
+    spec, inputs = [], []
+    for name, file_name in sorted(plan["files"].items()):
         a = np.asarray(ref[name])
         if a.dtype == np.float64:
             a = a.astype(np.float32)
@@ -339,18 +357,40 @@ def _raw_point(ref, out_dir, int64_as_int32, reference_path):
                 raise SystemExit("input %s has int64 values outside the int32 range" % name)
             a = a.astype(np.int32)
         a = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<"))
-        file_name = "input%d.bin" % i
         path = os.path.join(out_dir, file_name)
         with _new_file(path + ".part") as f:
             f.write(a.tobytes(order="C"))
         os.replace(path + ".part", path)
-        files[name] = file_name
-        shapes[name] = [int(d) for d in a.shape]
-        inputs.append({"name": name, "file": path, "dtype": str(a.dtype), "shape": shapes[name],
+        inputs.append({"name": name, "file": path, "dtype": str(a.dtype), "shape": plan["shapes"][name],
                        "bytes": int(a.nbytes)})
         # trtexec splits on the last ':' unless the name is quoted ('name':file)
         spec.append(("'%s':%s" if ":" in path else "%s:%s") % (name, path))
-    return {"files": files, "shapes": shapes, "inputs": inputs, "load_inputs": spec}
+    return dict(plan, inputs=inputs, load_inputs=spec)
+
+
+def run_program(argv, cwd, timeout, root=None):
+    """Run a program (a trtexec load, in a batch between `raw-inputs` and `trt-compare`) in `cwd`
+    (inside the install_dir: what it writes there stays inside) and answer with its exit code and
+    output: ok only if it exited 0. Its output is captured, never mixed into this agent's answer."""
+    import subprocess
+    cwd = _checked(root, cwd, "run a program in")
+    try:
+        done = subprocess.run(argv, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        return {"ok": False, "exit_code": None, "timed_out": True, "stdout": _text(exc.stdout),
+                "stderr": _text(exc.stderr), "reason": "%s did not finish in %g s" % (argv[0], timeout)}
+    except OSError as exc:
+        return {"ok": False, "exit_code": 127, "stdout": "", "stderr": "%s: %s" % (argv[0], exc),
+                "reason": "cannot run %s: %s" % (argv[0], exc)}
+    return {"ok": done.returncode == 0, "exit_code": done.returncode, "stdout": _text(done.stdout),
+            "stderr": _text(done.stderr)}
+
+
+def _text(data):
+    if data is None:
+        return ""
+    return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
 def _trt_dims(value, name):
@@ -1040,6 +1080,8 @@ def main(argv=None):
     # --root optional here only until tests/test_agent_trt.py passes it (kiln always does)
     s = writer("raw-inputs"); s.add_argument("--reference", required=True); s.add_argument("--out-dir", required=True)
     s.add_argument("--int64-as-int32", action="store_true")
+    s = writer("run"); s.add_argument("--cwd", required=True); s.add_argument("--timeout", type=float, default=None)
+    s.add_argument("program", nargs=argparse.REMAINDER)  # after `--`: the program and its arguments
     s = sub.add_parser("trt-compare"); s.add_argument("--reference", required=True); s.add_argument("--outputs", required=True)
     s.add_argument("--rtol", type=float, default=1e-2); s.add_argument("--atol", type=float, default=1e-2)
     s.add_argument("--strict-order", action="store_true"); s.add_argument("--point", default=None)
@@ -1082,6 +1124,11 @@ def main(argv=None):
                % sys.executable}
     elif a.cmd == "raw-inputs":
         out = raw_inputs(a.reference, a.out_dir, a.int64_as_int32, a.root)
+    elif a.cmd == "run":
+        program = a.program[1:] if a.program[:1] == ["--"] else a.program
+        if not program:
+            p.error("run: the program to run goes after --")
+        out = run_program(program, a.cwd, a.timeout, a.root)
     elif a.cmd == "trt-compare":
         out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order, a.point, a.times)
     elif a.cmd == "fetch":

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 WRITING_SUBCOMMANDS = frozenset({"ort-build", "raw-inputs", "fetch", "activate", "rollback", "prune",
                                  "deactivate", "hold", "unhold", "write",
                                  "stage-begin", "stage-commit", "remove", "copy", "clean-inputs",
-                                 "lock-take", "lock-release"})
+                                 "lock-take", "lock-release", "run"})
 #: a deploy lock without a readable owner (a run killed by older code) is stale after this many seconds
 LOCK_GRACE = 60.0
 MB = 1 << 20

@@ -319,7 +319,7 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
         model_run = ctx.fleet.model_for(target, model)   # with the target's build overrides
         smoke = verified if verified is not None else backend.verify(
             device, engine_remote, f"{staging}/reference.npz", engine_verify(model_run),
-            backend.build_settings(model_run.build))
+            backend.build_settings(model_run.build), reference_local=_same_reference(ctx, reference, onnx))
     except KilnError as exc:
         ctx.events.emit(f"deploy:{target.name}", "fail", key=key, target=target.name,
                         why=f"smoke test of {model} failed: {exc.message}")
@@ -340,6 +340,13 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     device.agent_batch([(("write", "--path", f"{staging}/manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)),
                         (("stage-commit", "--model-dir", device.path(model), "--release", key), None)])
     return {"smoke": smoke, "manifest": manifest}
+
+
+def _same_reference(ctx: Context, local, onnx: dict):
+    """The controller's reference file if it holds the bytes staged on the device, else None."""
+    if local.exists() and ctx.hashes.sha256(local) == onnx.get("reference_sha256"):
+        return local
+    return None
 
 
 def _take_verified(ctx: Context, device: Device, record: dict, engine_remote: str) -> dict | None:

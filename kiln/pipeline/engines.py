@@ -498,7 +498,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
             outputs_dir = (ctx.artifacts / "cache" / "outputs" / key
                            if spec.model.verify.get("metric") and backend.name == "tensorrt" else None)
             report = backend.verify(device, facts["engine"], ref_remote, engine_verify(spec.model),
-                                    backend.build_settings(spec.model.build),
+                                    backend.build_settings(spec.model.build), reference_local=ref_local,
                                     **({"keep_outputs": outputs_dir} if outputs_dir else {}))
             if outputs_dir:
                 from kiln.pipeline.accuracy import check_metric

@@ -46,7 +46,8 @@ def verify_on_second_member(ctx: Context, spec, builder: Device, engine: str, en
             continue
         say(f"  verify_on = 2: checking engine {engine_sha[:12]} on {target.name} too")
         from kiln.pipeline.engines import engine_verify   # engines imports this module
-        report = backend.verify(other, remote, ref, engine_verify(spec.model), backend.build_settings(spec.model.build))
+        report = backend.verify(other, remote, ref, engine_verify(spec.model), backend.build_settings(spec.model.build),
+                                reference_local=ref_local)
         return {**report, "target": target.name}
     raise BuildError(f"verify_on = 2: no second member of class {spec.hwclass.id} could check the engine built on "
                      f"{builder.target}" + (f" ({'; '.join(tried)})" if tried else " (the class has no other recorded member)"),

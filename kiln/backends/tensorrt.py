@@ -73,9 +73,8 @@ class TensorRTBackend(Backend):
             report = check_trtexec_result(result.stdout + "\n" + result.stderr, result.exit_code,
                                           target=device.target)
             seconds, tool = report.build_seconds, f"trtexec {report.tensorrt_version or version}"
-        facts = device.agent("sha256", engine)
-        size = int(device.transport.run(["wc", "-c", engine]).stdout.split()[0])
-        return {"engine": engine, "sha256": facts["sha256"], "size": size, "build_seconds": seconds or 0.0,
+        facts = device.agent("sha256", engine)   # and its size: one command
+        return {"engine": engine, "sha256": facts["sha256"], "size": facts["size"], "build_seconds": seconds or 0.0,
                 "tool": tool, "command": result.command}
 
     def refit(self, device: Device, base, onnx, weights, out_dir, fingerprint, stream=None) -> dict:
@@ -103,8 +102,7 @@ class TensorRTBackend(Backend):
         if facts["sha256"] != answer.get("sha256"):
             raise BuildError(f"the refitted plan on {device.target} does not match the sha256 the refit reported",
                              target=device.target, hint="check the device's storage")
-        size = int(device.transport.run(["wc", "-c", engine]).stdout.split()[0])
-        return {"engine": engine, "sha256": facts["sha256"], "size": size,
+        return {"engine": engine, "sha256": facts["sha256"], "size": facts["size"],
                 "build_seconds": answer.get("seconds") or 0.0,
                 "tool": f"tensorrt-python {answer.get('tensorrt') or version} ({answer.get('weights')})",
                 "command": result.command}

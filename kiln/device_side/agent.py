@@ -1113,7 +1113,7 @@ def main(argv=None):
     s = sub.add_parser("batch")  # the steps (JSON) come on stdin, see `batch`
     a = p.parse_args(argv)
     if a.cmd == "sha256":
-        out = {"sha256": sha256_of(a.path)}
+        out = {"sha256": sha256_of(a.path), "size": os.path.getsize(a.path)}
     elif a.cmd == "ort-build":
         out = ort_build(a.onnx, a.out, a.level, a.root, a.inline_weights)
     elif a.cmd == "ort-verify":

@@ -86,6 +86,11 @@ def ensure_deployed(ctx: Context, target: Target, say=print, max_latency_regress
     specs = target_engines(ctx, target)
     states, _ = device_releases(ctx, target)
     plans = plan_releases(target, {s.model.name: current_engine_key(ctx, s) for s in specs}, states)
+    # the reference data first: on the device while its engine is still being built elsewhere
+    device = Device(ctx.transport(target), target)
+    for spec in specs:
+        if not plans[spec.model.name].overridden:
+            _reference_on_device(ctx, device, spec.model.name)
     engines = {}
     for spec in specs:
         plan = plans[spec.model.name]
@@ -245,8 +250,7 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
     paths = ExportPaths.for_model(ctx.artifacts, model)
     onnx = read_json(paths.record) or {}
     provenance = read_json(paths.provenance) or {}
-    ref_remote = device.ensure_input(paths.reference, onnx["reference_sha256"], ".npz", store=ctx.store,
-                                     entry=reference_entry(onnx["onnx_sha256"]))
+    ref_remote = _reference_on_device(ctx, device, model)
     say(f"  {target.name}: staging {model} release {key[:12]}")
     t0 = time.time()
     filled = _stage_from_store(ctx, device, model, record, staging, ref_remote, onnx)
@@ -258,6 +262,15 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
     except BaseException:
         device.remove(staging, check=False)
         raise
+
+
+def _reference_on_device(ctx: Context, device: Device, model: str) -> str:
+    """The model's reference data (its export's inputs and outputs) in the device's .kiln/inputs,
+    verified by its sha256; its path there."""
+    paths = ExportPaths.for_model(ctx.artifacts, model)
+    onnx = read_json(paths.record) or {}
+    return device.ensure_input(paths.reference, onnx["reference_sha256"], ".npz", store=ctx.store,
+                               entry=reference_entry(onnx["onnx_sha256"]))
 
 
 def _stage_from_store(ctx: Context, device: Device, model: str, record: dict, staging: str, ref_remote: str,

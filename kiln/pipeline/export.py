@@ -498,8 +498,8 @@ def ensure_export(ctx, model: Model, say=print) -> dict:
     with ctx.progress.activity(f"export {model.name}") as activity:
         if ctx.fleet.path.is_file():  # torch loads in a child, never in the run's process
             from kiln.pipeline.export_child import export_in_child
-            # the child opens the store first: a missing bucket or bad credentials fail before the export
-            result = export_in_child(ctx, model, inputs, activity)
+            result = export_in_child(ctx, model, inputs, activity,
+                                     publish=lambda record: publish_export(ctx.store, paths, record))
         else:  # a fleet made in code: its child could not read it
             store = ctx.store  # a missing bucket or bad credentials fail here, before minutes of export
             result = export_model(model, paths, inputs, publish=lambda record: publish_export(store, paths, record),

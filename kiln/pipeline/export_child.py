@@ -5,9 +5,15 @@ slows every SSH probe and transfer running in the run's other threads; and an in
 imported torch takes ~0.8 s to shut down, paid at the end of every run that exported. The child
 imports torch while the parent's threads go on, writes the export (the same function, the same
 order: records follow bytes), reports its result and leaves with `os._exit` (no torch teardown).
+The parent publishes to the store (its client is open already, or opens while the child imports
+torch: the child never imports boto3): a missing bucket or bad credentials still fail before the
+export's result, and the child then dies unpublished.
 
-Protocol (the child's stdout, one JSON object per line): `{"phase": ...}` as each phase starts,
-then `{"result": {...}}` or `{"error": {"type", "message", "hint", "context"}}` for a KilnError
+Protocol (the child's stdout, one JSON object per line): `{"phase": ...}` as each phase starts;
+`{"publish": record}` when the verified bytes are in place, answered on the child's stdin by
+`{"published": record}` (the record as published: a reference another export published first
+is adopted) before the child writes its local record; then `{"result": {...}}` or
+`{"error": {"type", "message", "hint", "context"}}` for a KilnError
 (an OSError of the machine arrives translated, as kiln.oserrors explains it). Anything else
 (a bug) is a traceback on stderr and a non-zero exit. The child dies with its parent (Linux
 PR_SET_PDEATHSIG), and a test's kill point in the child (kiln.faults) kills the parent too,
@@ -27,8 +33,9 @@ from kiln import errors, faults
 from kiln.errors import ExportError, KilnError
 
 
-def export_in_child(ctx, model, inputs: dict, activity) -> dict:
-    """`export_model(model, ...)` with publishing to the run's store, in a child; its result."""
+def export_in_child(ctx, model, inputs: dict, activity, publish) -> dict:
+    """`export_model(model, ...)` in a child, `publish(record)` (to the run's store) run here when
+    the child asks; the export's result."""
     request = {"fleet": str(ctx.fleet.path), "artifacts": str(ctx.artifacts), "model": model.name,
                "inputs": inputs, "parent": os.getpid()}
     proc = subprocess.Popen([sys.executable, "-m", "kiln.pipeline.export_child"], stdin=subprocess.PIPE,
@@ -36,19 +43,35 @@ def export_in_child(ctx, model, inputs: dict, activity) -> dict:
     stderr: list[str] = []
     reader = threading.Thread(target=lambda: stderr.extend(proc.stderr), daemon=True)
     reader.start()
-    proc.stdin.write(json.dumps(request) + "\n")
-    proc.stdin.close()
     answer = None
-    for line in proc.stdout:
+    try:
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+        ctx.store  # opened (a missing bucket, bad credentials: failed) while the child imports torch
+        for line in proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "phase" in message:
+                activity.phase(message["phase"])
+            elif "publish" in message:
+                record = message["publish"]
+                publish(record)
+                proc.stdin.write(json.dumps({"published": record}) + "\n")
+                proc.stdin.flush()
+            elif "result" in message or "error" in message:
+                answer = message
+                break
+    except BaseException:
+        proc.kill()  # unpublished: it must not write its record
+        proc.wait()
+        raise
+    finally:
         try:
-            message = json.loads(line)
-        except ValueError:
-            continue
-        if "phase" in message:
-            activity.phase(message["phase"])
-        elif "result" in message or "error" in message:
-            answer = message
-            break
+            proc.stdin.close()
+        except OSError:
+            pass
     code = proc.wait()
     reader.join(timeout=5)
     ctx.hashes.reload()  # the child hashed the model's code into the same cache file
@@ -103,6 +126,17 @@ class _Phases:
         pass
 
 
+def _published_by_parent(record: dict) -> None:
+    """Ask the parent to publish `record`'s bytes and record; take the record as published."""
+    _send({"publish": record})
+    answer = json.loads(sys.stdin.readline() or "null")
+    if not isinstance(answer, dict) or not isinstance(answer.get("published"), dict):
+        raise ExportError("the run ended before the export was published", model=record.get("model"),
+                          hint="run again")
+    record.clear()
+    record.update(answer["published"])
+
+
 def _send(message: dict) -> None:
     sys.stdout.write(json.dumps(message) + "\n")
     sys.stdout.flush()
@@ -113,7 +147,7 @@ def main() -> None:
 
     from kiln.oserrors import explain_os_errors
     from kiln.pipeline.context import Context
-    from kiln.pipeline.export import ExportPaths, export_model, publish_export
+    from kiln.pipeline.export import ExportPaths, export_model
 
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.WARNING)
@@ -127,8 +161,7 @@ def main() -> None:
 
     @explain_os_errors
     def run(ctx) -> dict:
-        store = ctx.store
-        return export_model(model, paths, request["inputs"], publish=lambda record: publish_export(store, paths, record),
+        return export_model(model, paths, request["inputs"], publish=_published_by_parent,
                             activity=_Phases(), hashes=ctx.hashes)
     try:
         _send({"result": run(ctx)})

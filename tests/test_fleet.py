@@ -295,3 +295,53 @@ def test_wrong_tensorrt_outputs_fail_the_build_and_nothing_is_published(tmp_path
     assert sorted((p.artifacts / "store/entries/engines").rglob("engine")) == engines_before
     assert len([e for e in p.events() if e["event"] == "publish"]) == 1
     assert (jetsons.srv("orin-a") / "kiln/tiny/current").resolve().name == first
+
+
+def test_devices_stage_the_engine_while_its_builder_verifies_it_and_activate_only_what_it_published(
+        tmp_path, jetsons, moto_s3):
+    """`doit -n N` with an S3 store: a deploy waiting for its class's engine takes it from the
+    store's staging as soon as the builder uploaded it, and stages and smoke-tests it while the
+    builder verifies it; it activates only the engine that was then published. When the builder's
+    verification fails, every device keeps its release: no new release folder, staging folder or
+    staged upload is left anywhere."""
+    import os
+    bucket = moto_s3.new_bucket()
+    jetsons.upgrade("orin-a", sim_env={"KILN_SIM_BUILD_SECONDS": "1"})
+    p = fleet_project(tmp_path, jetsons, {"orin-a": {"builder": True}, "orin-b": {}, "orin-c": {}})
+    p.fleet.write_text(f'[store]\nurl = "s3://{bucket}/fleet"\n' + p.fleet.read_text())
+    client = moto_s3.client()
+
+    def stored() -> list[str]:
+        return [o["Key"] for o in client.list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+    def releases(name: str) -> list[str]:
+        return sorted(f.name for f in (jetsons.srv(name) / "kiln/tiny/releases").iterdir())
+
+    os.environ["KILN_S3_ENDPOINT_URL"] = moto_s3.endpoint
+    try:
+        run = p.doit("-n", "3", "deploy")
+        early = set(re.findall(r"(orin-[abc]): staging tiny release \w+ while orin-a verifies it", run.out))
+        # the deploys that waited for the build (one of the three runs it, on orin-a); orin-a's own
+        # deploy takes the engine its build verified there
+        assert early and early <= {"orin-b", "orin-c"}, run.out
+        manifest = json.loads(client.get_object(Bucket=bucket, Key=next(
+            k for k in stored() if k.endswith("manifest.json") and "/engines/" in k))["Body"].read())
+        for name in ORINS:
+            release = json.loads((jetsons.srv(name) / "kiln/tiny/current/manifest.json").read_text())
+            assert release["engine_sha256"] == manifest["sha256"] and release["engine_key"] == manifest["key"]
+        assert builds(jetsons, ORINS) == 1 and not [k for k in stored() if "/staging/" in k]
+
+        first = {name: (jetsons.srv(name) / "kiln/tiny/current").resolve().name for name in ORINS}
+        before = {name: releases(name) for name in ORINS}
+        blobs = sorted(k for k in stored() if "/blobs/" in k)
+        jetsons.upgrade("orin-a", sim_env={"KILN_SIM_BUILD_SECONDS": "1", "KILN_SIM_WRONG_OUTPUTS": "1"})
+        retrain(p, 0.05)
+        run = p.doit("-n", "3", "deploy", check=False)
+    finally:
+        del os.environ["KILN_S3_ENDPOINT_URL"]
+    assert run.returncode != 0, run.out
+    assert "TensorRT engine outputs differ from the reference on orin-a" in run.out, run.out
+    for name in ORINS:
+        assert (jetsons.srv(name) / "kiln/tiny/current").resolve().name == first[name], name
+        assert releases(name) == before[name], (name, run.out)   # nothing committed, no .staging-* left
+    assert not [k for k in stored() if "/staging/" in k] and sorted(k for k in stored() if "/blobs/" in k) == blobs

@@ -239,3 +239,68 @@ def test_a_second_run_on_one_checkout_waits_for_the_first(tmp_path):
     assert second.returncode == 0, out
     assert "nothing to do" in out
     assert len(p.events()) > events_before  # it ran once the first run let go
+
+
+def test_once_runs_a_waiting_callers_own_work_while_another_computes(tmp_path):
+    """ctx.once (an engine built once per run while other deploys wait for it): a caller that has
+    to wait runs `while_waiting` first (a deploy puts its reference data on its device meanwhile);
+    one that finds the value ready, or computes it, does not."""
+    import threading
+
+    from kiln.pipeline.context import Context
+
+    p = Project(tmp_path)
+    with Context.load(p.fleet, tmp_path / "artifacts") as ctx:
+        started, release, events = threading.Event(), threading.Event(), []
+
+        def compute():
+            started.set()
+            release.wait(10)
+            events.append("computed")
+            return 42
+
+        first = threading.Thread(target=lambda: events.append(("first", ctx.once("k", compute,
+                                                                                lambda: events.append("never")))))
+        first.start()
+        assert started.wait(10)
+
+        def waiting():
+            events.append("waited")
+            release.set()
+        assert ctx.once("k", lambda: events.append("again"), waiting) == 42
+        first.join(10)
+        assert events == ["waited", "computed", ("first", 42)]
+        assert ctx.once("k", lambda: 0, lambda: events.append("late")) == 42 and "late" not in events
+
+
+def test_once_or_offer_takes_an_offer_only_while_it_stands_and_if_wanted(tmp_path):
+    """A deploy waiting for this run's build takes the engine the build offers early (uploaded,
+    being verified), unless it declines it (its own device built it); an offer withdrawn before a
+    waiter came, or ended with the build, leaves the waiter with the build's value."""
+    import threading
+
+    from kiln.pipeline.context import Context
+
+    p = Project(tmp_path)
+    with Context.load(p.fleet, tmp_path / "artifacts") as ctx:
+        offered, release = threading.Event(), threading.Event()
+
+        def build():
+            ctx.offer("k", {"built_on": "a"})
+            offered.set()
+            release.wait(10)
+            return "verified"
+
+        builder = threading.Thread(target=lambda: ctx.once("k", build))
+        builder.start()
+        assert offered.wait(10)
+        assert ctx.once_or_offer("k", lambda: "never") == ({"built_on": "a"}, True)
+        results = []
+        declining = threading.Thread(target=lambda: results.append(
+            ctx.once_or_offer("k", lambda: "never", take_offer=lambda o: o["built_on"] != "a")))
+        declining.start()
+        release.set()
+        builder.join(10)
+        declining.join(10)
+        assert results == [("verified", False)]
+        assert ctx.once_or_offer("k", lambda: "never") == ("verified", False)  # the offer ended with the build

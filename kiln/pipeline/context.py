@@ -55,6 +55,10 @@ class Context:
         #: (target, engine sha256) -> {"path", "report"}: an engine this run built and verified on
         #: that target, kept there for its deploy (kiln.pipeline.engines, kiln.pipeline.deploy)
         self.verified_here: dict[tuple[str, str], dict] = {}
+        #: once() key -> what its computation offers before it is done (an engine built, uploaded
+        #: to the store's staging and being verified): see offer / wait_offer
+        self._offers: dict[Hashable, Any] = {}
+        self._offers_changed = threading.Condition()
 
     @classmethod
     def load(cls, fleet_file: Path | str | None = None, artifacts: Path | str | None = None) -> "Context":
@@ -149,21 +153,68 @@ class Context:
                             python=target.python)
 
     # -- once per run ----------------------------------------------------------------
-    def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+    def once(self, key: Hashable, compute: Callable[[], Any], while_waiting: Callable[[], Any] | None = None) -> Any:
         """`compute()` the first time `key` is asked for in this run; every later (or
-        concurrent) call gets the same value, or the same exception, without computing again."""
+        concurrent) call gets the same value, or the same exception, without computing again.
+        A concurrent call first runs `while_waiting()` (work of its own that needs no value)."""
+        return self.once_or_offer(key, compute, while_waiting, take_offer=False)[0]
+
+    def once_or_offer(self, key: Hashable, compute: Callable[[], Any], while_waiting: Callable[[], Any] | None = None,
+                      take_offer: Callable[[Any], bool] | bool = True) -> tuple[Any, bool]:
+        """once(), except that a call that has to wait takes what the running computation
+        offers (`offer`) as soon as it does, if `take_offer(offered)` (or `take_offer` is True):
+        (value, False) or (offered, True)."""
         with self._lock:
             entry = self._once.setdefault(key, _Once())
-        with entry.lock:
+        if not entry.lock.acquire(blocking=False):
+            if while_waiting is not None:
+                while_waiting()
+            if take_offer and (offered := self.wait_offer(key)) is not None \
+                    and (take_offer is True or take_offer(offered)):
+                return offered, True
+            entry.lock.acquire()
+        try:
             if not entry.done:
                 try:
                     entry.value = compute()
                 except Exception as exc:  # noqa: BLE001 - kept and re-raised to every caller
                     entry.error = exc
                 entry.done = True
+                with self._offers_changed:  # its offer ends with it; its waiters look again
+                    self._offers.pop(key, None)
+                    self._offers_changed.notify_all()
+        finally:
+            entry.lock.release()
         if entry.error is not None:
             raise entry.error
-        return entry.value
+        return entry.value, False
+
+    def computing(self, key: Hashable) -> bool:
+        """True while a once() computation of `key` has started and not ended."""
+        with self._lock:
+            entry = self._once.get(key)
+        return entry is not None and not entry.done and entry.lock.locked()
+
+    def offer(self, key: Hashable, value: Any) -> None:
+        """While computing `key`: make `value` available early to wait_offer (withdrawn by
+        offer(key, None) or when the computation ends)."""
+        with self._offers_changed:
+            if value is None:
+                self._offers.pop(key, None)
+            else:
+                self._offers[key] = value
+            self._offers_changed.notify_all()
+
+    def wait_offer(self, key: Hashable) -> Any:
+        """What the running computation of `key` offers, as soon as it does; None if it ends (or
+        is not running) without an offer standing."""
+        with self._offers_changed:
+            while True:
+                if key in self._offers:
+                    return self._offers[key]
+                if not self.computing(key):
+                    return None
+                self._offers_changed.wait(timeout=5.0)
 
     def forget(self, key: Hashable) -> None:
         """Drop a once-per-run result (the thing it describes has just changed)."""

@@ -24,8 +24,8 @@ from kiln.oserrors import explain_os_errors
 from kiln.keys import read_json, write_json_if_changed
 from kiln.pipeline.context import Context
 from kiln.devices.workarea import ReleaseState
-from kiln.pipeline.engines import (EngineSpec, current_engine_key, engine_blob, engine_spec, engine_verify,
-                                   ensure_engine)
+from kiln.pipeline.engines import (EngineReplaced, EngineSpec, confirm_engine, current_engine_key, engine_blob,
+                                   engine_spec, engine_verify, ensure_engine)
 from kiln.pipeline.export import ExportPaths
 from kiln.pipeline.fingerprints import probe_target, recorded_fingerprint, require_class
 from kiln.pipeline.busy import wait_until_free
@@ -86,30 +86,36 @@ def ensure_deployed(ctx: Context, target: Target, say=print, max_latency_regress
     specs = target_engines(ctx, target)
     states, _ = device_releases(ctx, target)
     plans = plan_releases(target, {s.model.name: current_engine_key(ctx, s) for s in specs}, states)
-    # the reference data first: on the device while its engine is still being built elsewhere
     device = Device(ctx.transport(target), target)
-    for spec in specs:
-        if not plans[spec.model.name].overridden:
-            _reference_on_device(ctx, device, spec.model.name)
-    engines = {}
+    engines, confirms = {}, {}
     for spec in specs:
         plan = plans[spec.model.name]
         if plan.overridden:
             say(f"  {target.name}: {plan.model} stays on {plan.key[:12]}: {plan.why}")
             engines[plan.model] = {"key": plan.key, "sha256": None, "kept": plan.source}
-        else:
-            engines[plan.model] = ensure_engine(ctx, spec, say=say)
-    result = deploy_target(ctx, target, engines, say=say, max_latency_regression=max_latency_regression)
+            continue
+        # while another task builds the engine, its reference data goes onto this device; the
+        # engine itself is staged and smoke-tested here while its builder verifies it
+        record = ensure_engine(ctx, spec, say=say, provisional_for=target.name,
+                               while_waiting=lambda m=plan.model: _reference_on_device(ctx, device, m))
+        engines[plan.model] = record
+        if record.get("provisional"):
+            confirms[plan.model] = lambda staged, spec=spec: confirm_engine(ctx, spec, staged, say=say)
+    result = deploy_target(ctx, target, engines, say=say, max_latency_regression=max_latency_regression,
+                           confirms=confirms)
     if not result["changed"] and not result.get("pending"):
         say(f"  {target.name}: releases already active")
     return result
 
 
 def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=print,
-                  max_latency_regression: float | None = None) -> dict:
+                  max_latency_regression: float | None = None, confirms: dict | None = None) -> dict:
     """Make `engines` (model -> engine record) the active releases on `target`. With
     `max_latency_regression` (a rollout), a new release slower than the one it replaces on this
-    device fails before anything is switched (kiln.pipeline.gates)."""
+    device fails before anything is switched (kiln.pipeline.gates). `confirms`: model ->
+    confirm(record) for a provisional record (kiln.pipeline.engines.ensure_engine): its engine is
+    staged and smoke-tested, then committed only with the verified record confirm returns."""
+    confirms = dict(confirms or {})
     task = f"deploy:{target.name}"
     device = Device(ctx.transport(target), target)
     start = time.time()
@@ -134,7 +140,12 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
             if model in on_device:
                 staged[model] = {"smoke": {}}  # its smoke test ran when it was staged
                 continue
-            staged[model] = _stage(ctx, device, target, model, record, say)
+            staged[model] = _stage(ctx, device, target, model, record, say, confirms.pop(model, None))
+            engines[model] = todo[model] = staged[model]["record"]   # the verified one, if it was provisional
+        for model, confirm in confirms.items():  # not staged here (already on the device): wait for it
+            engines[model] = _confirmed(engines[model], confirm)
+            if model in todo:
+                todo[model] = engines[model]
         kill_point("deploy:staged")
         if max_latency_regression is not None:
             _latency_gate(ctx, target, states, staged, max_latency_regression)
@@ -241,9 +252,28 @@ def _latency_gate(ctx: Context, target: Target, states: dict, staged: dict, limi
                                "the group's rollout.max_latency_regression")
 
 
-def _stage(ctx: Context, device: Device, target: Target, model: str, record: dict, say) -> dict:
+def _confirmed(record: dict, confirm) -> dict:
+    """The verified record of a provisional one (its build's error if its verification failed)."""
+    try:
+        return confirm(record)
+    except EngineReplaced as exc:   # nothing of it was staged: the published one is used as it is
+        return exc.record
+
+
+def _stage(ctx: Context, device: Device, target: Target, model: str, record: dict, say, confirm=None) -> dict:
     """Upload and smoke-test one release; nothing becomes active here. Every write and delete
-    on the device goes through the agent (inside install_dir, never through a link out of it)."""
+    on the device goes through the agent (inside install_dir, never through a link out of it).
+    A provisional record (`confirm` given) is staged and smoke-tested from the store's staging,
+    then committed only once `confirm` returns its verified record; if the published engine is
+    other bytes, that one is staged instead. Returns {"smoke", "manifest", "record"}."""
+    try:
+        return _stage_one(ctx, device, target, model, record, say, confirm)
+    except EngineReplaced as exc:
+        say(f"  {target.name}: engine {record['key'][:12]} was published as other bytes; staging those")
+        return _stage_one(ctx, device, target, model, exc.record, say, None)
+
+
+def _stage_one(ctx: Context, device: Device, target: Target, model: str, record: dict, say, confirm) -> dict:
     key, backend = record["key"], get_backend(record["backend"])
     releases = device.path(model, "releases")
     staging = f"{releases}/.staging-{key}"
@@ -251,14 +281,18 @@ def _stage(ctx: Context, device: Device, target: Target, model: str, record: dic
     onnx = read_json(paths.record) or {}
     provenance = read_json(paths.provenance) or {}
     ref_remote = _reference_on_device(ctx, device, model)
-    say(f"  {target.name}: staging {model} release {key[:12]}")
+    say(f"  {target.name}: staging {model} release {key[:12]}"
+        + (f" while {record.get('built_on')} verifies it" if confirm is not None else ""))
     t0 = time.time()
-    filled = _stage_from_store(ctx, device, model, record, staging, ref_remote, onnx)
+    kept = _stage_verified(ctx, device, model, record, staging, ref_remote, onnx)
+    filled = kept is not None or _stage_from_store(ctx, device, model, record, staging, ref_remote, onnx)
+    if confirm is not None and not filled:   # not from its staged upload: wait for the published engine
+        record, confirm = confirm(record), None
     # stage-begin refuses a releases folder that leads out of install_dir
     begun = {} if filled else device.stage_begin(model, key)
     try:
         return _fill_staging(ctx, device, target, model, record, backend, staging, begun, ref_remote,
-                             onnx, provenance, t0, filled)
+                             onnx, provenance, t0, filled, confirm, kept)
     except BaseException:
         device.remove(staging, check=False)
         raise
@@ -271,6 +305,30 @@ def _reference_on_device(ctx: Context, device: Device, model: str) -> str:
     onnx = read_json(paths.record) or {}
     return device.ensure_input(paths.reference, onnx["reference_sha256"], ".npz", store=ctx.store,
                                entry=reference_entry(onnx["onnx_sha256"]))
+
+
+def _stage_verified(ctx: Context, device: Device, model: str, record: dict, staging: str, ref_remote: str,
+                    onnx: dict) -> dict | None:
+    """The engine this run built and verified on this device (`_take_verified`) moved into a fresh
+    staging folder with the reference, by one agent call; its verification report (this release's
+    smoke test), or None if there is none or that call failed (then the usual steps)."""
+    kept = ctx.verified_here.get((device.target, record["sha256"]))
+    if kept is None or device.is_local:
+        return None
+    try:
+        answers = device.agent_batch([
+            (("stage-begin", "--model-dir", device.path(model), "--release", record["key"]), None),
+            (("copy", "--src", kept["path"], "--dst", f"{staging}/{record['engine_file']}", "--sha256",
+              record["sha256"], "--move"), None),
+            (("copy", "--src", ref_remote, "--dst", f"{staging}/reference.npz", "--sha256", onnx["reference_sha256"]),
+             None)])
+    except KilnError as exc:
+        log.info("%s: staging the engine it verified in one call failed (%s); step by step", device.target, exc.message)
+        return None
+    if len(answers) != 3:
+        return None
+    ctx.verified_here.pop((device.target, record["sha256"]), None)
+    return {**{k: v for k, v in kept["report"].items() if k != "second_member"}, "verified_by": "build"}
 
 
 def _stage_from_store(ctx: Context, device: Device, model: str, record: dict, staging: str, ref_remote: str,
@@ -297,15 +355,16 @@ def _stage_from_store(ctx: Context, device: Device, model: str, record: dict, st
 
 def _fill_staging(ctx: Context, device: Device, target: Target, model: str, record: dict, backend,
                   staging: str, begun: dict, ref_remote: str, onnx: dict, provenance: dict, t0: float,
-                  filled: bool = False) -> dict:
-    """Engine and reference into the staging folder (unless `filled` already), smoke test, manifest,
-    commit."""
+                  filled: bool = False, confirm=None, kept: dict | None = None) -> dict:
+    """Engine and reference into the staging folder (unless `filled` already), smoke test (unless
+    `kept`: the build's verification on this device), manifest, commit (of a provisional record:
+    after `confirm` returned its verified record)."""
     key = record["key"]
     reference = ExportPaths.for_model(ctx.artifacts, model).reference
     ref_bytes = reference.stat().st_size if reference.exists() else 0
     engine_remote = f"{staging}/{record['engine_file']}"
     blob, _ = engine_blob(ctx, record)  # the bytes by their own sha256, as the manifest names them
-    verified = None if filled else _take_verified(ctx, device, record, engine_remote)
+    verified = kept if filled else _take_verified(ctx, device, record, engine_remote)
     if not filled and verified is None and not device.fetch_from_store(ctx.store, blob, engine_remote,
                                                                        record["sha256"]):
         local = ctx.engine_cache(key)
@@ -339,6 +398,8 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
         raise DeployError(f"smoke test of {model} release {key[:12]} failed on {target.name}; "
                           f"the previous release stays active: {exc.message}", target=target.name, model=model,
                           hint="see the reason above; the engine in the store may be bad for this device") from exc
+    if confirm is not None:
+        record = confirm(record)   # raises if its builder's verification failed: nothing is committed
     manifest = {"model": model, "target": target.name, "engine_key": key, "engine_sha256": record["sha256"],
                 "engine_file": record["engine_file"], "hardware_class": record["class"],
                 "onnx_sha256": onnx.get("onnx_sha256"),
@@ -352,7 +413,7 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
     # written and committed by one agent call: the release folder appears complete or not at all
     device.agent_batch([(("write", "--path", f"{staging}/manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)),
                         (("stage-commit", "--model-dir", device.path(model), "--release", key), None)])
-    return {"smoke": smoke, "manifest": manifest}
+    return {"smoke": smoke, "manifest": manifest, "record": record}
 
 
 def _same_reference(ctx: Context, local, onnx: dict):

@@ -124,8 +124,15 @@ def engine_is_current(ctx: Context, spec: EngineSpec) -> bool:
 
 
 @explain_os_errors
-def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
-    """Make sure the store holds a verified engine for `spec`; returns its record."""
+def ensure_engine(ctx: Context, spec: EngineSpec, say=print, while_waiting=None, provisional_for: str | None = None) -> dict:
+    """Make sure the store holds a verified engine for `spec`; returns its record. A call that
+    waits for this run's build of it (by another task) first runs `while_waiting()`; with
+    `provisional_for` (a target), it then returns as soon as that build offers its engine, built
+    on another device and uploaded to the store's staging but not yet verified: a record with
+    "provisional": True and the staging entry as "store_entry", for a deploy to stage and
+    smoke-test on that target meanwhile. Such a deploy activates only what `confirm_engine`
+    confirms (kiln.pipeline.deploy). The builder's own deploy waits: it takes the engine its
+    build verified there."""
     onnx_record = read_json(ExportPaths.for_model(ctx.artifacts, spec.model.name).record)
     if onnx_record is None:
         raise BuildError(f"model {spec.model.name} has not been exported", model=spec.model.name,
@@ -134,8 +141,30 @@ def ensure_engine(ctx: Context, spec: EngineSpec, say=print) -> dict:
     key = digest(engine_key_inputs(spec, onnx_record))
     # once per key and run; the record is per (model, class): two models whose ONNX bytes are
     # equal share one engine, and each gets its record
-    manifest = ctx.once(("engine", key), lambda: _ensure(ctx, spec, key, onnx_record, say))
+    manifest, offered = ctx.once_or_offer(("engine", key), lambda: _ensure(ctx, spec, key, onnx_record, say),
+                                          while_waiting, take_offer=provisional_for is not None and (
+                                              lambda offered: offered["built_on"] != provisional_for))
+    if offered:
+        return _engine_record(spec, key, manifest)
     return _write_record(ctx, spec, key, manifest)
+
+
+def confirm_engine(ctx: Context, spec: EngineSpec, staged: dict, say=print) -> dict:
+    """The verified, published record of the engine a provisional record (`staged`) named: waits
+    for this run's build to end. Raises the build's error if its verification failed, and
+    EngineReplaced if the published engine is other bytes (another controller published first)."""
+    record = ensure_engine(ctx, spec, say=say)
+    if record["key"] != staged["key"] or record["sha256"] != staged["sha256"]:
+        raise EngineReplaced(record)
+    return record
+
+
+class EngineReplaced(Exception):
+    """The engine published for a key is not the provisional one a deploy staged: stage it instead."""
+
+    def __init__(self, record: dict) -> None:
+        super().__init__(f"engine {record['key'][:12]} was published as other bytes ({record['sha256'][:12]})")
+        self.record = record
 
 
 def check_engine_fits_class(spec: EngineSpec) -> None:
@@ -269,8 +298,9 @@ def _still_in_class(ctx: Context, spec: EngineSpec, target: Target) -> bool:
 
 
 def engine_blob(ctx: Context, record: dict) -> tuple[str, str]:
-    """(store entry, sha256) of the engine bytes an engine record names: what deploy fetches."""
-    return blob_entry(record["sha256"]), record["sha256"]
+    """(store entry, sha256) of the engine bytes an engine record names: what deploy fetches (the
+    staging entry of a provisional record, see ensure_engine)."""
+    return record.get("store_entry") or blob_entry(record["sha256"]), record["sha256"]
 
 
 def _read_manifest(store, key: str) -> dict | None:
@@ -420,6 +450,15 @@ def engine_profile(manifest: dict) -> dict:
 def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> dict:
     """The local record follows the store's manifest (rewritten when they differ). Build facts
     (seconds, builder, time, the verification's median latency) are copied for `doit report`."""
+    record = _engine_record(spec, key, manifest)
+    write_json_if_changed(ctx.engine_record(spec.model.engine_name, spec.hwclass.id), record)
+    kill_point("engine:record-written")
+    return record
+
+
+def _engine_record(spec: EngineSpec, key: str, manifest: dict) -> dict:
+    """An engine's record (what deploy reads) from its manifest, or from a provisional offer (its
+    "store_entry" and "provisional" are kept: see ensure_engine)."""
     latency = (manifest.get("verification") or {}).get("latency_ms")
     latency = latency.get("median") if isinstance(latency, dict) else None
     record = {"model": spec.model.name, "class": spec.hwclass.id, "class_digest": spec.hwclass.digest,
@@ -429,8 +468,8 @@ def _write_record(ctx: Context, spec: EngineSpec, key: str, manifest: dict) -> d
               "built_at": manifest.get("built_at"), "latency_ms": latency, "profile": engine_profile(manifest)}
     if spec.model.variant:  # a target's build overrides: the record of that variant (absent otherwise)
         record["variant"] = spec.model.variant
-    write_json_if_changed(ctx.engine_record(spec.model.engine_name, spec.hwclass.id), record)
-    kill_point("engine:record-written")
+    if manifest.get("provisional"):
+        record.update(provisional=True, store_entry=manifest["store_entry"])
     return record
 
 
@@ -469,6 +508,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
 
     log_path = ctx.build_log(key)
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    early = None  # the engine's staged upload, once offered
     with open(log_path, "w") as build_log:
         def stream(line: str) -> None:
             build_log.write(line + "\n")
@@ -494,6 +534,8 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 base_remote, weights_remote = send_refit_inputs(ctx, device, refit, onnx_local, fingerprint)
                 facts = backend.refit(device, base_remote, onnx_remote, weights_remote, out_dir, fingerprint,
                                       stream=stream)
+            # uploaded now, offered to this run's other deploys of the class while it is verified
+            early = _offer_early(ctx, device, key, facts, target)
             activity.phase("verifying")
             outputs_dir = (ctx.artifacts / "cache" / "outputs" / key
                            if spec.model.verify.get("metric") and backend.name == "tensorrt" else None)
@@ -509,6 +551,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
                 report["second_member"] = verify_on_second_member(
                     ctx, spec, device, facts["engine"], facts["sha256"], onnx_record, ref_local, _still_in_class, say)
         except KilnError as exc:
+            _withdraw_offer(ctx, key, early)
             build_log.write(f"\nFAILED: {exc}\n")
             hint = f"{exc.hint}; " if exc.hint else ""
             verb = "building" if refit is None else "refitting"
@@ -522,7 +565,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     sha = facts["sha256"]
     kill_point("engine:built")
     activity.phase("publishing")
-    how = _publish_engine(ctx, device, facts, key)
+    how = _publish_engine(ctx, device, facts, key, staged=early)
     kill_point("engine:blob-published")
     manifest = {"key": key, "key_inputs": inputs, "model": spec.model.name, "class": spec.hwclass.id,
                 "class_fields": spec.hwclass.fields, "backend": backend.name, "built_on": target.name,
@@ -593,14 +636,36 @@ def _keep_verified(ctx: Context, device: Device, engine: str, sha: str, report: 
         ctx.verified_here[(device.target, sha)] = {"path": kept, "report": report}
 
 
-def _publish_engine(ctx: Context, device: Device, facts: dict, key: str) -> str:
+def _offer_early(ctx: Context, device: Device, key: str, facts: dict, target: Target) -> str | None:
+    """Upload the built engine to the store's staging (S3, through a presigned URL) and offer it to
+    this run's deploys waiting for it (ctx.offer): they stage and smoke-test it while this device
+    verifies it, and activate it only once it is published. The staging entry, or None (a store
+    that cannot presign, an upload that failed: the engine is published the usual way)."""
+    staging = device.upload_to_store(ctx.store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
+    if staging:
+        ctx.offer(("engine", key), {"sha256": facts["sha256"], "size": facts["size"], "built_on": target.name,
+                                    "provisional": True, "store_entry": staging})
+    return staging
+
+
+def _withdraw_offer(ctx: Context, key: str, staging: str | None) -> None:
+    """The engine failed: no deploy may take it any more, and its staged upload goes."""
+    ctx.offer(("engine", key), None)
+    if staging:
+        try:
+            ctx.store.delete(staging)
+        except Exception as exc:  # noqa: BLE001 - the build's own error is what the user needs
+            log.info("could not delete the staged upload %s: %s", staging, exc)
+
+
+def _publish_engine(ctx: Context, device: Device, facts: dict, key: str, staged: str | None = None) -> str:
     """Engine bytes from the device into the store as `blob_entry(sha)`, verified against the
     sha256 the device reported. With S3 the device uploads to staging/ through a presigned URL
-    (it holds no credentials) and the controller promotes the verified bytes into the blob;
-    otherwise the controller fetches the file over the transport and publishes it. A blob that
-    already exists holds these very bytes (its name is its digest)."""
+    (it holds no credentials; `staged`: already uploaded there) and the controller promotes the
+    verified bytes into the blob; otherwise the controller fetches the file over the transport
+    and publishes it. A blob that already exists holds these very bytes (its name is its digest)."""
     store, sha = ctx.store, facts["sha256"]
-    staging = device.upload_to_store(store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
+    staging = staged or device.upload_to_store(store, facts["engine"], f"{key}.{device.target}.{ctx.run_id}")
     if staging:
         store.promote(staging, blob_entry(sha), sha)
         return "uploaded by the device to staging, promoted after verification"

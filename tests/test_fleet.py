@@ -330,6 +330,8 @@ def test_devices_stage_the_engine_while_its_builder_verifies_it_and_activate_onl
             release = json.loads((jetsons.srv(name) / "kiln/tiny/current/manifest.json").read_text())
             assert release["engine_sha256"] == manifest["sha256"] and release["engine_key"] == manifest["key"]
         assert builds(jetsons, ORINS) == 1 and not [k for k in stored() if "/staging/" in k]
+        # the lock went with the deploy's last agent call
+        assert not [n for n in ORINS if (jetsons.srv(n) / "kiln/.kiln/lock").exists()]
 
         first = {name: (jetsons.srv(name) / "kiln/tiny/current").resolve().name for name in ORINS}
         before = {name: releases(name) for name in ORINS}

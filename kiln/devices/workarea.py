@@ -181,6 +181,26 @@ def _local_release_state(root: str, models: Sequence[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+class DeviceLock:
+    """A deploy lock held on a device (Device.lock): the agent step that releases it, for the last
+    batch of the deploy; `released_by(answer)` records that batch's answer to that step."""
+
+    def __init__(self, step: tuple[str, ...]) -> None:
+        self.step = step
+        self.released = False
+
+    def release_step(self) -> tuple[tuple[str, ...], None]:
+        return self.step, None
+
+    def released_by(self, answer: dict) -> None:
+        if answer.get("released"):
+            self.released = True
+        else:
+            log.warning("the deploy lock was no longer ours (held by %s); left alone",
+                        (answer.get("held") or {}).get("owner"))
+            self.released = True  # not ours to release
+
+
 class Device:
     def __init__(self, transport: Transport, target: Target) -> None:
         self.transport = transport
@@ -362,7 +382,8 @@ class Device:
         """Per-device lock so two deploys never interleave (kiln/device_side/agent.py `lock_take`):
         created complete (owner written, then renamed into place), taken over when stale (older
         than `stale_after`, its process gone on the same host, or ownerless for `grace` seconds),
-        released only by its owner."""
+        released only by its owner. Yields a DeviceLock: its `release_step()` lets the deploy's last
+        agent call release it too (one command fewer); otherwise it is released here."""
         from kiln.device_side import agent as agent_module
         lock = self.path(".kiln", "lock")
         token = f"{owner}.{secrets.token_hex(8)}"
@@ -377,11 +398,14 @@ class Device:
             raise DeployError(f"target {self.target} is locked by another deploy ({held.get('owner', '?')}, "
                               f"{since})", target=self.target,
                               hint=f"wait for it to finish, or remove {lock} on the device if it died")
+        held = DeviceLock(("lock-release", "--path", lock, "--token", token))
         try:
-            yield
+            yield held
         finally:
             try:
-                done = self.agent("lock-release", "--path", lock, "--token", token)
+                if held.released:
+                    return
+                done = self.agent(*held.step)
                 if not done.get("released"):
                     log.warning("the deploy lock on %s is no longer ours (held by %s); left alone",
                                 self.target, (done.get("held") or {}).get("owner"))

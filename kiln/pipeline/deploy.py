@@ -119,7 +119,7 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
     task = f"deploy:{target.name}"
     device = Device(ctx.transport(target), target)
     start = time.time()
-    with device.lock(owner=f"{ctx.run_id}"):
+    with device.lock(owner=f"{ctx.run_id}") as held:
         kill_point("deploy:locked")
         states, leftover = device.release_states(target.models)  # under the lock: what is really there
         active = {m: s.current for m, s in states.items()}
@@ -187,7 +187,7 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         if switched:
             _after_activation(ctx, device, target, switched, {**todo, **{m: engines[m] for m in unconfirmed}}, say)
         kill_point("deploy:checked")
-        removed = _finish(device, target, engines, ended_holds, say)
+        removed = _finish(device, target, engines, ended_holds, say, held)
         for model in ended_holds:  # the wanted engine changed since the rollback (or it was unpinned)
             ctx.events.emit(task, "deploy", key=engines[model]["key"], target=target.name, action="hold-ended",
                             why=f"{model}: the wanted engine changed since the rollback; the hold ends")
@@ -216,16 +216,20 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
     return {**deployment, "changed": sorted(todo), "seconds": seconds}
 
 
-def _finish(device: Device, target: Target, engines: dict, ended_holds: list[str], say) -> list[str]:
+def _finish(device: Device, target: Target, engines: dict, ended_holds: list[str], say, held=None) -> list[str]:
     """After activation: end outgrown holds, prune old releases (and `.staging-*` folders of dead
-    runs), clean unused inputs; one agent call. Returns the inputs removed. If that call fails, the
-    steps run one by one: a hold or prune that fails fails the deploy, cleaning only says so."""
+    runs), clean unused inputs, and release the deploy lock (`held`); one agent call. Returns the
+    inputs removed. If that call fails, the steps run one by one: a hold or prune that fails fails
+    the deploy, cleaning only says so (and the lock is released as usual)."""
     holds = [("unhold", "--model-dir", device.path(m)) for m in ended_holds]
     prunes = [("prune", "--model-dir", device.path(m), "--keep", r["key"]) for m, r in engines.items()]
     clean = ("clean-inputs", "--install-dir", device.root, *target.models)
+    steps = [(step, None) for step in [*holds, *prunes, clean]] + ([held.release_step()] if held else [])
     try:
-        answers = device.agent_batch([(step, None) for step in [*holds, *prunes, clean]])
-        if len(answers) == len(holds) + len(prunes) + 1:
+        answers = device.agent_batch(steps)
+        if len(answers) == len(steps):
+            if held:
+                held.released_by(answers.pop())
             return answers[-1].get("removed", [])
     except KilnError:
         pass
@@ -284,15 +288,17 @@ def _stage_one(ctx: Context, device: Device, target: Target, model: str, record:
     say(f"  {target.name}: staging {model} release {key[:12]}"
         + (f" while {record.get('built_on')} verifies it" if confirm is not None else ""))
     t0 = time.time()
-    kept = _stage_verified(ctx, device, model, record, staging, ref_remote, onnx)
-    filled = kept is not None or _stage_from_store(ctx, device, model, record, staging, ref_remote, onnx)
+    committed = _stage_verified(ctx, device, target, model, record, staging, ref_remote, onnx, provenance)
+    if committed is not None:
+        return committed
+    filled = _stage_from_store(ctx, device, model, record, staging, ref_remote, onnx)
     if confirm is not None and not filled:   # not from its staged upload: wait for the published engine
         record, confirm = confirm(record), None
     # stage-begin refuses a releases folder that leads out of install_dir
     begun = {} if filled else device.stage_begin(model, key)
     try:
         return _fill_staging(ctx, device, target, model, record, backend, staging, begun, ref_remote,
-                             onnx, provenance, t0, filled, confirm, kept)
+                             onnx, provenance, t0, filled, confirm)
     except BaseException:
         device.remove(staging, check=False)
         raise
@@ -307,28 +313,33 @@ def _reference_on_device(ctx: Context, device: Device, model: str) -> str:
                                entry=reference_entry(onnx["onnx_sha256"]))
 
 
-def _stage_verified(ctx: Context, device: Device, model: str, record: dict, staging: str, ref_remote: str,
-                    onnx: dict) -> dict | None:
-    """The engine this run built and verified on this device (`_take_verified`) moved into a fresh
-    staging folder with the reference, by one agent call; its verification report (this release's
-    smoke test), or None if there is none or that call failed (then the usual steps)."""
+def _stage_verified(ctx: Context, device: Device, target: Target, model: str, record: dict, staging: str,
+                    ref_remote: str, onnx: dict, provenance: dict) -> dict | None:
+    """The engine this run built and verified on this device (`_take_verified`) staged with the
+    reference and committed, by one agent call: its verification is this release's smoke test.
+    The staged release ({"smoke", "manifest", "record"}), or None if there is no such engine or
+    that call failed (then the usual steps, from a fresh staging folder)."""
     kept = ctx.verified_here.get((device.target, record["sha256"]))
     if kept is None or device.is_local:
         return None
+    smoke = {**{k: v for k, v in kept["report"].items() if k != "second_member"}, "verified_by": "build"}
+    # staged with its commit in the call below; its smoke test is the build's verification
+    manifest = _release_manifest(ctx, target, model, record, onnx, provenance, ref_remote, smoke,
+                                 {"stage_seconds": None, "smoke_seconds": 0.0})
+    steps = [(("stage-begin", "--model-dir", device.path(model), "--release", record["key"]), None),
+             (("copy", "--src", kept["path"], "--dst", f"{staging}/{record['engine_file']}", "--sha256",
+               record["sha256"], "--move"), None),
+             (("copy", "--src", ref_remote, "--dst", f"{staging}/reference.npz", "--sha256", onnx["reference_sha256"]),
+              None), *_commit_steps(device, model, staging, manifest)]
     try:
-        answers = device.agent_batch([
-            (("stage-begin", "--model-dir", device.path(model), "--release", record["key"]), None),
-            (("copy", "--src", kept["path"], "--dst", f"{staging}/{record['engine_file']}", "--sha256",
-              record["sha256"], "--move"), None),
-            (("copy", "--src", ref_remote, "--dst", f"{staging}/reference.npz", "--sha256", onnx["reference_sha256"]),
-             None)])
+        answers = device.agent_batch(steps)
     except KilnError as exc:
         log.info("%s: staging the engine it verified in one call failed (%s); step by step", device.target, exc.message)
         return None
-    if len(answers) != 3:
+    if len(answers) != len(steps):
         return None
     ctx.verified_here.pop((device.target, record["sha256"]), None)
-    return {**{k: v for k, v in kept["report"].items() if k != "second_member"}, "verified_by": "build"}
+    return {"smoke": smoke, "manifest": manifest, "record": record}
 
 
 def _stage_from_store(ctx: Context, device: Device, model: str, record: dict, staging: str, ref_remote: str,
@@ -355,16 +366,15 @@ def _stage_from_store(ctx: Context, device: Device, model: str, record: dict, st
 
 def _fill_staging(ctx: Context, device: Device, target: Target, model: str, record: dict, backend,
                   staging: str, begun: dict, ref_remote: str, onnx: dict, provenance: dict, t0: float,
-                  filled: bool = False, confirm=None, kept: dict | None = None) -> dict:
-    """Engine and reference into the staging folder (unless `filled` already), smoke test (unless
-    `kept`: the build's verification on this device), manifest, commit (of a provisional record:
-    after `confirm` returned its verified record)."""
+                  filled: bool = False, confirm=None) -> dict:
+    """Engine and reference into the staging folder (unless `filled` already), smoke test, manifest,
+    commit (of a provisional record: after `confirm` returned its verified record)."""
     key = record["key"]
     reference = ExportPaths.for_model(ctx.artifacts, model).reference
     ref_bytes = reference.stat().st_size if reference.exists() else 0
     engine_remote = f"{staging}/{record['engine_file']}"
     blob, _ = engine_blob(ctx, record)  # the bytes by their own sha256, as the manifest names them
-    verified = kept if filled else _take_verified(ctx, device, record, engine_remote)
+    verified = None if filled else _take_verified(ctx, device, record, engine_remote)
     if not filled and verified is None and not device.fetch_from_store(ctx.store, blob, engine_remote,
                                                                        record["sha256"]):
         local = ctx.engine_cache(key)
@@ -400,20 +410,32 @@ def _fill_staging(ctx: Context, device: Device, target: Target, model: str, reco
                           hint="see the reason above; the engine in the store may be bad for this device") from exc
     if confirm is not None:
         record = confirm(record)   # raises if its builder's verification failed: nothing is committed
-    manifest = {"model": model, "target": target.name, "engine_key": key, "engine_sha256": record["sha256"],
-                "engine_file": record["engine_file"], "hardware_class": record["class"],
-                "onnx_sha256": onnx.get("onnx_sha256"),
-                # the .kiln/inputs files this release came from: kept while it is current or previous
-                "inputs": [posixpath.basename(ref_remote)] + ([f"{onnx['onnx_sha256']}.onnx"] if onnx.get("onnx_sha256") else [])
-                + ([onnx["external_data"]["location"]] if isinstance(onnx.get("external_data"), dict) else []),
-                "checkpoint_sha256": (provenance.get("inputs") or {}).get("checkpoint_sha256"),
-                "fingerprint": read_json(ctx.fingerprint_file(target.name)),
-                "timings": {"stage_seconds": round(staged_s, 3), "smoke_seconds": round(time.time() - t0, 3)},
-                "smoke_test": smoke, "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "run": ctx.run_id}
+    manifest = _release_manifest(ctx, target, model, record, onnx, provenance, ref_remote, smoke,
+                                 {"stage_seconds": round(staged_s, 3), "smoke_seconds": round(time.time() - t0, 3)})
     # written and committed by one agent call: the release folder appears complete or not at all
-    device.agent_batch([(("write", "--path", f"{staging}/manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)),
-                        (("stage-commit", "--model-dir", device.path(model), "--release", key), None)])
+    device.agent_batch(_commit_steps(device, model, staging, manifest))
     return {"smoke": smoke, "manifest": manifest, "record": record}
+
+
+def _release_manifest(ctx: Context, target: Target, model: str, record: dict, onnx: dict, provenance: dict,
+                      ref_remote: str, smoke: dict, timings: dict) -> dict:
+    """What a release folder's manifest.json says: the engine, where it came from, its smoke test."""
+    return {"model": model, "target": target.name, "engine_key": record["key"], "engine_sha256": record["sha256"],
+            "engine_file": record["engine_file"], "hardware_class": record["class"],
+            "onnx_sha256": onnx.get("onnx_sha256"),
+            # the .kiln/inputs files this release came from: kept while it is current or previous
+            "inputs": [posixpath.basename(ref_remote)] + ([f"{onnx['onnx_sha256']}.onnx"] if onnx.get("onnx_sha256") else [])
+            + ([onnx["external_data"]["location"]] if isinstance(onnx.get("external_data"), dict) else []),
+            "checkpoint_sha256": (provenance.get("inputs") or {}).get("checkpoint_sha256"),
+            "fingerprint": read_json(ctx.fingerprint_file(target.name)),
+            "timings": timings, "smoke_test": smoke, "deployed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run": ctx.run_id}
+
+
+def _commit_steps(device: Device, model: str, staging: str, manifest: dict) -> list:
+    """The agent steps that write a staged release's manifest and commit it (`releases/<key>`)."""
+    return [(("write", "--path", f"{staging}/manifest.json"), json.dumps(manifest, indent=2, sort_keys=True)),
+            (("stage-commit", "--model-dir", device.path(model), "--release", manifest["engine_key"]), None)]
 
 
 def _same_reference(ctx: Context, local, onnx: dict):

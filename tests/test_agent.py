@@ -155,6 +155,26 @@ def test_fetch_never_writes_through_a_planted_temp_link(tmp_path):
     assert out.read_bytes() == b"data" and victim.read_text() == "untouched"
 
 
+def test_fetch_if_absent_makes_its_folder_and_keeps_the_bytes_already_there(tmp_path):
+    """`fetch --if-absent` (a builder's inputs in one call): the folder is made inside root, a file
+    holding the wanted bytes is not downloaded again, one holding other bytes is replaced."""
+    src = tmp_path / "src"
+    src.write_bytes(b"data")
+    sha = hashlib.sha256(b"data").hexdigest()
+    root = tmp_path / "root"
+    root.mkdir()
+    out = root / ".kiln" / "inputs" / f"{sha}.onnx"
+    assert agent.fetch(src.as_uri(), str(out), sha, root=str(root), if_absent=True) == {"sha256": sha, "size": 4}
+    src.unlink()  # nothing to download from now: only what is there can answer
+    assert agent.fetch(src.as_uri(), str(out), sha, root=str(root), if_absent=True)["present"] is True
+    out.write_bytes(b"tampered")
+    with pytest.raises(OSError):
+        agent.fetch(src.as_uri(), str(out), sha, root=str(root), if_absent=True)
+    (root / "link").symlink_to(tmp_path)
+    with pytest.raises(agent.Escape):
+        agent.fetch(src.as_uri(), str(root / "link" / "x" / "f"), sha, root=str(root), if_absent=True)
+
+
 # ---------------------------------------------------------------- cleanup and the lock (agent side)
 
 def test_clean_inputs_keeps_what_releases_use_young_files_and_scripts(tmp_path):

@@ -545,10 +545,21 @@ def read_url(stream=None):
     return line
 
 
-def fetch(url, out, sha256, timeout=600, root=None):
-    """Download to a temp name, verify the sha256, then rename: never a partial file."""
+def fetch(url, out, sha256, timeout=600, root=None, if_absent=False):
+    """Download to a temp name, verify the sha256, then rename: never a partial file. With
+    `if_absent`: its folder is made (inside root), and a file already there with these bytes is
+    kept, not downloaded again ("present": true)."""
     import urllib.request
+    if if_absent:
+        folder = os.path.dirname(os.path.abspath(out))
+        if root is None:
+            if not os.path.isdir(folder):
+                os.makedirs(folder)
+        else:
+            _makedirs(root, folder, "download to")
     out = _checked(root, out, "download to")
+    if if_absent and os.path.isfile(out) and not os.path.islink(out) and sha256_of(out) == sha256:
+        return {"sha256": sha256, "size": os.path.getsize(out), "present": True}
     tmp = "%s.%d.part" % (out, os.getpid())
     h = hashlib.sha256()
     try:
@@ -1089,6 +1100,7 @@ def main(argv=None):
     # presigned URLs are credentials: they come on stdin (first line), never in argv or the
     # environment (ps, /proc/<pid>/cmdline and environ, sshd logs)
     s = writer("fetch"); s.add_argument("--out", required=True); s.add_argument("--sha256", required=True)
+    s.add_argument("--if-absent", action="store_true")
     s = sub.add_parser("upload"); s.add_argument("--file", required=True)
     s = writer("activate"); s.add_argument("--model-dir", required=True); s.add_argument("--release", required=True)
     s = writer("rollback"); s.add_argument("--model-dir", required=True); s.add_argument("--swap", action="store_true")
@@ -1132,7 +1144,7 @@ def main(argv=None):
     elif a.cmd == "trt-compare":
         out = trt_compare(a.reference, a.outputs, a.rtol, a.atol, not a.strict_order, a.point, a.times)
     elif a.cmd == "fetch":
-        out = fetch(read_url(), a.out, a.sha256, root=a.root)
+        out = fetch(read_url(), a.out, a.sha256, root=a.root, if_absent=a.if_absent)
     elif a.cmd == "upload":
         out = upload(read_url(), a.file)
     elif a.cmd == "activate":

@@ -298,6 +298,23 @@ class Device:
         answer = self.agent("batch", stdin=json.dumps(payload) + "\n", timeout=timeout)
         return answer["results"]
 
+    def ensure_inputs(self, wanted: Sequence[tuple[Path | None, str, str, str]], store: Store | None) -> list[str]:
+        """Several content-addressed inputs, (local copy, sha256, suffix, store entry) each, on the
+        device; their paths there. From a store that presigns URLs the device downloads every one it
+        does not hold already in one agent call (each URL on its step's stdin); anything else, or a
+        call that fails, goes input by input (`ensure_input`)."""
+        remotes = [self.path(".kiln", "inputs", sha + suffix) for _, sha, suffix, _ in wanted]
+        if len(wanted) > 1 and store is not None and hasattr(store, "presign_get") and not self.is_local:
+            steps = [(("fetch", "--out", remote, "--sha256", sha, "--if-absent"), store.presign_get(entry) + "\n")
+                     for remote, (_, sha, _, entry) in zip(remotes, wanted)]
+            try:
+                if len(self.agent_batch(steps)) == len(steps):
+                    return remotes
+            except KilnError as exc:
+                log.warning("%s could not download its inputs from the store in one call (%s); one by one",
+                            self.target, exc.message)
+        return [self.ensure_input(local, sha, suffix, store=store, entry=entry) for local, sha, suffix, entry in wanted]
+
     def ensure_input(self, local: Path | None, sha256: str, suffix: str = "", *,
                      store: Store | None = None, entry: str | None = None) -> str:
         """Put a content-addressed input on the device once; returns its path there.

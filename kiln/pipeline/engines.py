@@ -496,9 +496,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     activity.phase("sending inputs")
     onnx_sha = onnx_record["onnx_sha256"]
     onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, ExportPaths.for_model(ctx.artifacts, spec.model.name))
-    onnx_remote = send_onnx(device, store, onnx_record, onnx_local)
-    ref_remote = device.ensure_input(ref_local, onnx_record["reference_sha256"], ".npz", store=store,
-                                     entry=reference_entry(onnx_sha))
+    onnx_remote, ref_remote = send_onnx(device, store, onnx_record, onnx_local, reference=ref_local)
     out_dir = device.path(".kiln", "build", key)
 
     timing_remote = None
@@ -695,17 +693,21 @@ def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) ->
     return paths.onnx, paths.reference
 
 
-def send_onnx(device: Device, store, onnx_record: dict, local: Path) -> str:
+def send_onnx(device: Device, store, onnx_record: dict, local: Path, reference: Path | None = None):
     """Put the ONNX into the device's `.kiln/inputs` (by content, each part verified by its sha256):
     its external data file first, under the name the graph gives it (`<sha256>.onnx.data`, next
     to the graph, where ONNX Runtime and TensorRT's parser look), then the graph. Returns the
-    graph's path on the device."""
+    graph's path on the device; with `reference` (the export's reference data, sent along in the
+    same call), (graph path, reference path)."""
     onnx_sha = onnx_record["onnx_sha256"]
     external = ExternalData.from_record(onnx_record, onnx_record.get("model"))
-    if external is not None:
-        device.ensure_input(local.parent / external.location, external.sha256, DATA_SUFFIX, store=store,
-                            entry=onnx_data_entry(external.sha256))
-    return device.ensure_input(local, onnx_sha, ".onnx", store=store, entry=onnx_entry(onnx_sha))
+    wanted = [(local.parent / external.location, external.sha256, DATA_SUFFIX, onnx_data_entry(external.sha256))] \
+        if external is not None else []
+    wanted.append((local, onnx_sha, ".onnx", onnx_entry(onnx_sha)))
+    if reference is not None:
+        wanted.append((reference, onnx_record["reference_sha256"], ".npz", reference_entry(onnx_sha)))
+    remotes = device.ensure_inputs(wanted, store)
+    return (remotes[-2], remotes[-1]) if reference is not None else remotes[-1]
 
 
 def _fetch_timing_cache(ctx: Context, device: Device, spec: EngineSpec, out_dir: str) -> str:

@@ -112,3 +112,28 @@ def test_status_reads_the_device_pins_hold_and_a_removed_model_is_deactivated(re
     assert ("local", "other") not in status(p)
     assert p.doit("deploy:local").ran() == set()
 
+
+
+def test_an_activation_that_fails_part_way_rolls_back_the_models_already_switched(tmp_path):
+    """The switch of every model and the clean-up run as one agent call; when the second model's
+    activation fails (here its staged release is gone by then), the first model is switched back:
+    all or nothing, and the run says so."""
+    import json
+
+    p = Project(tmp_path, models={"tiny": 1, "other": 2})
+    p.doit("deploy:local")
+    before = {m: p.active(m) for m in ("tiny", "other")}
+    retrain(p, "tiny")
+    retrain(p, "other")
+    # the busy check runs after staging, just before the switch: it removes other's new release
+    releases = p.root / "deploy" / "other" / "releases"
+    sabotage = f'for d in {releases}/*; do [ "${{d##*/}}" = "{before["other"]}" ] || rm -rf "$d"; done; true'
+    text = p.fleet.read_text()
+    assert text.count("[targets.local]\n") == 1
+    p.fleet.write_text(text.replace("[targets.local]\n", f"[targets.local]\nbusy_check = {json.dumps(sabotage)}\n"))
+    run = p.doit("deploy:local", check=False)
+    assert run.returncode == 1, run.out
+    assert "activation failed on local" in run.out and "rolled back to the previous releases" in run.out, run.out
+    assert "(activate): release " in run.out and "is not staged" in run.out, run.out   # the agent's reason
+    assert {m: p.active(m) for m in ("tiny", "other")} == before
+    assert not (p.root / "deploy" / ".kiln" / "lock").exists()

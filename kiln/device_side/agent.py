@@ -868,6 +868,10 @@ def batch(steps):
         try:
             code = main(argv)
             printed = sys.stdout.getvalue()
+        except SystemExit as exc:
+            if isinstance(exc, Escape) or not isinstance(exc.code, str):
+                raise  # a refusal keeps its exit code; argparse's errors say which step themselves
+            raise SystemExit("batch step %d (%s): %s" % (i, argv[0], exc.code))
         finally:
             sys.stdin, sys.stdout = saved
         results.append(json.loads(printed.strip().splitlines()[-1]))

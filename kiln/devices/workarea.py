@@ -280,7 +280,10 @@ class Device:
                               target=self.target,
                               hint="nothing was written; replace that symlink with a folder inside the install_dir")
         if answer is None or (check and result.exit_code not in (0, 3)):
-            raise self.transport._fail(result, f"kiln agent `{args[0]}`",
+            # the agent's own reason (a SystemExit message, "batch step 1 (activate): ..."), if it gave one
+            reason = result.stderr.strip().splitlines()[-1] if result.stderr.strip() else ""
+            what = f"kiln agent `{args[0]}`" + (f" ({reason[:300]})" if reason and len(reason) < 1000 else "")
+            raise self.transport._fail(result, what,
                                        hint="see the output above; the device needs python3 (and numpy/onnxruntime for CPU engines)")
         return answer
 

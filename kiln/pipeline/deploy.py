@@ -157,24 +157,17 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
                 "nothing was switched, the next run tries again")
             return {"target": target.name, "releases": confirmed, "changed": [], "pending": busy,
                     "seconds": time.time() - start}
-        switched: dict[str, str | None] = {}
+        for model, key in sorted(leftover.items()):  # it left the target's list: nothing active
+            todo[model] = {"key": None, "deactivated": key}
+        # nothing to run between the switch and the clean-up (no restart, health check or release
+        # to check again): both in one agent call, the lock's release last
+        then = [] if (unconfirmed or target.restart or target.health_check) else \
+            _finish_steps(device, target, engines, ended_holds, held)
         try:
-            for model, record in todo.items():
-                try:
-                    result = device.agent("activate", "--model-dir", device.path(model), "--release", record["key"])
-                except KilnError:  # the switch may have happened before the answer was lost
-                    if _active_now(device, model) == record["key"]:
-                        links = device.transport.read_links([device.path(model, "previous")])
-                        link = next(iter(links.values()))
-                        switched[model] = posixpath.basename(link) if link else None
-                    raise
-                switched[model] = result.get("previous")
-            for model, key in sorted(leftover.items()):  # it left the target's list: nothing active
-                device.agent("deactivate", "--model-dir", device.path(model))
-                switched[model] = key  # a rollback makes it active again
-                todo[model] = {"key": None, "deactivated": key}
-        except KilnError as exc:  # all models switch, or none
-            states = _roll_back(ctx, device, target, switched, todo, why=f"activation failed: {exc.message}")
+            switched, finished = _switch(device, todo, then)
+        except _SwitchFailed as failed:  # all models switch, or none
+            exc = failed.cause
+            states = _roll_back(ctx, device, target, failed.switched, todo, why=f"activation failed: {exc.message}")
             raise DeployError(f"activation failed on {target.name}: {exc.message}; {_summary(states)}",
                               target=target.name, hint=exc.hint) from exc
         kill_point("deploy:activated")
@@ -187,7 +180,7 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
         if switched:
             _after_activation(ctx, device, target, switched, {**todo, **{m: engines[m] for m in unconfirmed}}, say)
         kill_point("deploy:checked")
-        removed = _finish(device, target, engines, ended_holds, say, held)
+        removed = _finish(device, target, engines, ended_holds, say, held, finished if then else None)
         for model in ended_holds:  # the wanted engine changed since the rollback (or it was unpinned)
             ctx.events.emit(task, "deploy", key=engines[model]["key"], target=target.name, action="hold-ended",
                             why=f"{model}: the wanted engine changed since the rollback; the hold ends")
@@ -216,24 +209,77 @@ def deploy_target(ctx: Context, target: Target, engines: dict[str, dict], say=pr
     return {**deployment, "changed": sorted(todo), "seconds": seconds}
 
 
-def _finish(device: Device, target: Target, engines: dict, ended_holds: list[str], say, held=None) -> list[str]:
-    """After activation: end outgrown holds, prune old releases (and `.staging-*` folders of dead
-    runs), clean unused inputs, and release the deploy lock (`held`); one agent call. Returns the
-    inputs removed. If that call fails, the steps run one by one: a hold or prune that fails fails
-    the deploy, cleaning only says so (and the lock is released as usual)."""
+class _SwitchFailed(Exception):
+    """The switch failed part-way: `switched` says which models it switched (to roll back)."""
+
+    def __init__(self, cause: KilnError, switched: dict[str, str | None]) -> None:
+        super().__init__(cause.message)
+        self.cause, self.switched = cause, switched
+
+
+def _switch(device: Device, todo: dict[str, dict], then: list) -> tuple[dict[str, str | None], list]:
+    """Activate the release of every model in `todo` (deactivate one whose record says
+    "deactivated"), then run the agent steps `then`, all in one agent call. Returns (model -> the
+    release it had active before, the answers to `then`, fewer if they stopped). A failure raises
+    _SwitchFailed naming what was switched: read from the device when the answer was lost."""
+    switch = [(m, ("deactivate", "--model-dir", device.path(m)) if r.get("deactivated") else
+               ("activate", "--model-dir", device.path(m), "--release", r["key"])) for m, r in todo.items()]
+    try:
+        answers = device.agent_batch([(step, None) for _, step in switch] + list(then))
+    except KilnError as exc:  # a switch may have happened before the answer was lost
+        raise _SwitchFailed(exc, _switched_now(device, todo)) from exc
+    done = [a for a in answers[:len(switch)] if a.get("ok", True)]  # the batch stops at a failed step
+    switched = {m: (todo[m]["deactivated"] if todo[m].get("deactivated") else answer.get("previous"))
+                for (m, _), answer in zip(switch, done)}
+    if len(done) < len(switch):
+        model, step = switch[len(done)]
+        reason = answers[len(done)].get("reason") if len(answers) > len(done) else "no answer"
+        raise _SwitchFailed(DeployError(f"`{step[0]}` of {model} failed: {reason}", target=device.target), switched)
+    return switched, answers[len(switch):]
+
+
+def _switched_now(device: Device, todo: dict[str, dict]) -> dict[str, str | None]:
+    """Which models of `todo` the device has switched (asked after an answer was lost), and the
+    release each had before: its `previous` link (or the deactivated one)."""
+    active = {m: _active_now(device, m) for m in todo}
+    switched: dict[str, str | None] = {}
+    for model, record in todo.items():
+        if record.get("deactivated"):
+            if active[model] is None:
+                switched[model] = record["deactivated"]
+        elif active[model] == record["key"]:
+            link = next(iter(device.transport.read_links([device.path(model, "previous")]).values()))
+            switched[model] = posixpath.basename(link) if link else None
+    return switched
+
+
+def _finish_steps(device: Device, target: Target, engines: dict, ended_holds: list[str], held=None) -> list:
+    """The clean-up's agent steps: end outgrown holds, prune old releases (and `.staging-*`
+    folders of dead runs), clean unused inputs, release the deploy lock (`held`)."""
     holds = [("unhold", "--model-dir", device.path(m)) for m in ended_holds]
     prunes = [("prune", "--model-dir", device.path(m), "--keep", r["key"]) for m, r in engines.items()]
     clean = ("clean-inputs", "--install-dir", device.root, *target.models)
-    steps = [(step, None) for step in [*holds, *prunes, clean]] + ([held.release_step()] if held else [])
-    try:
-        answers = device.agent_batch(steps)
-        if len(answers) == len(steps):
-            if held:
-                held.released_by(answers.pop())
-            return answers[-1].get("removed", [])
-    except KilnError:
-        pass
-    for step in [*holds, *prunes]:
+    return [(step, None) for step in [*holds, *prunes, clean]] + ([held.release_step()] if held else [])
+
+
+def _finish(device: Device, target: Target, engines: dict, ended_holds: list[str], say, held=None,
+            answers: list | None = None) -> list[str]:
+    """After activation: the clean-up (`_finish_steps`) in one agent call, unless `answers` are
+    those of a call that ran them already (with the switch). Returns the inputs removed. If the
+    steps did not all run, they run one by one: a hold or prune that fails fails the deploy,
+    cleaning only says so (and the lock is released as usual)."""
+    steps = _finish_steps(device, target, engines, ended_holds, held)
+    if answers is None:
+        try:
+            answers = device.agent_batch(steps)
+        except KilnError:
+            answers = []
+    if len(answers) == len(steps):
+        if held:
+            held.released_by(answers[-1])
+            answers = answers[:-1]
+        return answers[-1].get("removed", [])
+    for step, _ in steps[:len(ended_holds) + len(engines)]:
         device.agent(*step)
     try:
         return device.clean_inputs(target.models)

@@ -260,8 +260,10 @@ class Device:
               check: bool = True, env: dict[str, str] | None = None, stdin: str | None = None) -> dict:
         """Run an agent subcommand; returns its JSON answer. Subcommands that write get
         `--root <install_dir>` (they refuse to write outside it); secrets go on `stdin`."""
-        if self._agent_path is None:
-            self._agent_path = self.ensure_input(AGENT_SOURCE, sha256_file(AGENT_SOURCE), ".py")
+        if self._agent_path is None:  # once per connection, not per step
+            if self.transport.agent_path is None:
+                self.transport.agent_path = self.ensure_input(AGENT_SOURCE, sha256_file(AGENT_SOURCE), ".py")
+            self._agent_path = self.transport.agent_path
         def progress(line: str) -> None:
             if stream and not line.startswith("{"):  # the JSON answer is data, not progress
                 stream(line)

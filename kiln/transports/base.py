@@ -53,6 +53,10 @@ class Transport(abc.ABC):
     #: sets it), or None: not shown
     display = None
 
+    #: where kiln's device agent was put (and checked) on the target through this connection:
+    #: every step of a run on that device uses it without looking again (kiln.devices.workarea)
+    agent_path: str | None = None
+
     @abc.abstractmethod
     def run(self, argv: Sequence[str], *, timeout: float | None = None, check: bool = True,
             stream: Stream | None = None, env: dict[str, str] | None = None,

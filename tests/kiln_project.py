@@ -111,6 +111,20 @@ class Project:
         return keys
 
 
+def doit_watching_imports(env: dict, args: list[str], watched: tuple[str, ...], after: str = "") \
+        -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run doit (`doit <args>`) in a fresh interpreter, then `after` (more Python, e.g. printing what
+    the run did), and report which of the `watched` modules that interpreter had imported."""
+    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
+            f"rc = DoitMain(DodoTaskLoader()).run({list(args)!r});{(' ' + after + ';') if after else ''}"
+            f"print('IMPORTED=' + ','.join(m for m in {tuple(watched)!r} if m in sys.modules)); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    line = next((l for l in proc.stdout.splitlines() if l.startswith("IMPORTED=")), None)
+    assert line is not None, proc.stdout + proc.stderr  # doit ended the interpreter before the report
+    return proc, {m for m in line[len("IMPORTED="):].split(",") if m}
+
+
 def python(code: str, env: dict | None = None) -> str:
     """Run code in a fresh interpreter (for torch work that must not leak into the test process)."""
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,

@@ -4,14 +4,13 @@ Real doit runs, real torch export, real ONNX Runtime, local deploy."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from kiln.devices.local_probe import package_version
-from kiln_project import REPO, Project
+from kiln_project import Project, doit_watching_imports
 
 FACTORY = '''\
 import torch
@@ -87,14 +86,11 @@ def test_the_export_records_the_model_code_and_a_noop_reads_nothing(project):
     assert code["packages"] == {"kiln-mc-dep": "1.0", "torch": package_version("torch")}
     assert set(provenance(project)["inputs"]["code"]["modules"]) == set(modules)
 
-    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
-            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']); import dodo;"
-            "print('BYTES', dodo.project.ctx.hashes.bytes_read);"
-            "print('HEAVY=' + ','.join(m for m in ('torch', 'onnx', 'onnxruntime', 'kiln_mc_model',"
-            " 'kiln_mc_helpers', 'kiln_mc_dep') if m in sys.modules)); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=project.env, capture_output=True, text=True)
+    proc, heavy = doit_watching_imports(
+        project.env, ["deploy:local"], ("torch", "onnx", "onnxruntime", "kiln_mc_model", "kiln_mc_helpers", "kiln_mc_dep"),
+        after="import dodo; print('BYTES', dodo.project.ctx.hashes.bytes_read)")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "BYTES 0\n" in proc.stdout and "HEAVY=\n" in proc.stdout, proc.stdout
+    assert "BYTES 0\n" in proc.stdout and heavy == set(), proc.stdout
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("-- ", ".  "))]
     assert lines and all(l.startswith("-- ") for l in lines), proc.stdout
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from kiln_project import REPO, Project, python
+from kiln_project import REPO, Project, doit_watching_imports, python
 
 
 @pytest.fixture
@@ -30,13 +30,9 @@ def save_weights(p: Project, code: str) -> None:
 def test_second_run_is_a_noop_and_imports_neither_torch_nor_onnxruntime(project):
     first_release = project.active()
     assert first_release and (project.root / "deploy/tiny/releases" / first_release / "manifest.json").exists()
-    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
-            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']);"
-            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'transformers') if m in sys.modules];"
-            "print('HEAVY=' + ','.join(heavy)); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=project.env, capture_output=True, text=True)
+    proc, heavy = doit_watching_imports(project.env, ["deploy:local"], ("torch", "onnx", "onnxruntime", "transformers"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "HEAVY=\n" in proc.stdout, proc.stdout
+    assert heavy == set(), proc.stdout
     lines = [l for l in proc.stdout.splitlines() if l.startswith(("-- ", ".  "))]
     assert lines and all(l.startswith("-- ") for l in lines), proc.stdout
     assert project.active() == first_release
@@ -46,13 +42,9 @@ def test_an_export_runs_torch_in_a_child_process_only(project):
     """Retrained weights: the run exports, but torch and onnx load in the export's child process,
     never in doit's (their import and ~0.8 s of interpreter teardown stay off the run)."""
     save_weights(project, f"sd[next(iter(sd))] += 0.01; torch.save(sd, {str(project.checkpoint())!r})")
-    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
-            "rc = DoitMain(DodoTaskLoader()).run(['deploy:local']);"
-            "heavy = [m for m in ('torch', 'onnx') if m in sys.modules];"
-            "print('HEAVY=' + ','.join(heavy)); sys.exit(rc)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=project.env, capture_output=True, text=True)
+    proc, heavy = doit_watching_imports(project.env, ["deploy:local"], ("torch", "onnx"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert ".  export:tiny" in proc.stdout and "HEAVY=\n" in proc.stdout, proc.stdout
+    assert ".  export:tiny" in proc.stdout and heavy == set(), proc.stdout
     assert [e["event"] for e in project.events() if e["task"] == "export:tiny"][-1] == "export"
 
 
@@ -228,13 +220,10 @@ def test_dynamo_exporter_raising_the_opset_is_refused(tmp_path):
 
 def test_doit_list_shows_the_contract_groups_without_heavy_imports(tmp_path):
     p = Project(tmp_path)
-    code = ("import sys; from doit.doit_cmd import DoitMain; from doit.cmd_base import DodoTaskLoader;"
-            "rc = DoitMain(DodoTaskLoader()).run(['list']);"
-            "print('HEAVY=' + ','.join(m for m in ('torch', 'onnx', 'onnxruntime', 'boto3', 'paramiko') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=p.env, capture_output=True, text=True)
-    groups = {line.split()[0] for line in proc.stdout.splitlines() if line.strip() and not line.startswith("HEAVY")}
+    proc, heavy = doit_watching_imports(p.env, ["list"], ("torch", "onnx", "onnxruntime", "boto3", "paramiko"))
+    groups = {line.split()[0] for line in proc.stdout.splitlines() if line.strip() and not line.startswith("IMPORTED")}
     assert {"export", "fingerprint", "engine", "deploy", "cache-check", "status"} <= groups, proc.stdout
-    assert "HEAVY=\n" in proc.stdout
+    assert heavy == set(), proc.stdout
     assert not (p.artifacts / "fingerprints").exists()  # listing probes nothing
 
 

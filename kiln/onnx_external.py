@@ -89,22 +89,24 @@ def _all_tensors(proto):
         g = stack.pop()
         for tensor in g.initializer:
             yield tensor, True
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t, False
-                for tensor in attr.tensors:
-                    yield tensor, False
-                if attr.HasField("g"):
-                    stack.append(attr.g)
-                stack.extend(attr.graphs)
+        yield from _attribute_tensors(g.node, stack)
     for function in proto.functions:
-        for node in function.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t, False
-                for tensor in attr.tensors:
-                    yield tensor, False
+        yield from _attribute_tensors(function.node, None)
+
+
+def _attribute_tensors(nodes, subgraphs: list | None):
+    """(tensor, False) for the tensors in the nodes' attributes; their subgraphs go onto
+    `subgraphs` (when given) to be walked next."""
+    for node in nodes:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t, False
+            for tensor in attr.tensors:
+                yield tensor, False
+            if subgraphs is not None:
+                if attr.HasField("g"):
+                    subgraphs.append(attr.g)
+                subgraphs.extend(attr.graphs)
 
 
 def _is_external(tensor) -> bool:

@@ -302,3 +302,28 @@ def test_the_device_keeps_the_data_file_its_releases_use_and_removes_an_unused_o
         os.utime(inputs / name, (1, 1))
     assert agent.clean_inputs(str(root), ["det"], [], str(root)) == {"removed": [unused]}
     assert sorted(p.name for p in inputs.iterdir()) == sorted(["aa.onnx", "bb.npz", used])
+
+
+def test_every_tensor_that_may_hold_external_data_is_walked():
+    """Initializers, attribute tensors, those of subgraphs (an If's branches) and of the model's
+    functions: each once, initializers flagged, in a fixed order (the data file's layout)."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from kiln.onnx_external import _all_tensors
+
+    def const(name: str, value: float):
+        return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array([value], np.float32), name))
+    then_g = helper.make_graph([const("t_out", 2.0)], "then", [], [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, [1])])
+    else_g = helper.make_graph([const("e_out", 3.0)], "else", [], [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [const("c", 1.0), helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g),
+         helper.make_node("Twice", ["y"], ["z"], domain="local")], "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+        initializer=[numpy_helper.from_array(np.array([0.5], np.float32), "w")])
+    twice = helper.make_function("local", "Twice", ["x"], ["out"], [const("f", 4.0), helper.make_node("Mul", ["x", "f"], ["out"])],
+                                 [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, functions=[twice], opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    walked = [(numpy_helper.to_array(t).item(), init) for t, init in _all_tensors(model)]
+    assert walked[0] == (0.5, True) and sorted(walked[1:]) == [(1.0, False), (2.0, False), (3.0, False), (4.0, False)]
+    assert walked[-1] == (4.0, False)  # the functions' tensors come last

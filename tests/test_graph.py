@@ -259,18 +259,19 @@ def test_once_runs_a_waiting_callers_own_work_while_another_computes(tmp_path):
             events.append("computed")
             return 42
 
-        first = threading.Thread(target=lambda: events.append(("first", ctx.once("k", compute,
-                                                                                lambda: events.append("never")))))
+        first = threading.Thread(target=lambda: events.append(("first", ctx.once_or_offer(
+            "k", compute, lambda: events.append("never"), take_offer=False)[0])))
         first.start()
         assert started.wait(10)
 
         def waiting():
             events.append("waited")
             release.set()
-        assert ctx.once("k", lambda: events.append("again"), waiting) == 42
+        assert ctx.once_or_offer("k", lambda: events.append("again"), waiting, take_offer=False) == (42, False)
         first.join(10)
         assert events == ["waited", "computed", ("first", 42)]
-        assert ctx.once("k", lambda: 0, lambda: events.append("late")) == 42 and "late" not in events
+        assert ctx.once_or_offer("k", lambda: 0, lambda: events.append("late"), take_offer=False) == (42, False)
+        assert "late" not in events
 
 
 def test_once_or_offer_takes_an_offer_only_while_it_stands_and_if_wanted(tmp_path):

@@ -551,12 +551,9 @@ def fetch(url, out, sha256, timeout=600, root=None, if_absent=False):
     kept, not downloaded again ("present": true)."""
     import urllib.request
     if if_absent:
-        folder = os.path.dirname(os.path.abspath(out))
-        if root is None:
-            if not os.path.isdir(folder):
-                os.makedirs(folder)
-        else:
-            _makedirs(root, folder, "download to")
+        folder = _checked(root, os.path.dirname(os.path.abspath(out)), "download to")
+        if not os.path.isdir(folder):
+            os.makedirs(folder)
     out = _checked(root, out, "download to")
     if if_absent and os.path.isfile(out) and not os.path.islink(out) and sha256_of(out) == sha256:
         return {"sha256": sha256, "size": os.path.getsize(out), "present": True}

@@ -183,22 +183,20 @@ def _local_release_state(root: str, models: Sequence[str]) -> str:
 
 class DeviceLock:
     """A deploy lock held on a device (Device.lock): the agent step that releases it, for the last
-    batch of the deploy; `released_by(answer)` records that batch's answer to that step."""
+    batch of the deploy; `released_by(answer)` takes the agent's answer to that step, wherever it ran."""
 
-    def __init__(self, step: tuple[str, ...]) -> None:
-        self.step = step
+    def __init__(self, target: str, step: tuple[str, ...]) -> None:
+        self.target, self.step = target, step
         self.released = False
 
     def release_step(self) -> tuple[tuple[str, ...], None]:
         return self.step, None
 
     def released_by(self, answer: dict) -> None:
-        if answer.get("released"):
-            self.released = True
-        else:
-            log.warning("the deploy lock was no longer ours (held by %s); left alone",
-                        (answer.get("held") or {}).get("owner"))
-            self.released = True  # not ours to release
+        self.released = True  # released, or no longer ours to release
+        if not answer.get("released"):
+            log.warning("the deploy lock on %s is no longer ours (held by %s); left alone",
+                        self.target, (answer.get("held") or {}).get("owner"))
 
 
 class Device:
@@ -420,17 +418,13 @@ class Device:
             raise DeployError(f"target {self.target} is locked by another deploy ({held.get('owner', '?')}, "
                               f"{since})", target=self.target,
                               hint=f"wait for it to finish, or remove {lock} on the device if it died")
-        held = DeviceLock(("lock-release", "--path", lock, "--token", token))
+        held = DeviceLock(self.target, ("lock-release", "--path", lock, "--token", token))
         try:
             yield held
         finally:
             try:
-                if held.released:
-                    return
-                done = self.agent(*held.step)
-                if not done.get("released"):
-                    log.warning("the deploy lock on %s is no longer ours (held by %s); left alone",
-                                self.target, (done.get("held") or {}).get("owner"))
+                if not held.released:
+                    held.released_by(self.agent(*held.step))
             except KilnError as exc:
                 log.warning("could not release the deploy lock on %s: %s", self.target, exc.message)
 

@@ -153,17 +153,16 @@ class Context:
                             python=target.python)
 
     # -- once per run ----------------------------------------------------------------
-    def once(self, key: Hashable, compute: Callable[[], Any], while_waiting: Callable[[], Any] | None = None) -> Any:
+    def once(self, key: Hashable, compute: Callable[[], Any]) -> Any:
         """`compute()` the first time `key` is asked for in this run; every later (or
-        concurrent) call gets the same value, or the same exception, without computing again.
-        A concurrent call first runs `while_waiting()` (work of its own that needs no value)."""
-        return self.once_or_offer(key, compute, while_waiting, take_offer=False)[0]
+        concurrent) call gets the same value, or the same exception, without computing again."""
+        return self.once_or_offer(key, compute, take_offer=False)[0]
 
     def once_or_offer(self, key: Hashable, compute: Callable[[], Any], while_waiting: Callable[[], Any] | None = None,
                       take_offer: Callable[[Any], bool] | bool = True) -> tuple[Any, bool]:
-        """once(), except that a call that has to wait takes what the running computation
-        offers (`offer`) as soon as it does, if `take_offer(offered)` (or `take_offer` is True):
-        (value, False) or (offered, True)."""
+        """once(), except that a call that has to wait first runs `while_waiting()` (work of its own
+        that needs no value), then takes what the running computation offers (`offer`) as soon as
+        it does, if `take_offer(offered)` (or `take_offer` is True): (value, False) or (offered, True)."""
         with self._lock:
             entry = self._once.setdefault(key, _Once())
         if not entry.lock.acquire(blocking=False):
@@ -189,7 +188,7 @@ class Context:
             raise entry.error
         return entry.value, False
 
-    def computing(self, key: Hashable) -> bool:
+    def _computing(self, key: Hashable) -> bool:
         """True while a once() computation of `key` has started and not ended."""
         with self._lock:
             entry = self._once.get(key)
@@ -212,7 +211,7 @@ class Context:
             while True:
                 if key in self._offers:
                     return self._offers[key]
-                if not self.computing(key):
+                if not self._computing(key):
                     return None
                 self._offers_changed.wait(timeout=5.0)
 

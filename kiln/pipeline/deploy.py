@@ -368,7 +368,7 @@ def _stage_verified(ctx: Context, device: Device, target: Target, model: str, re
     kept = ctx.verified_here.get((device.target, record["sha256"]))
     if kept is None or device.is_local:
         return None
-    smoke = {**{k: v for k, v in kept["report"].items() if k != "second_member"}, "verified_by": "build"}
+    smoke = _smoke_from_build(kept)
     # staged with its commit in the call below; its smoke test is the build's verification
     manifest = _release_manifest(ctx, target, model, record, onnx, provenance, ref_remote, smoke,
                                  {"stage_seconds": None, "smoke_seconds": 0.0})
@@ -505,6 +505,11 @@ def _take_verified(ctx: Context, device: Device, record: dict, engine_remote: st
         log.warning("%s: the engine its build verified is gone or changed (%s); fetching it from the store",
                     device.target, exc.message)
         return None
+    return _smoke_from_build(kept)
+
+
+def _smoke_from_build(kept: dict) -> dict:
+    """A release's smoke test when it is the engine its build verified on this very device."""
     return {**{k: v for k, v in kept["report"].items() if k != "second_member"}, "verified_by": "build"}
 
 

@@ -496,7 +496,7 @@ def _build_on(ctx: Context, spec: EngineSpec, target: Target, key: str, inputs: 
     activity.phase("sending inputs")
     onnx_sha = onnx_record["onnx_sha256"]
     onnx_local, ref_local = _ensure_local_inputs(ctx, onnx_record, ExportPaths.for_model(ctx.artifacts, spec.model.name))
-    onnx_remote, ref_remote = send_onnx(device, store, onnx_record, onnx_local, reference=ref_local)
+    onnx_remote, ref_remote = send_build_inputs(device, store, onnx_record, onnx_local, ref_local)
     out_dir = device.path(".kiln", "build", key)
 
     timing_remote = None
@@ -693,21 +693,20 @@ def _ensure_local_inputs(ctx: Context, onnx_record: dict, paths: ExportPaths) ->
     return paths.onnx, paths.reference
 
 
-def send_onnx(device: Device, store, onnx_record: dict, local: Path, reference: Path | None = None):
-    """Put the ONNX into the device's `.kiln/inputs` (by content, each part verified by its sha256):
-    its external data file first, under the name the graph gives it (`<sha256>.onnx.data`, next
-    to the graph, where ONNX Runtime and TensorRT's parser look), then the graph. Returns the
-    graph's path on the device; with `reference` (the export's reference data, sent along in the
-    same call), (graph path, reference path)."""
+def send_build_inputs(device: Device, store, onnx_record: dict, local: Path, reference: Path) -> tuple[str, str]:
+    """Put the ONNX and the reference data into the device's `.kiln/inputs` (by content, each part
+    verified by its sha256; one agent call from a store that presigns): the ONNX's external data
+    file first, under the name the graph gives it (`<sha256>.onnx.data`, next to the graph, where
+    ONNX Runtime and TensorRT's parser look), then the graph, then the reference. Returns the
+    graph's and the reference's paths on the device."""
     onnx_sha = onnx_record["onnx_sha256"]
     external = ExternalData.from_record(onnx_record, onnx_record.get("model"))
     wanted = [(local.parent / external.location, external.sha256, DATA_SUFFIX, onnx_data_entry(external.sha256))] \
         if external is not None else []
-    wanted.append((local, onnx_sha, ".onnx", onnx_entry(onnx_sha)))
-    if reference is not None:
-        wanted.append((reference, onnx_record["reference_sha256"], ".npz", reference_entry(onnx_sha)))
-    remotes = device.ensure_inputs(wanted, store)
-    return (remotes[-2], remotes[-1]) if reference is not None else remotes[-1]
+    wanted += [(local, onnx_sha, ".onnx", onnx_entry(onnx_sha)),
+               (reference, onnx_record["reference_sha256"], ".npz", reference_entry(onnx_sha))]
+    *_, onnx_remote, ref_remote = device.ensure_inputs(wanted, store)
+    return onnx_remote, ref_remote
 
 
 def _fetch_timing_cache(ctx: Context, device: Device, spec: EngineSpec, out_dir: str) -> str:
